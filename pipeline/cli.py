@@ -1,0 +1,187 @@
+"""The ``embed-images`` command: parse flags into one ``EmbedConfig``, start or join Ray, run.
+
+    embed-images run --input s3://bucket/photos/ --output s3://bucket/embeddings/resnet50/
+    embed-images run --input ./photos --output ./out --weights random --limit 100
+
+With no ``--address`` and no ``RAY_ADDRESS`` a local Ray starts; otherwise it joins that cluster.
+Exit status 0 only when the run committed; otherwise one line on stderr and a non-zero status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from pipeline.config import (
+    PRECISIONS,
+    RESIZE_MODES,
+    ConfigError,
+    EmbedConfig,
+    PipelineError,
+    parse_concurrency,
+)
+
+PROG = "embed-images"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, saying what to fix, instead of argparse's usage block.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Embed images with ResNet50 into Parquet, on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = commands.add_parser(
+        "run",
+        help="embed every image under --input into --output",
+        description="Embed every image under --input into Parquet tables under --output.",
+    )
+    add_run_arguments(run)
+    return parser
+
+
+def add_run_arguments(run: argparse.ArgumentParser) -> None:
+    """The flags of a run (shared by ``embed-images run`` and ``python -m jobs.embed_images``)."""
+    run.add_argument("--input", required=True, metavar="URI",
+                     help="folder or prefix of images: local path, file://, s3://, any fsspec URL")
+    run.add_argument("--output", required=True, metavar="URI",
+                     help="where embeddings/, errors/ and _manifest.json go")
+    run.add_argument("--weights", default="imagenet", metavar="imagenet|random|PATH_OR_URL",
+                     help="ResNet50 weights (default: imagenet = torchvision IMAGENET1K_V2)")
+    run.add_argument("--weights-sha256", metavar="HEX",
+                     help="expected sha256 of the weights file, checked before loading")
+    run.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
+    run.add_argument("--resize", choices=RESIZE_MODES, default="center-crop",
+                     help="center-crop: the weights' own transform (default); squash; letterbox")
+    run.add_argument("--jpeg-draft", action="store_true",
+                     help="let libjpeg downscale before the exact resize (faster, pixels differ)")
+    run.add_argument("--batch-size", type=int, default=32, metavar="N",
+                     help="images per model forward (default 32)")
+    run.add_argument("--decode-batch-size", type=int, default=16, metavar="N",
+                     help="images per decode task batch (default 16)")
+    run.add_argument("--rows-per-file", type=int, default=4096, metavar="N",
+                     help="rows per Parquet file (default 4096)")
+    run.add_argument("--concurrency", type=_concurrency, default=1, metavar="N|MIN,MAX",
+                     help="model actors: fixed N or autoscaling MIN,MAX (default 1)")
+    run.add_argument("--num-gpus", type=float, metavar="F",
+                     help="GPUs per model actor, fractions allowed (default 1 if the cluster has GPUs, else 0)")
+    run.add_argument("--model-threads", type=int, metavar="N",
+                     help="torch threads per CPU model actor (default: the actor's CPUs)")
+    run.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                     help="autocast dtype on GPU (default fp32; CPU always computes fp32)")
+    run.add_argument("--normalize", action="store_true", help="L2-normalize each embedding")
+    run.add_argument("--limit", type=int, metavar="N", help="embed at most N listed images")
+    run.add_argument("--max-image-pixels", type=int, default=89_478_485, metavar="N",
+                     help="refuse images whose header claims more pixels (default: Pillow's)")
+    run.add_argument("--endpoint-url", metavar="URL",
+                     help="S3 endpoint (default: AWS_ENDPOINT_URL or the AWS chain)")
+    run.add_argument("--storage-options", type=_json_object, default={}, metavar="JSON",
+                     help='fsspec options for input and output, e.g. \'{"anon": true}\'')
+    run.add_argument("--address", metavar="ADDRESS",
+                     help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
+
+
+def _concurrency(text: str) -> int | tuple[int, int]:
+    try:
+        return parse_concurrency(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--concurrency ")) from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def config_from_args(args: argparse.Namespace) -> EmbedConfig:
+    return EmbedConfig(
+        input=args.input,
+        output=args.output,
+        weights=args.weights,
+        weights_sha256=args.weights_sha256.lower() if args.weights_sha256 else None,
+        seed=args.seed,
+        resize=args.resize,
+        jpeg_draft=args.jpeg_draft,
+        batch_size=args.batch_size,
+        decode_batch_size=args.decode_batch_size,
+        rows_per_file=args.rows_per_file,
+        concurrency=args.concurrency,
+        num_gpus=args.num_gpus,
+        model_threads=args.model_threads,
+        precision=args.precision,
+        normalize=args.normalize,
+        limit=args.limit,
+        max_image_pixels=args.max_image_pixels,
+        storage_options=args.storage_options,
+        endpoint_url=args.endpoint_url,
+    )
+
+
+def start_ray(address: str | None) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray; reuse one already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        # A local Ray needs no dashboard; ray.init still joins RAY_ADDRESS when it is set.
+        ray.init(include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(address=address, log_to_driver=True)
+
+
+def print_summary(summary: Any, out: Any = sys.stdout) -> None:
+    rows = [
+        ("run", summary.run_id),
+        ("listed", summary.listed),
+        ("skipped", f"{summary.skipped_by_extension} (not image extensions)"),
+        ("embedded", summary.embedded),
+        ("failed", f"{summary.failed}" + (f" (see {summary.output}/errors)" if summary.failed else "")),
+        ("wall time", f"{summary.wall_seconds:.1f} s"),
+        ("images/s", f"{summary.images_per_second:.2f}"),
+        ("table", f"{summary.output}/embeddings  (manifest: {summary.output}/_manifest.json)"),
+    ]
+    print(f"{PROG}: committed", file=out)
+    for key, value in rows:
+        print(f"  {key:<10} {value}", file=out)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from pipeline.plan import run_pipeline
+
+    config = config_from_args(args)
+    start_ray(args.address)
+    summary = run_pipeline(config)
+    print_summary(summary)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``embed-images`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            return run_command(args)
+    except PipelineError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    parser.error(f"unknown command {args.command!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""One frozen object carries every knob of a run; it is built and validated once, at the edge."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+ResizeMode = Literal["center-crop", "squash", "letterbox"]
+Precision = Literal["fp32", "fp16", "bf16"]
+
+RESIZE_MODES: tuple[str, ...] = ("center-crop", "squash", "letterbox")
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+
+# Pillow's own default (Image.MAX_IMAGE_PIXELS): about 89.5 megapixels.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+
+class PipelineError(Exception):
+    """A failure the user can fix; the command line prints it as one line and exits non-zero."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A knob has a value the pipeline cannot run with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+    """Everything one run needs to know.
+
+    Args:
+        input: Folder or prefix to embed: a local path, ``file://``, ``s3://`` or any fsspec URL.
+        output: Where the Parquet tables and ``_manifest.json`` go (same kinds of URI).
+        weights: ``imagenet``, ``random`` or a path/URL of a ResNet50 ``state_dict``.
+        weights_sha256: Expected sha256 of the weights file, checked before loading.
+        seed: Seed of the ``random`` weights.
+        resize: ``center-crop`` (the weights' own transform), ``squash`` or ``letterbox``.
+        jpeg_draft: Let libjpeg downscale in the DCT domain (``Image.draft``) before the exact
+            resize. Faster on large JPEGs; pixels differ slightly, so it is off by default.
+        batch_size: Images per model forward.
+        decode_batch_size: Images per decode task batch.
+        decode_memory: Bytes of RAM reserved per decode task.
+        rows_per_file: Rows per Parquet file written.
+        concurrency: Model actors: a fixed count or an autoscaling ``(min, max)``.
+        num_gpus: GPUs per model actor; ``None`` means 1 where the cluster has GPUs, else 0.
+        model_threads: torch intra-op threads per CPU model actor (``None``: Ray's default,
+            the actor's CPU count).
+        precision: Autocast dtype on CUDA; CPU actors always compute in fp32.
+        normalize: L2-normalize each embedding.
+        limit: Embed at most this many listed images.
+        max_image_pixels: Images whose header claims more pixels are refused as bombs.
+        storage_options: fsspec options for both input and output (never logged).
+        endpoint_url: S3 endpoint override; ``None`` leaves it to the AWS chain.
+
+    Example:
+        >>> EmbedConfig(input="./photos", output="./out", weights="random").resize
+        'center-crop'
+    """
+
+    input: str
+    output: str
+    weights: str = "imagenet"
+    weights_sha256: str | None = None
+    seed: int = 0
+    resize: ResizeMode = "center-crop"
+    jpeg_draft: bool = False
+    batch_size: int = 32
+    decode_batch_size: int = 16
+    decode_memory: int = 512 * 1024 * 1024
+    rows_per_file: int = 4096
+    concurrency: int | tuple[int, int] = 1
+    num_gpus: float | None = None
+    model_threads: int | None = None
+    precision: Precision = "fp32"
+    normalize: bool = False
+    limit: int | None = None
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    endpoint_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ConfigError("--input is empty: give a folder or an s3:// prefix")
+        if not self.output:
+            raise ConfigError("--output is empty: give a folder or an s3:// prefix")
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"--resize {self.resize!r}: choose one of {', '.join(RESIZE_MODES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"
+            )
+        for name in (
+            "batch_size", "decode_batch_size", "decode_memory", "rows_per_file", "max_image_pixels"
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {value!r}: must be an integer >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit {self.limit}: must be >= 1")
+        if self.model_threads is not None and self.model_threads < 1:
+            raise ConfigError(f"--model-threads {self.model_threads}: must be >= 1")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise ConfigError(f"--num-gpus {self.num_gpus}: must be >= 0")
+        _check_concurrency(self.concurrency)
+        if self.weights_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.weights_sha256):
+            raise ConfigError(
+                "--weights-sha256 must be the full 64-hex-digit sha256 (lower case) of the file"
+            )
+        if self.weights_sha256 is not None and self.weights in ("random", "imagenet"):
+            raise ConfigError(f"--weights-sha256 applies to a weights file, not to {self.weights!r}")
+
+    def fs_options(self) -> dict[str, Any]:
+        """The fsspec options for S3-like stores: ``storage_options`` plus the endpoint."""
+        options = dict(self.storage_options)
+        if self.endpoint_url:
+            options["endpoint_url"] = self.endpoint_url
+        return options
+
+
+def _check_concurrency(value: int | tuple[int, int]) -> None:
+    if isinstance(value, int):
+        if value < 1:
+            raise ConfigError(f"--concurrency {value}: must be >= 1")
+        return
+    if len(value) != 2 or not 1 <= value[0] <= value[1]:
+        raise ConfigError(f"--concurrency {value}: give N or MIN,MAX with 1 <= MIN <= MAX")
+
+
+def parse_concurrency(text: str) -> int | tuple[int, int]:
+    """Parse ``N`` or ``MIN,MAX`` as given on the command line.
+
+    Example:
+        >>> parse_concurrency("1,4")
+        (1, 4)
+    """
+    parts = text.split(",")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--concurrency {text!r}: give N or MIN,MAX (integers)") from None
+    if len(numbers) == 1:
+        value: int | tuple[int, int] = numbers[0]
+    elif len(numbers) == 2:
+        value = (numbers[0], numbers[1])
+    else:
+        raise ConfigError(f"--concurrency {text!r}: give N or MIN,MAX")
+    _check_concurrency(value)
+    return value

@@ -1,0 +1,239 @@
+"""Stage 2 (CPU tasks): fetch bytes, decode with Pillow, make upright RGB, resize.
+
+A failure is data: each image that cannot be embedded becomes a row with a stable
+``error_type``, and its neighbours in the batch are untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from pipeline.preprocessing import (
+    PreprocessSpec,
+    draft_request,
+    resize_to_model_input,
+    resized_size,
+)
+from pipeline.storage import open_fs
+
+# Decoders Pillow may use. Anything else (EPS, PSD, ...) is refused before a plugin sees it.
+# The JPEG plugin also opens the multi-picture JPEGs many phones write (format "MPO").
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+
+# Stable error classes, the values of the errors table's ``error_type``.
+UNREADABLE = "unreadable"
+EMPTY = "empty"
+NOT_AN_IMAGE = "not_an_image"
+TRUNCATED = "truncated"
+DECOMPRESSION_BOMB = "decompression_bomb"
+DECODE_ERROR = "decode_error"
+EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
+
+
+class ImageRejected(Exception):
+    """One image cannot be embedded; ``error_type`` says why, in a stable word."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # uint8 (crop, crop, 3)
+    original_width: int  # upright, as a person sees it
+    original_height: int
+    format: str
+
+
+def decode_image(data: bytes, spec: PreprocessSpec, *, max_image_pixels: int) -> DecodedImage:
+    """Decode one image file's bytes into the model input and its original size.
+
+    Args:
+        data: The file's bytes.
+        spec: The resize spec.
+        max_image_pixels: A header claiming more pixels is refused before decoding.
+
+    Returns:
+        The resized uint8 pixels, the upright original size and the decoder's format name.
+
+    Raises:
+        ImageRejected: with a stable ``error_type``.
+    """
+    if not data:
+        raise ImageRejected(EMPTY, "zero-byte file")
+    # Truncated files must fail, never decode to grey: the flag is process-global, so assert
+    # it rather than trust that no other library has flipped it.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        except UnidentifiedImageError:
+            raise ImageRejected(NOT_AN_IMAGE, "not a JPEG, PNG, WebP, BMP, TIFF or GIF") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageRejected(DECOMPRESSION_BOMB, _one_line(exc)) from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageRejected(DECODE_ERROR, f"cannot open: {_one_line(exc)}") from None
+        with image:
+            width, height = image.size
+            if width < 1 or height < 1:
+                raise ImageRejected(DECODE_ERROR, f"header gives an empty size {width}x{height}")
+            # The header is checked before any pixel is decoded.
+            if width * height > max_image_pixels:
+                raise ImageRejected(
+                    DECOMPRESSION_BOMB,
+                    f"{width}x{height} is over the {max_image_pixels}-pixel limit",
+                )
+            resized_w, resized_h = resized_size(width, height, spec)
+            if resized_w * resized_h > max_image_pixels:
+                # A 1 x 80M-pixel strip passes the header check, but its shorter side scaled
+                # to 232 would need gigabytes.
+                raise ImageRejected(
+                    EXTREME_ASPECT_RATIO,
+                    f"{width}x{height} would resize to {resized_w}x{resized_h}",
+                )
+            fmt = str(image.format)
+            try:
+                if spec.jpeg_draft and fmt in ("JPEG", "MPO"):
+                    image.draft("RGB", draft_request(width, height, spec))
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+                # Original size as a person sees it: stored size, EXIF orientation applied.
+                if _orientation_swaps_axes(image):
+                    original_width, original_height = height, width
+                else:
+                    original_width, original_height = width, height
+                pixels = resize_to_model_input(to_rgb(upright), spec)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise ImageRejected(DECOMPRESSION_BOMB, _one_line(exc)) from None
+            except OSError as exc:
+                message = _one_line(exc)
+                if "truncated" in message or "broken data stream" in message:
+                    raise ImageRejected(TRUNCATED, message) from None
+                raise ImageRejected(DECODE_ERROR, message) from None
+            except (SyntaxError, ValueError, EOFError) as exc:
+                raise ImageRejected(DECODE_ERROR, _one_line(exc)) from None
+    return DecodedImage(pixels, original_width, original_height, fmt)
+
+
+def _orientation_swaps_axes(image: Image.Image) -> bool:
+    # Orientations 5-8 rotate by 90 or 270 degrees.
+    return image.getexif().get(ImageOps.ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB.
+
+    16-bit samples are scaled (``v / 257``), not clipped; transparency is composited on white;
+    CMYK, palette, grayscale and the rest go through Pillow's conversions.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit grayscale (Pillow opens some 16-bit PNGs as 32-bit "I"): scale 0..65535 to
+        # 0..255 rather than let convert() clip everything above 255 to white.
+        wide = np.asarray(image, dtype=np.float64)
+        gray = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "F":
+        gray = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode == "P" and "transparency" in image.info
+    ) or (mode in ("L", "RGB") and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    spec: PreprocessSpec,
+    storage_options: Mapping[str, Any],
+    max_image_pixels: int,
+) -> dict[str, np.ndarray]:
+    """Fetch and decode a batch of listed images (a Ray Data ``map_batches`` function).
+
+    Args:
+        batch: Listing columns ``uri``, ``path``, ``file_size``.
+        spec: The resize spec.
+        storage_options: fsspec options for the input store.
+        max_image_pixels: Header pixel limit.
+
+    Returns:
+        The listing columns plus ``image`` (uint8, N x crop x crop x 3; zeros for failed rows),
+        ``original_width``, ``original_height``, ``format``, ``error_type`` and
+        ``error_message`` (empty strings where the image decoded).
+
+    Example:
+        >>> out = decode_batch(listing, spec=preprocess_spec("center-crop"),
+        ...                    storage_options={}, max_image_pixels=10**8)  # doctest: +SKIP
+    """
+    uris = [str(u) for u in batch["uri"]]
+    paths = [str(p) for p in batch["path"]]
+    n = len(uris)
+    size = spec.crop_size
+    images = np.zeros((n, size, size, 3), dtype=np.uint8)
+    widths = np.zeros(n, dtype=np.int32)
+    heights = np.zeros(n, dtype=np.int32)
+    formats = [""] * n
+    error_types = [""] * n
+    messages = [""] * n
+    contents = _fetch(uris, paths, storage_options)
+    for i, content in enumerate(contents):
+        try:
+            if isinstance(content, BaseException):
+                raise ImageRejected(UNREADABLE, f"cannot read: {_one_line(content)}")
+            decoded = decode_image(content, spec, max_image_pixels=max_image_pixels)
+        except ImageRejected as rejected:
+            error_types[i] = rejected.error_type
+            messages[i] = str(rejected)
+            continue
+        images[i] = decoded.pixels
+        widths[i] = decoded.original_width
+        heights[i] = decoded.original_height
+        formats[i] = decoded.format
+    return {
+        "uri": np.asarray(uris, dtype=object),
+        "file_size": np.asarray(batch["file_size"], dtype=np.int64),
+        "image": images,
+        "original_width": widths,
+        "original_height": heights,
+        "format": np.asarray(formats, dtype=object),
+        "error_type": np.asarray(error_types, dtype=object),
+        "error_message": np.asarray(messages, dtype=object),
+    }
+
+
+def _fetch(
+    uris: list[str], paths: list[str], storage_options: Mapping[str, Any]
+) -> list[bytes | BaseException]:
+    """Read every file of the batch; a failure is returned in its slot, not raised.
+
+    ``cat_ranges`` takes the paths literally (``cat`` would expand ``[`` and ``*`` in names
+    as globs) and lets async stores such as s3fs fetch the whole batch concurrently.
+    """
+    if not uris:
+        return []
+    fs, _ = open_fs(uris[0], storage_options)
+    try:
+        return list(fs.cat_ranges(paths, None, None, on_error="return"))
+    except OSError as exc:  # the whole request failed: report it on every file
+        return [exc] * len(paths)

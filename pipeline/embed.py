@@ -1,0 +1,103 @@
+"""Stage 3 (actor pool): ResNet50 with ``fc`` = identity -> 2048-d pooled features.
+
+One model per actor, loaded in ``__init__``; ``__call__`` runs under ``torch.inference_mode``.
+The same class runs on GPU actors (optional fp16/bf16 autocast) and on CPU actors (fp32).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Precision
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_DIM = 2048
+
+
+class ResNet50Embedder:
+    """Embed the decoded images of a batch (a Ray Data ``map_batches`` callable class).
+
+    Args:
+        state_dict: ResNet50 weights, checked by :func:`pipeline.weights.load_weights`.
+        mean: Per-channel normalization mean (0..1 scale).
+        std: Per-channel normalization std.
+        precision: Autocast dtype on CUDA; ignored on CPU, which computes fp32.
+        normalize: L2-normalize each embedding.
+        num_threads: torch intra-op threads on CPU (``None`` keeps torch's setting, which
+            Ray sets to the actor's CPU count).
+        device: ``"cuda"``, ``"cpu"`` or ``None`` for CUDA when torch sees it.
+
+    Example:
+        >>> embedder = ResNet50Embedder(state_dict=w.state_dict, mean=spec.mean, std=spec.std)
+        >>> embedder(decode_batch(...))["embedding"].shape  # doctest: +SKIP
+        (16, 2048)
+    """
+
+    def __init__(
+        self,
+        *,
+        state_dict: Mapping[str, Any],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        precision: Precision = "fp32",
+        normalize: bool = False,
+        num_threads: int | None = None,
+        device: str | None = None,
+    ) -> None:
+        import torch
+        from torchvision.models import resnet50
+
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu" and precision != "fp32":
+            logger.warning("precision %s requested but running on CPU: computing fp32", precision)
+            precision = "fp32"
+        self.precision: Precision = precision
+        self.normalize = normalize
+        model = resnet50(weights=None)
+        model.load_state_dict(dict(state_dict), strict=False)  # fc may be absent; checked upstream
+        model.fc = torch.nn.Identity()
+        # channels_last lets cuDNN (and oneDNN on CPU) pick their fastest convolution kernels.
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(shape)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(shape)
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """uint8 ``(N, H, W, 3)`` pixels -> float32 ``(N, 2048)`` features."""
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(images))
+            if self.device.type == "cuda":
+                # Pinned memory makes the host-to-device copy asynchronous.
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            # uint8 travels; the float conversion and normalization happen here, on the device.
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+            if self.autocast_dtype is not None:
+                with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+                    features = self.model(x)
+            else:
+                features = self.model(x)
+            features = features.float()
+            if self.normalize:
+                features = torch.nn.functional.normalize(features, dim=1)
+            return features.cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.asarray(batch["error_type"] == "", dtype=bool)
+        embeddings = np.zeros((len(ok), EMBEDDING_DIM), dtype=np.float32)
+        if ok.any():
+            embeddings[ok] = self.embed(batch["image"][ok])
+        out = {key: value for key, value in batch.items() if key != "image"}
+        out["embedding"] = embeddings
+        out["precision"] = np.full(len(ok), self.precision, dtype=object)
+        return out

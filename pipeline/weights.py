@@ -1,0 +1,188 @@
+"""Model weights, resolved once in the driver: ImageNet, a checkpoint path/URL, or seeded random.
+
+The driver loads and checks them (sha256, ResNet50 shape) before any data moves, so a bad
+weights file fails the command in seconds; the model actors receive the checked state_dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from pipeline.config import PipelineError
+from pipeline.storage import open_fs
+
+logger = logging.getLogger(__name__)
+
+IMAGENET = "imagenet"
+RANDOM = "random"
+
+
+class WeightsError(PipelineError):
+    """The weights cannot be had or are not what they claim to be."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedWeights:
+    """A checked ResNet50 state_dict and what to record about it.
+
+    Attributes:
+        name: ``imagenet:IMAGENET1K_V2``, ``random:seed=N`` or the path/URL given.
+        sha256: Full sha256 of the file; for ``random``, of the tensors' bytes in key order.
+        state_dict: The tensors, on CPU.
+    """
+
+    name: str
+    sha256: str
+    state_dict: Mapping[str, Any] = dataclasses.field(repr=False)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"weights": self.name, "weights_sha256": self.sha256}
+
+
+def load_weights(
+    source: str,
+    *,
+    sha256: str | None = None,
+    seed: int = 0,
+    storage_options: Mapping[str, Any] | None = None,
+) -> ResolvedWeights:
+    """Resolve ``--weights`` to a checked ResNet50 state_dict.
+
+    Args:
+        source: ``imagenet``, ``random`` or a local path / fsspec URL of a ``state_dict``.
+        sha256: Expected full sha256 of the file (checked before ``torch.load``).
+        seed: Seed for ``random``.
+        storage_options: fsspec options to read a checkpoint from object storage.
+
+    Returns:
+        The checked weights.
+
+    Raises:
+        WeightsError: download impossible, file missing, checksum mismatch, or not a
+            ResNet50 state_dict.
+
+    Example:
+        >>> load_weights("random", seed=0).name
+        'random:seed=0'
+    """
+    if source == RANDOM:
+        return _random_weights(seed)
+    if source == IMAGENET:
+        path = _imagenet_checkpoint()
+        data = _read_file(path, {})
+        name = "imagenet:IMAGENET1K_V2"
+        prefix = os.path.basename(path).rsplit("-", 1)[-1].split(".")[0]
+        digest = hashlib.sha256(data).hexdigest()
+        # torchvision names the file after the first hex digits of its sha256.
+        if not digest.startswith(prefix):
+            raise WeightsError(
+                f"cached ImageNet weights {path} do not match their published hash prefix "
+                f"{prefix} (sha256 {digest}): delete the file and download again"
+            )
+    else:
+        data = _read_file(source, storage_options or {})
+        name = source
+        digest = hashlib.sha256(data).hexdigest()
+        if sha256 is not None and digest != sha256:
+            raise WeightsError(
+                f"weights {source} have sha256 {digest}, not the expected {sha256}"
+            )
+    state_dict = _torch_load(data, name)
+    check_resnet50_state_dict(state_dict, name)
+    return ResolvedWeights(name=name, sha256=digest, state_dict=state_dict)
+
+
+def _random_weights(seed: int) -> ResolvedWeights:
+    import torch
+    from torchvision.models import resnet50
+
+    logger.warning("using RANDOM ResNet50 weights (seed %d): embeddings carry no meaning", seed)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        state_dict = resnet50(weights=None).state_dict()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    digest = hashlib.sha256()
+    for key, tensor in state_dict.items():
+        digest.update(key.encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return ResolvedWeights(name=f"random:seed={seed}", sha256=digest.hexdigest(), state_dict=state_dict)
+
+
+def _imagenet_checkpoint() -> str:
+    """Path of IMAGENET1K_V2 in the torch hub cache, downloading it when missing."""
+    import torch
+    from torchvision.models import ResNet50_Weights
+
+    url = ResNet50_Weights.IMAGENET1K_V2.url
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    logger.info("downloading ImageNet weights from %s", url)
+    try:
+        prefix = os.path.basename(url).rsplit("-", 1)[-1].split(".")[0]
+        torch.hub.download_url_to_file(url, path, hash_prefix=prefix, progress=False)
+    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
+        raise WeightsError(
+            f"cannot download the ImageNet weights ({url}): {' '.join(str(exc).split())[:200]}; "
+            f"copy that file to {path}, or pass it with --weights /path/to/{os.path.basename(url)}"
+        ) from None
+    return path
+
+
+def _read_file(uri: str, storage_options: Mapping[str, Any]) -> bytes:
+    try:
+        fs, path = open_fs(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            return bytes(f.read())
+    except FileNotFoundError:
+        raise WeightsError(f"weights file not found: {uri}") from None
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read weights {uri}: {' '.join(str(exc).split())[:200]}") from None
+
+
+def _torch_load(data: bytes, name: str) -> Mapping[str, Any]:
+    import pickle
+
+    import torch
+
+    try:
+        # weights_only: a checkpoint is data, never code to run.
+        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"weights {name} are not a loadable torch state_dict: {first}") from None
+    if not isinstance(loaded, Mapping):
+        raise WeightsError(f"weights {name} hold a {type(loaded).__name__}, not a state_dict")
+    return loaded
+
+
+def check_resnet50_state_dict(state_dict: Mapping[str, Any], name: str) -> None:
+    """Refuse anything that does not load into torchvision's ``resnet50`` key for key.
+
+    The classifier (``fc.*``) may be absent: it is replaced by identity anyway.
+    """
+    from torchvision.models import resnet50
+
+    model = resnet50(weights=None)
+    try:
+        incompatible = model.load_state_dict(dict(state_dict), strict=False)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise WeightsError(f"weights {name} are not a ResNet50 state_dict: {detail[:200]}") from None
+    missing = [k for k in incompatible.missing_keys if not k.startswith("fc.")]
+    if missing or incompatible.unexpected_keys:
+        shown = (missing + list(incompatible.unexpected_keys))[:3]
+        raise WeightsError(
+            f"weights {name} are not a ResNet50 state_dict: {len(missing)} missing and "
+            f"{len(incompatible.unexpected_keys)} unexpected keys (e.g. {', '.join(shown)})"
+        )

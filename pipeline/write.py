@@ -1,0 +1,140 @@
+"""Stage 4 (CPU tasks): write ``embeddings`` and ``errors`` Parquet files into the run's staging.
+
+Each call writes uniquely named files and returns their paths; only the paths the driver
+receives are committed, so a retried task's leftovers are never part of the table.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.embed import EMBEDDING_DIM
+from pipeline.storage import join, open_fs
+
+EMBEDDINGS_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("original_width", pa.int32(), nullable=False),
+        pa.field("original_height", pa.int32(), nullable=False),
+        pa.field("format", pa.string(), nullable=False),
+        pa.field("file_size", pa.int64(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float32(), EMBEDDING_DIM), nullable=False),
+    ]
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("error_message", pa.string(), nullable=False),
+    ]
+)
+
+TABLES = ("embeddings", "errors")
+
+
+def file_metadata(
+    *,
+    run_id: str,
+    weights: Mapping[str, str],
+    preprocessing: Mapping[str, Any],
+    normalized: bool,
+    pipeline_version: str,
+) -> dict[str, str]:
+    """The key-value metadata every Parquet file of a run carries (values are strings)."""
+    return {
+        "model": "resnet50",
+        "weights": weights["weights"],
+        "weights_sha256": weights["weights_sha256"],
+        "preprocessing": json.dumps(dict(preprocessing), sort_keys=True),
+        "embedding_dim": str(EMBEDDING_DIM),
+        "embedding_dtype": "float32",
+        "normalized": json.dumps(normalized),
+        "pipeline_version": pipeline_version,
+        "run_id": run_id,
+    }
+
+
+def write_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    staging_uri: str,
+    storage_options: Mapping[str, Any],
+    metadata: Mapping[str, str],
+) -> dict[str, np.ndarray]:
+    """Write one batch's rows as Parquet (a Ray Data ``map_batches`` function).
+
+    Args:
+        batch: Embedded rows, failed rows flagged by a non-empty ``error_type``.
+        staging_uri: The run's staging folder.
+        storage_options: fsspec options for the output store.
+        metadata: From :func:`file_metadata`.
+
+    Returns:
+        One row per file written: ``table`` (``embeddings`` or ``errors``), ``path`` (relative
+        to the staging folder) and ``rows``.
+    """
+    failed = np.asarray(batch["error_type"] != "", dtype=bool)
+    ok = ~failed
+    precision = sorted({str(p) for p in batch["precision"][ok]}) if "precision" in batch else []
+    written: dict[str, list[Any]] = {"table": [], "path": [], "rows": []}
+    fs, root = open_fs(staging_uri, storage_options)
+    name = f"part-{uuid.uuid4().hex}.parquet"
+    if ok.any():
+        meta = dict(metadata) | {"precision": ",".join(precision)}
+        table = embeddings_table(batch, ok).replace_schema_metadata(meta)
+        _write(fs, join(root, "embeddings", name), table)
+        written["table"].append("embeddings")
+        written["path"].append(f"embeddings/{name}")
+        written["rows"].append(table.num_rows)
+    if failed.any():
+        table = errors_table(batch, failed).replace_schema_metadata(dict(metadata))
+        _write(fs, join(root, "errors", name), table)
+        written["table"].append("errors")
+        written["path"].append(f"errors/{name}")
+        written["rows"].append(table.num_rows)
+    return {
+        "table": np.asarray(written["table"], dtype=object),
+        "path": np.asarray(written["path"], dtype=object),
+        "rows": np.asarray(written["rows"], dtype=np.int64),
+    }
+
+
+def embeddings_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
+    embeddings = np.ascontiguousarray(batch["embedding"][mask], dtype=np.float32)
+    flat = pa.array(embeddings.reshape(-1), type=pa.float32())
+    return pa.table(
+        [
+            pa.array([str(u) for u in batch["uri"][mask]], pa.string()),
+            pa.array(batch["original_width"][mask], pa.int32()),
+            pa.array(batch["original_height"][mask], pa.int32()),
+            pa.array([str(f) for f in batch["format"][mask]], pa.string()),
+            pa.array(batch["file_size"][mask], pa.int64()),
+            pa.FixedSizeListArray.from_arrays(flat, EMBEDDING_DIM),
+        ],
+        schema=EMBEDDINGS_SCHEMA,
+    )
+
+
+def errors_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
+    return pa.table(
+        [
+            pa.array([str(u) for u in batch["uri"][mask]], pa.string()),
+            pa.array([str(t) for t in batch["error_type"][mask]], pa.string()),
+            pa.array([str(m) for m in batch["error_message"][mask]], pa.string()),
+        ],
+        schema=ERRORS_SCHEMA,
+    )
+
+
+def _write(fs: Any, path: str, table: pa.Table) -> None:
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
