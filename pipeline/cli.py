@@ -50,43 +50,113 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_run_arguments(run: argparse.ArgumentParser) -> None:
     """The flags of a run (shared by ``embed-images run`` and ``python -m jobs.embed_images``)."""
-    run.add_argument("--input", required=True, metavar="URI",
-                     help="folder or prefix of images: local path, file://, s3://, any fsspec URL")
-    run.add_argument("--output", required=True, metavar="URI",
-                     help="where embeddings/, errors/ and _manifest.json go")
-    run.add_argument("--weights", default="imagenet", metavar="imagenet|random|PATH_OR_URL",
-                     help="ResNet50 weights (default: imagenet = torchvision IMAGENET1K_V2)")
-    run.add_argument("--weights-sha256", metavar="HEX",
-                     help="expected sha256 of the weights file, checked before loading")
+    run.add_argument(
+        "--input",
+        required=True,
+        metavar="URI",
+        help="folder or prefix of images: local path, file://, s3://, any fsspec URL",
+    )
+    run.add_argument(
+        "--output",
+        required=True,
+        metavar="URI",
+        help="where embeddings/, errors/ and _manifest.json go",
+    )
+    run.add_argument(
+        "--weights",
+        default="imagenet",
+        metavar="imagenet|random|PATH_OR_URL",
+        help="ResNet50 weights (default: imagenet = torchvision IMAGENET1K_V2)",
+    )
+    run.add_argument(
+        "--weights-sha256",
+        metavar="HEX",
+        help="expected sha256 of the weights file, checked before loading",
+    )
     run.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
-    run.add_argument("--resize", choices=RESIZE_MODES, default="center-crop",
-                     help="center-crop: the weights' own transform (default); squash; letterbox")
-    run.add_argument("--jpeg-draft", action="store_true",
-                     help="let libjpeg downscale before the exact resize (faster, pixels differ)")
-    run.add_argument("--batch-size", type=int, default=32, metavar="N",
-                     help="images per model forward (default 32)")
-    run.add_argument("--decode-batch-size", type=int, default=16, metavar="N",
-                     help="images per decode task batch (default 16)")
-    run.add_argument("--rows-per-file", type=int, default=4096, metavar="N",
-                     help="rows per Parquet file (default 4096)")
-    run.add_argument("--concurrency", type=_concurrency, default=1, metavar="N|MIN,MAX",
-                     help="model actors: fixed N or autoscaling MIN,MAX (default 1)")
-    run.add_argument("--num-gpus", type=float, metavar="F",
-                     help="GPUs per model actor, fractions allowed (default 1 if the cluster has GPUs, else 0)")
-    run.add_argument("--model-threads", type=int, metavar="N",
-                     help="torch threads per CPU model actor (default: the actor's CPUs)")
-    run.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                     help="autocast dtype on GPU (default fp32; CPU always computes fp32)")
+    run.add_argument(
+        "--resize",
+        choices=RESIZE_MODES,
+        default="center-crop",
+        help="center-crop: the weights' own transform (default); squash; letterbox",
+    )
+    run.add_argument(
+        "--jpeg-draft",
+        action="store_true",
+        help="let libjpeg downscale before the exact resize (faster, pixels differ)",
+    )
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="images per model forward (default 32)",
+    )
+    run.add_argument(
+        "--decode-batch-size",
+        type=int,
+        default=16,
+        metavar="N",
+        help="images per decode task batch (default 16)",
+    )
+    run.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="rows per Parquet file (default 4096)",
+    )
+    run.add_argument(
+        "--concurrency",
+        type=_concurrency,
+        default=1,
+        metavar="N|MIN,MAX",
+        help="model actors: fixed N or autoscaling MIN,MAX (default 1)",
+    )
+    run.add_argument(
+        "--num-gpus",
+        type=float,
+        metavar="F",
+        help="GPUs per model actor, fractions allowed (default 1 if the cluster has GPUs, else 0)",
+    )
+    run.add_argument(
+        "--model-threads",
+        type=int,
+        metavar="N",
+        help="torch threads per CPU model actor (default: the actor's CPUs)",
+    )
+    run.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="autocast dtype on GPU (default fp32; CPU always computes fp32)",
+    )
     run.add_argument("--normalize", action="store_true", help="L2-normalize each embedding")
     run.add_argument("--limit", type=int, metavar="N", help="embed at most N listed images")
-    run.add_argument("--max-image-pixels", type=int, default=89_478_485, metavar="N",
-                     help="refuse images whose header claims more pixels (default: Pillow's)")
-    run.add_argument("--endpoint-url", metavar="URL",
-                     help="S3 endpoint (default: AWS_ENDPOINT_URL or the AWS chain)")
-    run.add_argument("--storage-options", type=_json_object, default={}, metavar="JSON",
-                     help='fsspec options for input and output, e.g. \'{"anon": true}\'')
-    run.add_argument("--address", metavar="ADDRESS",
-                     help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)")
+    run.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=89_478_485,
+        metavar="N",
+        help="refuse images whose header claims more pixels (default: Pillow's)",
+    )
+    run.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        help="S3 endpoint (default: AWS_ENDPOINT_URL or the AWS chain)",
+    )
+    run.add_argument(
+        "--storage-options",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="fsspec options for input and output, e.g. '{\"anon\": true}'",
+    )
+    run.add_argument(
+        "--address",
+        metavar="ADDRESS",
+        help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)",
+    )
 
 
 def _concurrency(text: str) -> int | tuple[int, int]:
@@ -143,13 +213,17 @@ def start_ray(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True)
 
 
-def print_summary(summary: Any, out: Any = sys.stdout) -> None:
+def print_summary(summary: Any, out: Any = None) -> None:
+    out = out or sys.stdout
     rows = [
         ("run", summary.run_id),
         ("listed", summary.listed),
         ("skipped", f"{summary.skipped_by_extension} (not image extensions)"),
         ("embedded", summary.embedded),
-        ("failed", f"{summary.failed}" + (f" (see {summary.output}/errors)" if summary.failed else "")),
+        (
+            "failed",
+            f"{summary.failed}" + (f" (see {summary.output}/errors)" if summary.failed else ""),
+        ),
         ("wall time", f"{summary.wall_seconds:.1f} s"),
         ("images/s", f"{summary.images_per_second:.2f}"),
         ("table", f"{summary.output}/embeddings  (manifest: {summary.output}/_manifest.json)"),
@@ -160,11 +234,12 @@ def print_summary(summary: Any, out: Any = sys.stdout) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from pipeline.plan import run_pipeline
+    from pipeline.plan import execute_run, prepare_run
 
-    config = config_from_args(args)
+    # Bad input, output or weights fail here, in seconds, before Ray starts.
+    prepared = prepare_run(config_from_args(args))
     start_ray(args.address)
-    summary = run_pipeline(config)
+    summary = execute_run(prepared)
     print_summary(summary)
     return 0
 

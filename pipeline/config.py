@@ -91,7 +91,11 @@ class EmbedConfig:
                 f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"
             )
         for name in (
-            "batch_size", "decode_batch_size", "decode_memory", "rows_per_file", "max_image_pixels"
+            "batch_size",
+            "decode_batch_size",
+            "decode_memory",
+            "rows_per_file",
+            "max_image_pixels",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -103,12 +107,16 @@ class EmbedConfig:
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ConfigError(f"--num-gpus {self.num_gpus}: must be >= 0")
         _check_concurrency(self.concurrency)
-        if self.weights_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.weights_sha256):
+        if self.weights_sha256 is not None and not re.fullmatch(
+            r"[0-9a-f]{64}", self.weights_sha256
+        ):
             raise ConfigError(
                 "--weights-sha256 must be the full 64-hex-digit sha256 (lower case) of the file"
             )
         if self.weights_sha256 is not None and self.weights in ("random", "imagenet"):
-            raise ConfigError(f"--weights-sha256 applies to a weights file, not to {self.weights!r}")
+            raise ConfigError(
+                f"--weights-sha256 applies to a weights file, not to {self.weights!r}"
+            )
 
     def fs_options(self) -> dict[str, Any]:
         """The fsspec options for S3-like stores: ``storage_options`` plus the endpoint."""

@@ -37,7 +37,7 @@ DECODE_ERROR = "decode_error"
 EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
 
 
-class ImageRejected(Exception):
+class ImageRejectedError(Exception):
     """One image cannot be embedded; ``error_type`` says why, in a stable word."""
 
     def __init__(self, error_type: str, message: str) -> None:
@@ -65,10 +65,10 @@ def decode_image(data: bytes, spec: PreprocessSpec, *, max_image_pixels: int) ->
         The resized uint8 pixels, the upright original size and the decoder's format name.
 
     Raises:
-        ImageRejected: with a stable ``error_type``.
+        ImageRejectedError: with a stable ``error_type``.
     """
     if not data:
-        raise ImageRejected(EMPTY, "zero-byte file")
+        raise ImageRejectedError(EMPTY, "zero-byte file")
     # Truncated files must fail, never decode to grey: the flag is process-global, so assert
     # it rather than trust that no other library has flipped it.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -77,18 +77,22 @@ def decode_image(data: bytes, spec: PreprocessSpec, *, max_image_pixels: int) ->
         try:
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         except UnidentifiedImageError:
-            raise ImageRejected(NOT_AN_IMAGE, "not a JPEG, PNG, WebP, BMP, TIFF or GIF") from None
+            raise ImageRejectedError(
+                NOT_AN_IMAGE, "not a JPEG, PNG, WebP, BMP, TIFF or GIF"
+            ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageRejected(DECOMPRESSION_BOMB, _one_line(exc)) from None
+            raise ImageRejectedError(DECOMPRESSION_BOMB, _one_line(exc)) from None
         except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageRejected(DECODE_ERROR, f"cannot open: {_one_line(exc)}") from None
+            raise _rejected(exc) from None
         with image:
             width, height = image.size
             if width < 1 or height < 1:
-                raise ImageRejected(DECODE_ERROR, f"header gives an empty size {width}x{height}")
+                raise ImageRejectedError(
+                    DECODE_ERROR, f"header gives an empty size {width}x{height}"
+                )
             # The header is checked before any pixel is decoded.
             if width * height > max_image_pixels:
-                raise ImageRejected(
+                raise ImageRejectedError(
                     DECOMPRESSION_BOMB,
                     f"{width}x{height} is over the {max_image_pixels}-pixel limit",
                 )
@@ -96,7 +100,7 @@ def decode_image(data: bytes, spec: PreprocessSpec, *, max_image_pixels: int) ->
             if resized_w * resized_h > max_image_pixels:
                 # A 1 x 80M-pixel strip passes the header check, but its shorter side scaled
                 # to 232 would need gigabytes.
-                raise ImageRejected(
+                raise ImageRejectedError(
                     EXTREME_ASPECT_RATIO,
                     f"{width}x{height} would resize to {resized_w}x{resized_h}",
                 )
@@ -113,14 +117,9 @@ def decode_image(data: bytes, spec: PreprocessSpec, *, max_image_pixels: int) ->
                     original_width, original_height = width, height
                 pixels = resize_to_model_input(to_rgb(upright), spec)
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                raise ImageRejected(DECOMPRESSION_BOMB, _one_line(exc)) from None
-            except OSError as exc:
-                message = _one_line(exc)
-                if "truncated" in message or "broken data stream" in message:
-                    raise ImageRejected(TRUNCATED, message) from None
-                raise ImageRejected(DECODE_ERROR, message) from None
-            except (SyntaxError, ValueError, EOFError) as exc:
-                raise ImageRejected(DECODE_ERROR, _one_line(exc)) from None
+                raise ImageRejectedError(DECOMPRESSION_BOMB, _one_line(exc)) from None
+            except (OSError, SyntaxError, ValueError, EOFError) as exc:
+                raise _rejected(exc) from None
     return DecodedImage(pixels, original_width, original_height, fmt)
 
 
@@ -147,14 +146,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "F":
         gray = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, "L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode == "P" and "transparency" in image.info
-    ) or (mode in ("L", "RGB") and "transparency" in image.info)
+    has_alpha = (
+        mode in ("RGBA", "LA", "PA", "RGBa", "La")
+        or (mode == "P" and "transparency" in image.info)
+        or (mode in ("L", "RGB") and "transparency" in image.info)
+    )
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _rejected(exc: BaseException) -> ImageRejectedError:
+    """Classify a Pillow failure: data ending early is ``truncated``, the rest ``decode_error``."""
+    message = _one_line(exc)
+    lowered = message.lower()
+    if "truncated" in lowered or "broken data stream" in lowered or isinstance(exc, EOFError):
+        return ImageRejectedError(TRUNCATED, message)
+    return ImageRejectedError(DECODE_ERROR, message)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -200,9 +210,9 @@ def decode_batch(
     for i, content in enumerate(contents):
         try:
             if isinstance(content, BaseException):
-                raise ImageRejected(UNREADABLE, f"cannot read: {_one_line(content)}")
+                raise ImageRejectedError(UNREADABLE, f"cannot read: {_one_line(content)}")
             decoded = decode_image(content, spec, max_image_pixels=max_image_pixels)
-        except ImageRejected as rejected:
+        except ImageRejectedError as rejected:
             error_types[i] = rejected.error_type
             messages[i] = str(rejected)
             continue

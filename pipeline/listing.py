@@ -77,7 +77,9 @@ def iter_image_files(fs: Any, root: str, counts: ListingCounts) -> Iterator[tupl
                 counts.listed += 1
                 yield f"{dirpath.rstrip('/')}/{name}", int(info.get("size") or 0)
     except PermissionError as exc:
-        raise InputError(f"cannot list input {to_uri(fs, root)}: permission denied ({exc})") from None
+        raise InputError(
+            f"cannot list input {to_uri(fs, root)}: permission denied ({exc})"
+        ) from None
     except FileNotFoundError:
         raise InputError(f"input not found: {to_uri(fs, root)}") from None
 

@@ -19,9 +19,9 @@ from pipeline.decode import decode_batch
 from pipeline.embed import EMBEDDING_DIM, ResNet50Embedder
 from pipeline.listing import IMAGE_EXTENSIONS, InputError, ListingCounts, list_images
 from pipeline.manifest import commit_run, discard_uncommitted, staging_uri
-from pipeline.preprocessing import preprocess_spec
+from pipeline.preprocessing import PreprocessSpec, preprocess_spec
 from pipeline.storage import open_fs, to_uri
-from pipeline.weights import load_weights
+from pipeline.weights import ResolvedWeights, load_weights
 from pipeline.write import file_metadata, write_batch
 
 logger = logging.getLogger(__name__)
@@ -55,10 +55,65 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedRun:
+    """A run checked and ready: its filesystems, weights and preprocessing, no Ray needed yet."""
+
+    config: EmbedConfig
+    run_id: str
+    started: float
+    started_at: str
+    input_fs: Any
+    input_root: str
+    input_uri: str
+    output_uri: str
+    weights: ResolvedWeights
+    spec: PreprocessSpec
+
+
+def prepare_run(config: EmbedConfig, *, run_id: str | None = None) -> PreparedRun:
+    """Check everything that can fail fast, before Ray starts and before any data moves.
+
+    Resolves input and output, refuses an output inside the input, checks the output is
+    writable, and loads and checks the weights (checksum, ResNet50 shape).
+
+    Raises:
+        PipelineError: with one line saying what to fix.
+    """
+    started, started_at = time.time(), _utc_iso()
+    options = config.fs_options()
+    in_fs, in_root = open_fs(config.input, options)
+    out_fs, out_root = open_fs(config.output, options)
+    input_uri, output_uri = to_uri(in_fs, in_root), to_uri(out_fs, out_root)
+    if type(in_fs) is type(out_fs) and (out_root + "/").startswith(in_root.rstrip("/") + "/"):
+        raise PipelineError(
+            f"output {output_uri} is inside input {input_uri}: its Parquet files would be "
+            "listed by later runs; choose an output outside the input"
+        )
+    if not in_fs.exists(in_root):
+        raise InputError(f"input not found: {input_uri}")
+    weights = load_weights(
+        config.weights, sha256=config.weights_sha256, seed=config.seed, storage_options=options
+    )
+    _check_output_writable(out_fs, out_root, output_uri)
+    return PreparedRun(
+        config=config,
+        run_id=run_id or new_run_id(),
+        started=started,
+        started_at=started_at,
+        input_fs=in_fs,
+        input_root=in_root,
+        input_uri=input_uri,
+        output_uri=output_uri,
+        weights=weights,
+        spec=preprocess_spec(config.resize, jpeg_draft=config.jpeg_draft),
+    )
+
+
 def run_pipeline(config: EmbedConfig, *, run_id: str | None = None) -> RunSummary:
     """Embed every image under ``config.input`` into ``config.output`` and commit the run.
 
-    Ray must already be initialised (``ray.init`` or a job's driver).
+    Ray must already be initialised (``ray.init``, or a job's driver).
 
     Args:
         config: The run's knobs.
@@ -69,28 +124,27 @@ def run_pipeline(config: EmbedConfig, *, run_id: str | None = None) -> RunSummar
 
     Raises:
         PipelineError: bad input, output or weights; nothing is committed.
+
+    Example:
+        >>> ray.init()  # doctest: +SKIP
+        >>> run_pipeline(EmbedConfig(input="./photos", output="./out"))  # doctest: +SKIP
     """
+    return execute_run(prepare_run(config, run_id=run_id))
+
+
+def execute_run(prepared: PreparedRun) -> RunSummary:
+    """List, embed, write and commit a prepared run on the running Ray."""
     import ray
 
-    started = time.time()
-    started_at = _utc_iso()
-    run_id = run_id or new_run_id()
-    options = config.fs_options()
-    in_fs, in_root = open_fs(config.input, options)
-    out_fs, out_root = open_fs(config.output, options)
-    input_uri, output_uri = to_uri(in_fs, in_root), to_uri(out_fs, out_root)
-    if type(in_fs) is type(out_fs) and (out_root + "/").startswith(in_root.rstrip("/") + "/"):
-        raise PipelineError(
-            f"output {output_uri} is inside input {input_uri}: its Parquet files would be "
-            "listed by later runs; choose an output outside the input"
-        )
-
-    # Weights first: a bad file or checksum fails in seconds, before anything is listed.
-    weights = load_weights(
-        config.weights, sha256=config.weights_sha256, seed=config.seed, storage_options=options
+    config, run_id, spec, weights = (
+        prepared.config,
+        prepared.run_id,
+        prepared.spec,
+        prepared.weights,
     )
-    spec = preprocess_spec(config.resize, jpeg_draft=config.jpeg_draft)
-    _check_output_writable(out_fs, out_root, output_uri)
+    in_fs, in_root, input_uri = prepared.input_fs, prepared.input_root, prepared.input_uri
+    output_uri, started, started_at = prepared.output_uri, prepared.started, prepared.started_at
+    options = config.fs_options()
     discard_uncommitted(config.output, storage_options=options)
 
     counts = ListingCounts()
@@ -106,8 +160,12 @@ def run_pipeline(config: EmbedConfig, *, run_id: str | None = None) -> RunSummar
             f"no images under {input_uri} ({counts.skipped_by_extension} other files skipped; "
             f"images end in .{', .'.join(sorted(IMAGE_EXTENSIONS))})"
         )
-    logger.info("listed %d images (%d skipped) under %s", counts.listed,
-                counts.skipped_by_extension, input_uri)
+    logger.info(
+        "listed %d images (%d skipped) under %s",
+        counts.listed,
+        counts.skipped_by_extension,
+        input_uri,
+    )
 
     context = ray.data.DataContext.get_current()
     for message in RETRIED_IO_ERRORS:
@@ -139,9 +197,10 @@ def run_pipeline(config: EmbedConfig, *, run_id: str | None = None) -> RunSummar
 
     stage = staging_uri(config.output, run_id)
     dataset = (
-        ray.data.from_arrow_refs(refs)
+        # Ray's annotations reject keyword-only UDFs and plain ObjectRef lists: hence the ignores.
+        ray.data.from_arrow_refs(refs)  # type: ignore[arg-type]
         .map_batches(
-            decode_batch,
+            decode_batch,  # type: ignore[arg-type]
             batch_size=config.decode_batch_size,
             batch_format="numpy",
             fn_kwargs={
@@ -172,7 +231,7 @@ def run_pipeline(config: EmbedConfig, *, run_id: str | None = None) -> RunSummar
             num_cpus=1 if num_gpus == 0 else 0,
         )
         .map_batches(
-            write_batch,
+            write_batch,  # type: ignore[arg-type]
             batch_size=config.rows_per_file,
             batch_format="numpy",
             fn_kwargs={"staging_uri": stage, "storage_options": options, "metadata": metadata},
@@ -231,7 +290,9 @@ def _check_output_writable(fs: Any, root: str, uri: str) -> None:
         fs.pipe_file(probe, b"")
         fs.rm(probe)
     except (OSError, PermissionError) as exc:
-        raise PipelineError(f"cannot write to output {uri}: {' '.join(str(exc).split())[:200]}") from None
+        raise PipelineError(
+            f"cannot write to output {uri}: {' '.join(str(exc).split())[:200]}"
+        ) from None
 
 
 STAGING_PROBE = "_write_probe"

@@ -114,11 +114,12 @@ def resized_size(width: int, height: int, spec: PreprocessSpec) -> tuple[int, in
     if spec.mode == "squash":
         return spec.crop_size, spec.crop_size
     if spec.mode == "letterbox":
-        scale = spec.crop_size / max(width, height)
-        return (
-            min(spec.crop_size, max(1, round(width * scale))),
-            min(spec.crop_size, max(1, round(height * scale))),
-        )
+        # torchvision's Resize(size=None, max_size=crop): longer side to crop, shorter side
+        # int(crop * short / long), at least one pixel.
+        size = spec.crop_size
+        if width >= height:
+            return size, max(1, int(size * height / width))
+        return max(1, int(size * width / height)), size
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = spec.resize_size, int(spec.resize_size * long / short)
     return (new_short, new_long) if width <= height else (new_long, new_short)

@@ -90,9 +90,7 @@ def load_weights(
         name = source
         digest = hashlib.sha256(data).hexdigest()
         if sha256 is not None and digest != sha256:
-            raise WeightsError(
-                f"weights {source} have sha256 {digest}, not the expected {sha256}"
-            )
+            raise WeightsError(f"weights {source} have sha256 {digest}, not the expected {sha256}")
     state_dict = _torch_load(data, name)
     check_resnet50_state_dict(state_dict, name)
     return ResolvedWeights(name=name, sha256=digest, state_dict=state_dict)
@@ -113,7 +111,9 @@ def _random_weights(seed: int) -> ResolvedWeights:
     for key, tensor in state_dict.items():
         digest.update(key.encode())
         digest.update(tensor.contiguous().numpy().tobytes())
-    return ResolvedWeights(name=f"random:seed={seed}", sha256=digest.hexdigest(), state_dict=state_dict)
+    return ResolvedWeights(
+        name=f"random:seed={seed}", sha256=digest.hexdigest(), state_dict=state_dict
+    )
 
 
 def _imagenet_checkpoint() -> str:
@@ -146,18 +146,31 @@ def _read_file(uri: str, storage_options: Mapping[str, Any]) -> bytes:
     except FileNotFoundError:
         raise WeightsError(f"weights file not found: {uri}") from None
     except (OSError, ValueError) as exc:
-        raise WeightsError(f"cannot read weights {uri}: {' '.join(str(exc).split())[:200]}") from None
+        raise WeightsError(
+            f"cannot read weights {uri}: {' '.join(str(exc).split())[:200]}"
+        ) from None
 
 
 def _torch_load(data: bytes, name: str) -> Mapping[str, Any]:
     import pickle
+    import struct
+    import zipfile
 
     import torch
 
     try:
         # weights_only: a checkpoint is data, never code to run.
         loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        KeyError,
+        IndexError,
+        struct.error,
+        zipfile.BadZipFile,
+    ) as exc:  # what torch.load raises on bytes that are not a checkpoint
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsError(f"weights {name} are not a loadable torch state_dict: {first}") from None
     if not isinstance(loaded, Mapping):
@@ -178,7 +191,9 @@ def check_resnet50_state_dict(state_dict: Mapping[str, Any], name: str) -> None:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
-        raise WeightsError(f"weights {name} are not a ResNet50 state_dict: {detail[:200]}") from None
+        raise WeightsError(
+            f"weights {name} are not a ResNet50 state_dict: {detail[:200]}"
+        ) from None
     missing = [k for k in incompatible.missing_keys if not k.startswith("fc.")]
     if missing or incompatible.unexpected_keys:
         shown = (missing + list(incompatible.unexpected_keys))[:3]

@@ -1,0 +1,178 @@
+"""Shared fixtures: images made by Pillow, a real moto S3 server on 127.0.0.1, one local Ray."""
+
+from __future__ import annotations
+
+import io
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# ----------------------------------------------------------------------------- images
+
+
+def _exif_with_orientation(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def image_bytes(
+    size: tuple[int, int],
+    *,
+    mode: str = "RGB",
+    fmt: str = "JPEG",
+    seed: int = 0,
+    orientation: int | None = None,
+) -> bytes:
+    """A smooth, seeded test image (gradients + noise) encoded as ``fmt``."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack(
+        [
+            (xx * 255 // max(1, width - 1)),
+            (yy * 255 // max(1, height - 1)),
+            ((xx + yy) * 127 // max(1, width + height - 2)),
+        ],
+        axis=-1,
+    ).astype(np.int16)
+    noise = rng.integers(-20, 20, size=base.shape, dtype=np.int16)
+    rgb = np.clip(base + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(rgb, "RGB")
+    if mode == "I;16":
+        image = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
+    elif mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    kwargs = {}
+    if orientation is not None:
+        kwargs["exif"] = _exif_with_orientation(orientation)
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def make_image() -> Callable[..., bytes]:
+    return image_bytes
+
+
+def corpus_files() -> dict[str, tuple[bytes, tuple[int, int] | None, str | None]]:
+    """name -> (bytes, upright (width, height) or None for failures, expected error_type)."""
+    truncated = image_bytes((64, 48), seed=9)
+    return {
+        "rgb.jpg": (image_bytes((64, 48), seed=1), (64, 48), None),
+        "sub/dir/plain.png": (image_bytes((40, 30), fmt="PNG", seed=2), (40, 30), None),
+        # Stored 60x40, EXIF orientation 6 (rotate 90): a person sees 40x60.
+        "rotated.jpg": (image_bytes((60, 40), seed=3, orientation=6), (40, 60), None),
+        "gray.png": (image_bytes((33, 21), mode="L", fmt="PNG", seed=4), (33, 21), None),
+        "alpha.png": (image_bytes((30, 30), mode="RGBA", fmt="PNG", seed=5), (30, 30), None),
+        "palette.gif": (image_bytes((25, 35), mode="P", fmt="GIF", seed=6), (25, 35), None),
+        "photo.webp": (image_bytes((50, 40), fmt="WEBP", seed=7), (50, 40), None),
+        "UPPER CASE é.JPG": (image_bytes((45, 45), seed=8), (45, 45), None),
+        "cmyk.jpg": (image_bytes((20, 28), mode="CMYK", seed=10), (20, 28), None),
+        "deep.png": (image_bytes((24, 18), mode="I;16", fmt="PNG", seed=11), (24, 18), None),
+        "bad.jpg": (b"this is not an image at all", None, "not_an_image"),
+        "truncated.jpg": (truncated[: len(truncated) // 2], None, "truncated"),
+        "empty.png": (b"", None, "empty"),
+        "notes.txt": (b"not listed", None, None),
+    }
+
+
+def write_corpus(root: Path) -> dict[str, tuple[bytes, tuple[int, int] | None, str | None]]:
+    files = corpus_files()
+    for name, (data, _, _) in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+@pytest.fixture
+def corpus(
+    tmp_path: Path,
+) -> tuple[Path, dict[str, tuple[bytes, tuple[int, int] | None, str | None]]]:
+    root = tmp_path / "images"
+    return root, write_corpus(root)
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ResNet50 state_dict saved by the test itself (seeded), as a user's checkpoint."""
+    import torch
+    from torchvision.models import resnet50
+
+    torch.manual_seed(1234)
+    path = tmp_path_factory.mktemp("weights") / "resnet50-test.pth"
+    torch.save(resnet50(weights=None).state_dict(), path)
+    return path
+
+
+# ----------------------------------------------------------------------------- S3
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def aws_credentials() -> Iterator[None]:
+    """Fake credentials for the whole session, set before Ray starts so its workers get them.
+
+    The real profile files are hidden too, and everything is restored at the end.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing-key-id")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+        mp.delenv("AWS_SESSION_TOKEN", raising=False)
+        mp.delenv("AWS_PROFILE", raising=False)
+        mp.delenv("AWS_ENDPOINT_URL", raising=False)
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(aws_credentials: None) -> Iterator[str]:
+    """moto's S3 server over real HTTP on 127.0.0.1 (as s3fs's own test suite runs it)."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> Iterator[tuple[object, str]]:
+    """A fresh bucket and an s3fs filesystem pointed at the moto server."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    yield fs, bucket
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="session")
+def ray_session(aws_credentials: None) -> Iterator[None]:
+    """One real local Ray for the session, 2 CPUs (as Ray's ``ray_start_regular_shared``)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -1,0 +1,64 @@
+"""Listing: image extensions only (case-insensitively), counts, stable order; local and S3."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.listing import InputError, ListingCounts, has_image_extension, list_images
+from pipeline.storage import open_fs
+
+
+def test_extensions_are_matched_case_insensitively() -> None:
+    for name in ("a.jpg", "b.JPEG", "c.Png", "d.webp", "e.BMP", "f.tif", "g.TIFF", "h.gif"):
+        assert has_image_extension(name), name
+    for name in ("a.txt", "b.eps", "c", "d.jpg.bak", ".jpg.json"):
+        assert not has_image_extension(name), name
+
+
+def test_local_listing_counts_and_orders(corpus) -> None:  # type: ignore[no-untyped-def]
+    root, files = corpus
+    fs, path = open_fs(str(root))
+    counts = ListingCounts()
+    tables = list(list_images(fs, path, counts, chunk_rows=4))
+    uris = [u for t in tables for u in t.column("uri").to_pylist()]
+    assert all(t.num_rows <= 4 for t in tables)
+    images = sorted(str(root / n) for n in files if not n.endswith(".txt"))
+    assert sorted(uris) == images
+    assert counts.listed == len(images) and counts.skipped_by_extension == 1
+    sizes = dict(
+        zip(uris, [s for t in tables for s in t.column("file_size").to_pylist()], strict=True)
+    )
+    assert sizes[str(root / "rgb.jpg")] == len(files["rgb.jpg"][0])
+    # The same order every time, so that --limit is reproducible.
+    again = [
+        u
+        for t in list_images(fs, path, ListingCounts(), chunk_rows=4)
+        for u in t["uri"].to_pylist()
+    ]
+    assert again == uris
+
+
+def test_limit_stops_the_listing(corpus) -> None:  # type: ignore[no-untyped-def]
+    root, _ = corpus
+    fs, path = open_fs(str(root))
+    counts = ListingCounts()
+    tables = list(list_images(fs, path, counts, chunk_rows=100, limit=3))
+    assert sum(t.num_rows for t in tables) == 3 and counts.listed == 3
+
+
+def test_missing_input_is_an_input_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fs, path = open_fs(str(tmp_path / "nope"))
+    with pytest.raises(InputError, match="input not found"):
+        list(list_images(fs, path, ListingCounts(), chunk_rows=10))
+
+
+def test_s3_listing_through_a_real_endpoint(corpus, s3_bucket, s3_endpoint) -> None:  # type: ignore[no-untyped-def]
+    root, files = corpus
+    s3, bucket = s3_bucket
+    s3.put(str(root) + "/", f"{bucket}/photos/", recursive=True)
+    fs, path = open_fs(f"s3://{bucket}/photos/", {"endpoint_url": s3_endpoint})
+    counts = ListingCounts()
+    uris = [u for t in list_images(fs, path, counts, chunk_rows=5) for u in t["uri"].to_pylist()]
+    expected = sorted(f"s3://{bucket}/photos/{n}" for n in files if not n.endswith(".txt"))
+    assert sorted(uris) == expected
+    assert counts.skipped_by_extension == 1

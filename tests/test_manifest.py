@@ -1,0 +1,85 @@
+"""Commit: staged files move into the tables, the manifest is written last, readers see it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline.manifest import (
+    commit_run,
+    discard_uncommitted,
+    read_embeddings,
+    read_manifest,
+    staging_uri,
+)
+from pipeline.write import file_metadata, write_batch
+
+METADATA = file_metadata(
+    run_id="r",
+    weights={"weights": "random:seed=0", "weights_sha256": "00" * 32},
+    preprocessing={},
+    normalized=False,
+    pipeline_version="test",
+)
+
+
+def _stage(output: str, run_id: str, uris: list[str]) -> dict[str, list[str]]:
+    n = len(uris)
+    batch = {
+        "uri": np.array(uris, dtype=object),
+        "file_size": np.ones(n, dtype=np.int64),
+        "original_width": np.ones(n, dtype=np.int32),
+        "original_height": np.ones(n, dtype=np.int32),
+        "format": np.array(["PNG"] * n, dtype=object),
+        "error_type": np.array([""] * n, dtype=object),
+        "error_message": np.array([""] * n, dtype=object),
+        "embedding": np.zeros((n, 2048), dtype=np.float32),
+    }
+    out = write_batch(
+        batch, staging_uri=staging_uri(output, run_id), storage_options={}, metadata=METADATA
+    )
+    return {"embeddings": list(out["path"])}
+
+
+def test_commit_then_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    output = str(tmp_path / "out")
+    staged = _stage(output, "run1", ["/x/1.png", "/x/2.png"])
+    # Before the commit a reader sees nothing.
+    assert read_manifest(output) is None
+    with pytest.raises(FileNotFoundError):
+        read_embeddings(output)
+    manifest = commit_run(output, run={"run_id": "run1", "counts": {"listed": 2}}, staged=staged)
+    assert manifest["runs"][0]["files"]["embeddings"][0].startswith("embeddings/run_id=run1/")
+    assert not (tmp_path / "out" / "_staging").exists()
+    table = read_embeddings(output)
+    assert sorted(table["uri"].to_pylist()) == ["/x/1.png", "/x/2.png"]
+    assert set(table["run_id"].to_pylist()) == {"run1"}
+    plain = pads.dataset(output + "/embeddings", format="parquet", partitioning="hive").to_table()
+    assert sorted(plain["uri"].to_pylist()) == sorted(table["uri"].to_pylist())
+    on_disk = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert on_disk == manifest
+
+
+def test_uncommitted_partitions_are_discarded(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    output = str(tmp_path / "out")
+    commit_run(output, run={"run_id": "good"}, staged=_stage(output, "good", ["/a.png"]))
+    # A run that died after moving files but before its manifest.
+    orphan = tmp_path / "out" / "embeddings" / "run_id=dead"
+    orphan.mkdir(parents=True)
+    (orphan / "part-x.parquet").write_bytes(b"half")
+    _stage(output, "also-dead", ["/b.png"])
+    assert discard_uncommitted(output) == 2
+    assert not orphan.exists() and not (tmp_path / "out" / "_staging").exists()
+    assert read_embeddings(output)["uri"].to_pylist() == ["/a.png"]
+
+
+def test_second_run_appends(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    output = str(tmp_path / "out")
+    commit_run(output, run={"run_id": "r1"}, staged=_stage(output, "r1", ["/a.png"]))
+    commit_run(output, run={"run_id": "r2"}, staged=_stage(output, "r2", ["/b.png"]))
+    manifest = read_manifest(output)
+    assert manifest is not None and [r["run_id"] for r in manifest["runs"]] == ["r1", "r2"]
+    assert sorted(read_embeddings(output)["uri"].to_pylist()) == ["/a.png", "/b.png"]

@@ -1,0 +1,222 @@
+"""End to end through a real local Ray: local folder -> local output, and s3:// -> s3://."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from pipeline.cli import main
+from pipeline.manifest import read_embeddings, read_manifest
+from pipeline.write import EMBEDDINGS_SCHEMA, ERRORS_SCHEMA
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--batch-size", "4", "--decode-batch-size", "4"]
+
+
+def _reference_embeddings(state_dict: dict[str, Any], images: list[bytes]) -> np.ndarray:
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    model = resnet50(weights=None)
+    model.load_state_dict(state_dict)
+    model.fc = torch.nn.Identity()
+    transform = ResNet50_Weights.IMAGENET1K_V2.transforms()
+    tensors = [
+        transform(ImageOps.exif_transpose(_open_first_frame(d)).convert("RGB")) for d in images
+    ]
+    with torch.inference_mode():
+        return model.eval()(torch.stack(tensors)).numpy()
+
+
+def _open_first_frame(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # The contract scales 16-bit to 8-bit; Pillow's convert would clip.
+        return Image.fromarray(
+            np.rint(np.asarray(image, dtype=np.float64) / 257).astype(np.uint8), "L"
+        )
+    if image.mode in ("RGBA", "LA", "P"):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    return image
+
+
+def check_output(
+    output: str,
+    files: dict[str, tuple[bytes, tuple[int, int] | None, str | None]],
+    uri_prefix: str,
+    state_dict: dict[str, Any],
+    weights_sha256: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    filesystem: Any = None,
+    dataset_root: str | None = None,
+) -> None:
+    good = {uri_prefix + n: v for n, v in files.items() if v[1] is not None}
+    bad = {uri_prefix + n: v for n, v in files.items() if v[2] is not None}
+
+    manifest = read_manifest(output, storage_options=storage_options)
+    assert manifest is not None
+    (run,) = manifest["runs"]
+    assert run["counts"] == {
+        "listed": len(good) + len(bad),
+        "skipped_by_extension": 1,
+        "embedded": len(good),
+        "failed": len(bad),
+    }
+    assert run["model"]["weights_sha256"] == weights_sha256
+    assert run["preprocessing"]["mode"] == "center-crop"
+    assert run["images_per_second"] > 0 and run["started_at"] <= run["finished_at"]
+
+    table = read_embeddings(output, storage_options=storage_options)
+    rows = {r["uri"]: r for r in table.drop_columns(["embedding"]).to_pylist()}
+    assert len(rows) == table.num_rows == len(good)  # each image exactly once
+    assert set(rows) == set(good)
+    for uri, (data, upright, _) in good.items():
+        assert (rows[uri]["original_width"], rows[uri]["original_height"]) == upright, uri
+        assert rows[uri]["file_size"] == len(data)
+        assert rows[uri]["format"] == Image.open(io.BytesIO(data)).format
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 2048)
+
+    uris = table["uri"].to_pylist()
+    ours = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    theirs = _reference_embeddings(state_dict, [good[u][0] for u in uris])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * np.abs(theirs).max())
+
+    errors = read_embeddings(output, storage_options=storage_options, table="errors")
+    assert {r["uri"]: r["error_type"] for r in errors.to_pylist()} == {
+        u: v[2] for u, v in bad.items()
+    }
+    assert all(r["error_message"] and "\n" not in r["error_message"] for r in errors.to_pylist())
+
+    # The contract's plain read gives the same rows.
+    plain = pads.dataset(
+        dataset_root + "/embeddings",
+        filesystem=filesystem,
+        format="parquet",
+        partitioning="hive",
+    ).to_table()
+    assert sorted(plain["uri"].to_pylist()) == sorted(uris)
+
+    for relative in manifest["current"]["embeddings"] + manifest["current"]["errors"]:
+        path = f"{dataset_root}/{relative}"
+        schema = pq.read_schema(filesystem.open(path) if filesystem else path)
+        expected = EMBEDDINGS_SCHEMA if relative.startswith("embeddings/") else ERRORS_SCHEMA
+        assert schema.remove_metadata() == expected
+        meta = {k.decode(): v.decode() for k, v in schema.metadata.items()}
+        assert meta["model"] == "resnet50" and meta["weights_sha256"] == weights_sha256
+        assert meta["run_id"] == run["run_id"] and meta["embedding_dim"] == "2048"
+        assert json.loads(meta["preprocessing"])["crop_size"] == 224
+
+
+def test_local_folder_to_local_output(
+    corpus, tmp_path, ray_session, random_checkpoint, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    root, files = corpus
+    output = tmp_path / "out"
+    status = main(
+        [
+            "run",
+            "--input",
+            str(root),
+            "--output",
+            str(output),
+            "--weights",
+            str(random_checkpoint),
+            *FAST,
+        ]
+    )
+    assert status == 0
+    summary = capsys.readouterr().out
+    assert "embedded   10" in summary and "failed     3" in summary
+    check_output(
+        str(output),
+        files,
+        str(root) + "/",
+        torch.load(random_checkpoint, weights_only=True),
+        hashlib.sha256(random_checkpoint.read_bytes()).hexdigest(),
+        dataset_root=str(output),
+    )
+    assert not (output / "_staging").exists()
+
+
+def test_s3_to_s3(corpus, s3_bucket, s3_endpoint, ray_session) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.weights import load_weights
+
+    root, files = corpus
+    s3, bucket = s3_bucket
+    s3.put(str(root) + "/", f"{bucket}/photos/", recursive=True)
+    output = f"s3://{bucket}/embeddings/resnet50"
+    status = main(
+        [
+            "run",
+            "--input",
+            f"s3://{bucket}/photos/",
+            "--output",
+            output,
+            "--weights",
+            "random",
+            "--endpoint-url",
+            s3_endpoint,
+            *FAST,
+        ]
+    )
+    assert status == 0
+    weights = load_weights("random", seed=0)
+    s3.invalidate_cache()
+    check_output(
+        output,
+        files,
+        f"s3://{bucket}/photos/",
+        dict(weights.state_dict),
+        weights.sha256,
+        storage_options={"endpoint_url": s3_endpoint},
+        filesystem=s3,
+        dataset_root=f"{bucket}/embeddings/resnet50",
+    )
+    assert not s3.exists(f"{bucket}/embeddings/resnet50/_staging")
+
+
+def test_limit_and_resize_mode_are_recorded(corpus, tmp_path, ray_session) -> None:  # type: ignore[no-untyped-def]
+    root, _ = corpus
+    output = tmp_path / "out"
+    status = main(
+        [
+            "run",
+            "--input",
+            str(root),
+            "--output",
+            str(output),
+            "--weights",
+            "random",
+            "--resize",
+            "letterbox",
+            "--limit",
+            "2",
+            "--normalize",
+            *FAST,
+        ]
+    )
+    assert status == 0
+    manifest = read_manifest(str(output))
+    assert manifest is not None and manifest["runs"][0]["counts"]["listed"] == 2
+    assert (
+        manifest["preprocessing"]["mode"] == "letterbox" and manifest["model"]["normalized"] is True
+    )
+    table = read_embeddings(str(output))
+    norms = np.linalg.norm(np.stack(table["embedding"].to_numpy(zero_copy_only=False)), axis=1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    meta = pq.read_schema(Path(output) / manifest["current"]["embeddings"][0]).metadata
+    assert json.loads(meta[b"preprocessing"])["mode"] == "letterbox"
+    assert meta[b"normalized"] == b"true"
