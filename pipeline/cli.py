@@ -134,6 +134,20 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--normalize", action="store_true", help="L2-normalize each embedding")
     run.add_argument("--limit", type=int, metavar="N", help="embed at most N listed images")
     run.add_argument(
+        "--full",
+        action="store_true",
+        help="re-embed everything, replacing the output's tables (default: only "
+        "images new or changed since the committed runs)",
+    )
+    run.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="fail (committing only errors/) when more than this fraction of "
+        "images fail (default 0.1)",
+    )
+    run.add_argument(
         "--max-image-pixels",
         type=int,
         default=89_478_485,
@@ -194,6 +208,8 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
         precision=args.precision,
         normalize=args.normalize,
         limit=args.limit,
+        full=args.full,
+        max_error_rate=args.max_error_rate,
         max_image_pixels=args.max_image_pixels,
         storage_options=args.storage_options,
         endpoint_url=args.endpoint_url,
@@ -219,11 +235,13 @@ def print_summary(summary: Any, out: Any = None) -> None:
         ("run", summary.run_id),
         ("listed", summary.listed),
         ("skipped", f"{summary.skipped_by_extension} (not image extensions)"),
+        ("unchanged", f"{summary.unchanged} (already embedded)"),
         ("embedded", summary.embedded),
         (
             "failed",
             f"{summary.failed}" + (f" (see {summary.output}/errors)" if summary.failed else ""),
         ),
+        ("deleted", f"{summary.deleted} (gone from the input)"),
         ("wall time", f"{summary.wall_seconds:.1f} s"),
         ("images/s", f"{summary.images_per_second:.2f}"),
         ("table", f"{summary.output}/embeddings  (manifest: {summary.output}/_manifest.json)"),

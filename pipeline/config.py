@@ -49,6 +49,10 @@ class EmbedConfig:
         precision: Autocast dtype on CUDA; CPU actors always compute in fp32.
         normalize: L2-normalize each embedding.
         limit: Embed at most this many listed images.
+        full: Re-embed everything, replacing what the output holds (default: only images that
+            are new or changed since the committed runs).
+        max_error_rate: Fraction of failed images above which the run commits only its
+            errors table and fails.
         max_image_pixels: Images whose header claims more pixels are refused as bombs.
         storage_options: fsspec options for both input and output (never logged).
         endpoint_url: S3 endpoint override; ``None`` leaves it to the AWS chain.
@@ -75,6 +79,8 @@ class EmbedConfig:
     precision: Precision = "fp32"
     normalize: bool = False
     limit: int | None = None
+    full: bool = False
+    max_error_rate: float = 0.1
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
     endpoint_url: str | None = None
@@ -102,6 +108,8 @@ class EmbedConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r}: must be an integer >= 1")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit {self.limit}: must be >= 1")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ConfigError(f"--max-error-rate {self.max_error_rate}: must be between 0 and 1")
         if self.model_threads is not None and self.model_threads < 1:
             raise ConfigError(f"--model-threads {self.model_threads}: must be >= 1")
         if self.num_gpus is not None and self.num_gpus < 0:

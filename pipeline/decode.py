@@ -182,7 +182,7 @@ def decode_batch(
     """Fetch and decode a batch of listed images (a Ray Data ``map_batches`` function).
 
     Args:
-        batch: Listing columns ``uri``, ``path``, ``file_size``.
+        batch: Listing columns ``uri``, ``path``, ``file_size``, ``source_version``.
         spec: The resize spec.
         storage_options: fsspec options for the input store.
         max_image_pixels: Header pixel limit.
@@ -223,6 +223,7 @@ def decode_batch(
     return {
         "uri": np.asarray(uris, dtype=object),
         "file_size": np.asarray(batch["file_size"], dtype=np.int64),
+        "source_version": np.asarray([str(v) for v in batch["source_version"]], dtype=object),
         "image": images,
         "original_width": widths,
         "original_height": heights,

@@ -19,6 +19,7 @@ LISTING_SCHEMA = pa.schema(
         pa.field("uri", pa.string(), nullable=False),
         pa.field("path", pa.string(), nullable=False),
         pa.field("file_size", pa.int64(), nullable=False),
+        pa.field("source_version", pa.string(), nullable=False),
     ]
 )
 
@@ -44,8 +45,27 @@ def has_image_extension(name: str) -> bool:
     return ext[1:].lower() in IMAGE_EXTENSIONS
 
 
-def iter_image_files(fs: Any, root: str, counts: ListingCounts) -> Iterator[tuple[str, int]]:
-    """Yield ``(path, size)`` of every image file under ``root``, in a stable order.
+def source_version(info: dict[str, Any]) -> str:
+    """What tells a changed object from an unchanged one of the same size: ETag, else mtime.
+
+    Example:
+        >>> source_version({"ETag": '"9b2cf535f27731c974343645a3985328"'})
+        'etag:9b2cf535f27731c974343645a3985328'
+    """
+    for key in ("ETag", "etag", "md5Hash"):
+        if info.get(key):
+            return f"etag:{str(info[key]).strip(chr(34))}"
+    for key in ("mtime", "LastModified", "last_modified", "updated"):
+        if info.get(key) is not None:
+            value = info[key]
+            return f"mtime:{value.isoformat() if hasattr(value, 'isoformat') else repr(value)}"
+    return ""
+
+
+def iter_image_files(
+    fs: Any, root: str, counts: ListingCounts
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(path, info)`` of every image file under ``root``, in a stable order.
 
     Walks one directory at a time (``fs.walk``) so that the driver never holds the whole
     listing; ``counts`` is updated as files are seen.
@@ -55,7 +75,7 @@ def iter_image_files(fs: Any, root: str, counts: ListingCounts) -> Iterator[tupl
             info = fs.info(root)
             if has_image_extension(root):
                 counts.listed += 1
-                yield root, int(info.get("size") or 0)
+                yield root, info
             else:
                 counts.skipped_by_extension += 1
             return
@@ -75,7 +95,7 @@ def iter_image_files(fs: Any, root: str, counts: ListingCounts) -> Iterator[tupl
                     counts.skipped_by_extension += 1
                     continue
                 counts.listed += 1
-                yield f"{dirpath.rstrip('/')}/{name}", int(info.get("size") or 0)
+                yield f"{dirpath.rstrip('/')}/{name}", info
     except PermissionError as exc:
         raise InputError(
             f"cannot list input {to_uri(fs, root)}: permission denied ({exc})"
@@ -98,7 +118,7 @@ def list_images(
 
     Returns:
         An iterator of tables with ``LISTING_SCHEMA``: ``uri`` (public), ``path`` (on ``fs``),
-        ``file_size``.
+        ``file_size`` and ``source_version`` (ETag or mtime).
 
     Example:
         >>> import fsspec, tempfile
@@ -106,26 +126,18 @@ def list_images(
         >>> list(list_images(fsspec.filesystem("file"), tempfile.mkdtemp(), counts, chunk_rows=8))
         []
     """
-    uris: list[str] = []
-    paths: list[str] = []
-    sizes: list[int] = []
+    rows: dict[str, list[Any]] = {name: [] for name in LISTING_SCHEMA.names}
     taken = 0
-    for path, size in iter_image_files(fs, root, counts):
-        uris.append(to_uri(fs, path))
-        paths.append(path)
-        sizes.append(size)
+    for path, info in iter_image_files(fs, root, counts):
+        rows["uri"].append(to_uri(fs, path))
+        rows["path"].append(path)
+        rows["file_size"].append(int(info.get("size") or 0))
+        rows["source_version"].append(source_version(info))
         taken += 1
-        if len(uris) >= chunk_rows:
-            yield _chunk(uris, paths, sizes)
-            uris, paths, sizes = [], [], []
+        if len(rows["uri"]) >= chunk_rows:
+            yield pa.table(rows, schema=LISTING_SCHEMA)
+            rows = {name: [] for name in LISTING_SCHEMA.names}
         if limit is not None and taken >= limit:
             break
-    if uris:
-        yield _chunk(uris, paths, sizes)
-
-
-def _chunk(uris: list[str], paths: list[str], sizes: list[int]) -> pa.Table:
-    return pa.table(
-        [pa.array(uris, pa.string()), pa.array(paths, pa.string()), pa.array(sizes, pa.int64())],
-        schema=LISTING_SCHEMA,
-    )
+    if rows["uri"]:
+        yield pa.table(rows, schema=LISTING_SCHEMA)

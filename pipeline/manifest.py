@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from pipeline.storage import is_local, join, open_fs
 
@@ -19,7 +20,7 @@ MANIFEST_NAME = "_manifest.json"
 STAGING_DIR = "_staging"
 MANIFEST_FORMAT = "embed-images/manifest"
 MANIFEST_VERSION = 1
-TABLES = ("embeddings", "errors")
+TABLES = ("embeddings", "errors", "deletions")
 
 
 def read_manifest(
@@ -54,12 +55,15 @@ def read_embeddings(
     columns: Sequence[str] | None = None,
     table: str = "embeddings",
 ) -> pa.Table:
-    """The current table of an output, as its manifest lists it: committed rows only.
+    """The current table of an output: committed rows only, each image once.
+
+    After several runs an image may have rows in more than one run (it changed) or may have
+    been deleted from the input; this keeps the latest row per URI and drops deleted URIs.
 
     Args:
         output: The ``--output`` of the runs.
         storage_options: fsspec options for object stores.
-        columns: Columns to read (default: all, plus the ``run_id`` partition column).
+        columns: Columns to return (default: all, plus the ``run_id`` partition column).
         table: ``embeddings`` or ``errors``.
 
     Returns:
@@ -70,24 +74,54 @@ def read_embeddings(
         >>> t.column("embedding").type  # doctest: +SKIP
         FixedSizeListType(fixed_size_list<item: float>[2048])
     """
-    from pipeline.write import EMBEDDINGS_SCHEMA, ERRORS_SCHEMA
+    from pipeline.incremental import resolve_current
 
     fs, root = open_fs(output, storage_options)
     manifest = _read_manifest(fs, root)
     if manifest is None:
         raise FileNotFoundError(f"no {MANIFEST_NAME} under {output}: no run has committed there")
-    files = [join(root, p) for p in manifest["current"][table]]
-    schema = EMBEDDINGS_SCHEMA if table == "embeddings" else ERRORS_SCHEMA
+    wanted = list(columns) if columns else None
+    narrow = ["uri", "run_id"]
+    loaded = {
+        name: _load_table(
+            fs, root, manifest, name, _with(wanted, narrow) if name == table else narrow
+        )
+        for name in TABLES
+    }
+    if len(manifest["runs"]) > 1:
+        embeddings, errors = resolve_current(
+            loaded["embeddings"], loaded["errors"], loaded["deletions"]
+        )
+        result = embeddings if table == "embeddings" else errors
+    else:
+        result = loaded[table]
+    return result.select(wanted) if wanted else result
+
+
+def _with(columns: list[str] | None, required: list[str]) -> list[str] | None:
+    if columns is None:
+        return None
+    return columns + [c for c in required if c not in columns]
+
+
+def _load_table(
+    fs: Any, root: str, manifest: Mapping[str, Any], table: str, columns: list[str] | None
+) -> pa.Table:
+    from pipeline.write import DELETIONS_SCHEMA, EMBEDDINGS_SCHEMA, ERRORS_SCHEMA
+
+    schema = {"embeddings": EMBEDDINGS_SCHEMA, "errors": ERRORS_SCHEMA}.get(table, DELETIONS_SCHEMA)
+    files = [join(root, p) for p in manifest["current"].get(table, [])]
     if not files:
-        return schema.empty_table()
+        empty = schema.append(pa.field("run_id", pa.string())).empty_table()
+        return empty.select(columns) if columns else empty
     dataset = pads.dataset(
         files,
         filesystem=fs,
         format="parquet",
-        partitioning="hive",
+        partitioning=pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive"),
         partition_base_dir=join(root, table),
     )
-    return dataset.to_table(columns=list(columns) if columns else None)
+    return dataset.to_table(columns=columns)
 
 
 def staging_uri(output: str, run_id: str) -> str:
@@ -99,6 +133,8 @@ def commit_run(
     *,
     run: Mapping[str, Any],
     staged: Mapping[str, Sequence[str]],
+    deleted_uris: pa.Array | None = None,
+    replace: bool = False,
     storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Move a run's staged files into the tables and write the manifest, last.
@@ -108,6 +144,9 @@ def commit_run(
         run: The run's record (``run_id``, counts, times, model and preprocessing blocks).
         staged: Per table, file paths relative to the run's staging folder
             (``embeddings/part-….parquet``), exactly those the pipeline returned.
+        deleted_uris: URIs this run found gone from the input, recorded in ``deletions/``.
+        replace: This run re-embedded everything (``--full``): earlier files stop being
+            current, and are deleted once the new manifest is in place.
         storage_options: fsspec options for object stores.
 
     Returns:
@@ -116,6 +155,14 @@ def commit_run(
     fs, root = open_fs(output, storage_options)
     run_id = str(run["run_id"])
     stage_root = join(root, STAGING_DIR, run_id)
+    if deleted_uris is not None and len(deleted_uris):
+        from pipeline.write import DELETIONS_SCHEMA
+
+        name = "deletions/part-0.parquet"
+        fs.makedirs(join(stage_root, "deletions"), exist_ok=True)
+        with fs.open(join(stage_root, name), "wb") as f:
+            pq.write_table(pa.table([deleted_uris], schema=DELETIONS_SCHEMA), f)
+        staged = dict(staged) | {"deletions": [name]}
     committed: dict[str, list[str]] = {}
     for table in TABLES:
         committed[table] = []
@@ -133,14 +180,21 @@ def commit_run(
     }
     record = dict(run) | {"files": committed}
     manifest["runs"].append(record)
+    superseded: list[str] = []
     for table in TABLES:
-        manifest["current"][table] = sorted(manifest["current"][table] + committed[table])
+        previous = list(manifest["current"].get(table, []))
+        if replace:
+            superseded += previous
+            previous = []
+        manifest["current"][table] = sorted(previous + committed[table])
     for key in ("model", "preprocessing"):
         if key in run:
             manifest[key] = run[key]
     _write_atomically(fs, join(root, MANIFEST_NAME), json.dumps(manifest, indent=2).encode())
     # Staging is scratch once the manifest is in place; leftovers of retried tasks go with it.
     remove_tree(fs, stage_root)
+    for relative in superseded:
+        remove_tree(fs, join(root, relative))
     staging = join(root, STAGING_DIR)
     if is_local(fs) and fs.exists(staging) and not fs.ls(staging):
         fs.rmdir(staging)

@@ -9,16 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import logging
 import time
 import uuid
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 from pipeline.config import EmbedConfig, PipelineError
 from pipeline.decode import decode_batch
 from pipeline.embed import EMBEDDING_DIM, ResNet50Embedder
+from pipeline.incremental import committed_keys, mark_seen, select_new
 from pipeline.listing import IMAGE_EXTENSIONS, InputError, ListingCounts, list_images
-from pipeline.manifest import commit_run, discard_uncommitted, staging_uri
+from pipeline.manifest import (
+    commit_run,
+    discard_uncommitted,
+    read_embeddings,
+    read_manifest,
+    staging_uri,
+)
 from pipeline.preprocessing import PreprocessSpec, preprocess_spec
 from pipeline.storage import open_fs, to_uri
 from pipeline.weights import ResolvedWeights, load_weights
@@ -43,6 +54,8 @@ class RunSummary:
     embedded: int
     failed: int
     wall_seconds: float
+    unchanged: int = 0
+    deleted: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -134,69 +147,190 @@ def run_pipeline(config: EmbedConfig, *, run_id: str | None = None) -> RunSummar
 
 def execute_run(prepared: PreparedRun) -> RunSummary:
     """List, embed, write and commit a prepared run on the running Ray."""
-    import ray
 
-    config, run_id, spec, weights = (
-        prepared.config,
-        prepared.run_id,
-        prepared.spec,
-        prepared.weights,
-    )
-    in_fs, in_root, input_uri = prepared.input_fs, prepared.input_root, prepared.input_uri
-    output_uri, started, started_at = prepared.output_uri, prepared.started, prepared.started_at
+    config, run_id, spec = prepared.config, prepared.run_id, prepared.spec
     options = config.fs_options()
     discard_uncommitted(config.output, storage_options=options)
+    model_block = _model_block(prepared)
+    previous = read_manifest(config.output, storage_options=options)
+    if previous and not config.full:
+        _check_same_model(previous, model_block, spec.to_metadata(), prepared.output_uri)
 
-    counts = ListingCounts()
-    # Each chunk goes to the object store as it is listed: the driver never holds the listing.
-    refs = [
-        ray.put(chunk)
-        for chunk in list_images(
-            in_fs, in_root, counts, chunk_rows=LISTING_BLOCK_ROWS, limit=config.limit
-        )
-    ]
+    listing = list_new_images(prepared, previous if not config.full else None)
+    counts = listing.counts
     if counts.listed == 0:
         raise InputError(
-            f"no images under {input_uri} ({counts.skipped_by_extension} other files skipped; "
-            f"images end in .{', .'.join(sorted(IMAGE_EXTENSIONS))})"
+            f"no images under {prepared.input_uri} ({counts.skipped_by_extension} other files "
+            f"skipped; images end in .{', .'.join(sorted(IMAGE_EXTENSIONS))})"
         )
     logger.info(
-        "listed %d images (%d skipped) under %s",
+        "listed %d images under %s: %d new or changed, %d unchanged, %d gone, %d skipped",
         counts.listed,
+        prepared.input_uri,
+        counts.listed - listing.unchanged,
+        listing.unchanged,
+        len(listing.deleted),
         counts.skipped_by_extension,
-        input_uri,
     )
 
-    context = ray.data.DataContext.get_current()
-    for message in RETRIED_IO_ERRORS:
-        if message not in context.retried_io_errors:
-            context.retried_io_errors.append(message)
+    staged: dict[str, list[str]] = {"embeddings": [], "errors": []}
+    rows = {"embeddings": 0, "errors": 0}
+    if listing.refs:
+        for row in build_dataset(prepared, listing.refs, model_block["precision"]).take_all():
+            staged[str(row["table"])].append(str(row["path"]))
+            rows[str(row["table"])] += int(row["rows"])
+    expected = counts.listed - listing.unchanged
+    if rows["embeddings"] + rows["errors"] != expected:
+        # Every new image must come out exactly once, embedded or failed; anything else is a
+        # bug or a fault we must not commit.
+        raise PipelineError(
+            f"run {run_id} produced {rows['embeddings']} embeddings + {rows['errors']} errors "
+            f"for {expected} images to embed; nothing committed"
+        )
 
-    num_gpus = config.num_gpus
-    if num_gpus is None:
-        num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    precision = config.precision if num_gpus > 0 else "fp32"
-    model_block = {
-        "name": "resnet50",
-        "weights": weights.name,
-        "weights_sha256": weights.sha256,
-        "embedding_dim": EMBEDDING_DIM,
-        "embedding_dtype": "float32",
-        "normalized": config.normalize,
-        "precision": precision,
+    wall = time.time() - prepared.started
+    summary = RunSummary(
+        run_id=run_id,
+        output=prepared.output_uri,
+        listed=counts.listed,
+        skipped_by_extension=counts.skipped_by_extension,
+        unchanged=listing.unchanged,
+        embedded=rows["embeddings"],
+        failed=rows["errors"],
+        deleted=len(listing.deleted),
+        wall_seconds=wall,
+    )
+    error_rate = summary.failed / expected if expected else 0.0
+    too_many_errors = error_rate > config.max_error_rate
+    from pipeline import __version__
+
+    run_record: dict[str, Any] = {
+        "run_id": run_id,
+        "status": "failed: error rate" if too_many_errors else "committed",
+        "input": prepared.input_uri,
+        "full": config.full,
+        "started_at": prepared.started_at,
+        "finished_at": _utc_iso(),
+        "wall_seconds": round(wall, 3),
+        "images_per_second": round(summary.images_per_second, 3),
+        "counts": {
+            "listed": counts.listed,
+            "skipped_by_extension": counts.skipped_by_extension,
+            "unchanged": listing.unchanged,
+            "embedded": 0 if too_many_errors else summary.embedded,
+            "failed": summary.failed,
+            "deleted": 0 if too_many_errors else summary.deleted,
+        },
+        "pipeline_version": __version__,
+        "model": model_block,
+        "preprocessing": spec.to_metadata(),
     }
+    if too_many_errors:
+        # The errors are worth keeping (they say what to fix); the embeddings are not committed.
+        commit_run(
+            config.output,
+            run=run_record,
+            staged={"errors": staged["errors"]},
+            storage_options=options,
+        )
+        raise ErrorRateExceededError(
+            f"{summary.failed} of {expected} images failed ({error_rate:.1%}), above "
+            f"--max-error-rate {config.max_error_rate:.1%}: errors written to "
+            f"{prepared.output_uri}/errors, no embeddings committed"
+        )
+    commit_run(
+        config.output,
+        run=run_record,
+        staged=staged,
+        deleted_uris=listing.deleted,
+        replace=config.full and config.limit is None,
+        storage_options=options,
+    )
+    return summary
+
+
+class ErrorRateExceededError(PipelineError):
+    """More images failed than ``--max-error-rate`` allows."""
+
+
+@dataclasses.dataclass
+class NewImages:
+    refs: list[Any]
+    counts: ListingCounts
+    unchanged: int
+    deleted: pa.Array
+
+
+def list_new_images(prepared: PreparedRun, previous: dict[str, Any] | None) -> NewImages:
+    """List the input and keep what the committed tables do not already hold.
+
+    Each kept chunk goes to the object store as it is listed, so the driver holds one chunk of
+    the listing at a time, plus the current table's keys when there is one.
+    """
+    import ray
+
+    config = prepared.config
+    counts = ListingCounts()
+    if previous is None:
+        known = pa.array([], pa.string())
+        current_uris = pa.array([], pa.string())
+    else:
+        state = {
+            name: read_embeddings(
+                config.output,
+                storage_options=config.fs_options(),
+                columns=columns,
+                table=name,
+            )
+            for name, columns in (
+                ("embeddings", ["uri", "file_size", "source_version"]),
+                ("errors", ["uri", "file_size", "source_version", "error_type"]),
+            )
+        }
+        known = committed_keys(state["embeddings"], state["errors"])
+        current_uris = pa.concat_arrays(
+            [state[n]["uri"].combine_chunks().cast(pa.string()) for n in state]
+        )
+    seen = np.zeros(len(current_uris), dtype=bool)
+    refs, unchanged = [], 0
+    for chunk in list_images(
+        prepared.input_fs,
+        prepared.input_root,
+        counts,
+        chunk_rows=LISTING_BLOCK_ROWS,
+        limit=config.limit,
+    ):
+        mark_seen(seen, current_uris, chunk)
+        new = select_new(chunk, known)
+        unchanged += chunk.num_rows - new.num_rows
+        if new.num_rows:
+            refs.append(ray.put(new))
+    # Only a complete listing can tell that an image is gone.
+    deleted = current_uris.filter(pa.array(~seen)) if config.limit is None else current_uris[:0]
+    return NewImages(refs=refs, counts=counts, unchanged=unchanged, deleted=deleted)
+
+
+def build_dataset(prepared: PreparedRun, refs: list[Any], precision: str) -> Any:
+    """The Ray Data plan: decode tasks -> model actor pool -> writer tasks."""
+    import ray
+
+    config, spec, weights = prepared.config, prepared.spec, prepared.weights
+    options = config.fs_options()
+    num_gpus = _num_gpus(config)
     from pipeline import __version__
 
     metadata = file_metadata(
-        run_id=run_id,
+        run_id=prepared.run_id,
         weights=weights.to_metadata(),
         preprocessing=spec.to_metadata(),
         normalized=config.normalize,
         pipeline_version=__version__,
     )
-
-    stage = staging_uri(config.output, run_id)
-    dataset = (
+    context = ray.data.DataContext.get_current()
+    for message in RETRIED_IO_ERRORS:
+        if message not in context.retried_io_errors:
+            context.retried_io_errors.append(message)
+    return (
         # Ray's annotations reject keyword-only UDFs and plain ObjectRef lists: hence the ignores.
         ray.data.from_arrow_refs(refs)  # type: ignore[arg-type]
         .map_batches(
@@ -234,53 +368,54 @@ def execute_run(prepared: PreparedRun) -> RunSummary:
             write_batch,  # type: ignore[arg-type]
             batch_size=config.rows_per_file,
             batch_format="numpy",
-            fn_kwargs={"staging_uri": stage, "storage_options": options, "metadata": metadata},
+            fn_kwargs={
+                "staging_uri": staging_uri(config.output, prepared.run_id),
+                "storage_options": options,
+                "metadata": metadata,
+            },
             num_cpus=1,
         )
     )
-    written = dataset.take_all()
-    staged: dict[str, list[str]] = {"embeddings": [], "errors": []}
-    rows = {"embeddings": 0, "errors": 0}
-    for row in written:
-        staged[str(row["table"])].append(str(row["path"]))
-        rows[str(row["table"])] += int(row["rows"])
-    if rows["embeddings"] + rows["errors"] != counts.listed:
-        # Every listed image must come out exactly once, embedded or failed; anything else
-        # is a bug or a fault we must not commit.
-        raise PipelineError(
-            f"run {run_id} produced {rows['embeddings']} embeddings + {rows['errors']} errors "
-            f"for {counts.listed} listed images; nothing committed"
-        )
 
-    wall = time.time() - started
-    summary = RunSummary(
-        run_id=run_id,
-        output=output_uri,
-        listed=counts.listed,
-        skipped_by_extension=counts.skipped_by_extension,
-        embedded=rows["embeddings"],
-        failed=rows["errors"],
-        wall_seconds=wall,
-    )
-    run_record: dict[str, Any] = {
-        "run_id": run_id,
-        "input": input_uri,
-        "started_at": started_at,
-        "finished_at": _utc_iso(),
-        "wall_seconds": round(wall, 3),
-        "images_per_second": round(summary.images_per_second, 3),
-        "counts": {
-            "listed": counts.listed,
-            "skipped_by_extension": counts.skipped_by_extension,
-            "embedded": summary.embedded,
-            "failed": summary.failed,
-        },
-        "pipeline_version": __version__,
-        "model": model_block,
-        "preprocessing": spec.to_metadata(),
+
+def _num_gpus(config: EmbedConfig) -> float:
+    import ray
+
+    if config.num_gpus is not None:
+        return config.num_gpus
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _model_block(prepared: PreparedRun) -> dict[str, Any]:
+    config = prepared.config
+    return {
+        "name": "resnet50",
+        "weights": prepared.weights.name,
+        "weights_sha256": prepared.weights.sha256,
+        "embedding_dim": EMBEDDING_DIM,
+        "embedding_dtype": "float32",
+        "normalized": config.normalize,
+        "precision": config.precision if _num_gpus(config) > 0 else "fp32",
     }
-    commit_run(config.output, run=run_record, staged=staged, storage_options=options)
-    return summary
+
+
+def _check_same_model(
+    previous: dict[str, Any], model: dict[str, Any], preprocessing: dict[str, Any], output: str
+) -> None:
+    """Refuse to mix vectors of different models or preprocessing in one table."""
+    before = previous.get("model", {})
+    for key in ("weights_sha256", "normalized", "embedding_dim"):
+        if before.get(key) != model[key]:
+            raise PipelineError(
+                f"{output} holds embeddings with {key}={before.get(key)!r}, this run would "
+                f"write {key}={model[key]!r}: pass --full to replace them, or use another output"
+            )
+    if previous.get("preprocessing") != json.loads(json.dumps(preprocessing)):
+        raise PipelineError(
+            f"{output} holds embeddings made with other preprocessing "
+            f"({previous.get('preprocessing', {}).get('mode')!r}): pass --full to replace "
+            "them, or use another output"
+        )
 
 
 def _check_output_writable(fs: Any, root: str, uri: str) -> None:

@@ -25,6 +25,8 @@ EMBEDDINGS_SCHEMA = pa.schema(
         pa.field("original_height", pa.int32(), nullable=False),
         pa.field("format", pa.string(), nullable=False),
         pa.field("file_size", pa.int64(), nullable=False),
+        # Added to the contract's columns: what incremental runs compare (ETag or mtime).
+        pa.field("source_version", pa.string(), nullable=False),
         pa.field("embedding", pa.list_(pa.float32(), EMBEDDING_DIM), nullable=False),
     ]
 )
@@ -34,8 +36,12 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("uri", pa.string(), nullable=False),
         pa.field("error_type", pa.string(), nullable=False),
         pa.field("error_message", pa.string(), nullable=False),
+        pa.field("file_size", pa.int64(), nullable=False),
+        pa.field("source_version", pa.string(), nullable=False),
     ]
 )
+
+DELETIONS_SCHEMA = pa.schema([pa.field("uri", pa.string(), nullable=False)])
 
 TABLES = ("embeddings", "errors")
 
@@ -117,6 +123,7 @@ def embeddings_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table
             pa.array(batch["original_height"][mask], pa.int32()),
             pa.array([str(f) for f in batch["format"][mask]], pa.string()),
             pa.array(batch["file_size"][mask], pa.int64()),
+            pa.array([str(v) for v in batch["source_version"][mask]], pa.string()),
             pa.FixedSizeListArray.from_arrays(flat, EMBEDDING_DIM),
         ],
         schema=EMBEDDINGS_SCHEMA,
@@ -129,6 +136,8 @@ def errors_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
             pa.array([str(u) for u in batch["uri"][mask]], pa.string()),
             pa.array([str(t) for t in batch["error_type"][mask]], pa.string()),
             pa.array([str(m) for m in batch["error_message"][mask]], pa.string()),
+            pa.array(batch["file_size"][mask], pa.int64()),
+            pa.array([str(v) for v in batch["source_version"][mask]], pa.string()),
         ],
         schema=ERRORS_SCHEMA,
     )

@@ -37,6 +37,7 @@ def _stage(output: str, run_id: str, uris: list[str]) -> dict[str, list[str]]:
         "error_type": np.array([""] * n, dtype=object),
         "error_message": np.array([""] * n, dtype=object),
         "embedding": np.zeros((n, 2048), dtype=np.float32),
+        "source_version": np.array(["v1"] * n, dtype=object),
     }
     out = write_batch(
         batch, staging_uri=staging_uri(output, run_id), storage_options={}, metadata=METADATA

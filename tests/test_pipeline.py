@@ -22,7 +22,7 @@ from pipeline.write import EMBEDDINGS_SCHEMA, ERRORS_SCHEMA
 
 pytestmark = pytest.mark.slow
 
-FAST = ["--batch-size", "4", "--decode-batch-size", "4"]
+FAST = ["--batch-size", "4", "--decode-batch-size", "4", "--max-error-rate", "0.5"]
 
 
 def _reference_embeddings(state_dict: dict[str, Any], images: list[bytes]) -> np.ndarray:
@@ -72,8 +72,10 @@ def check_output(
     assert run["counts"] == {
         "listed": len(good) + len(bad),
         "skipped_by_extension": 1,
+        "unchanged": 0,
         "embedded": len(good),
         "failed": len(bad),
+        "deleted": 0,
     }
     assert run["model"]["weights_sha256"] == weights_sha256
     assert run["preprocessing"]["mode"] == "center-crop"

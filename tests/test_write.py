@@ -31,6 +31,7 @@ def _batch() -> dict[str, np.ndarray]:
         "error_message": np.array(["", "image file is truncated", ""], dtype=object),
         "embedding": rng.standard_normal((3, 2048)).astype(np.float32),
         "precision": np.array(["fp32"] * 3, dtype=object),
+        "source_version": np.array(["etag:a", "etag:b", "etag:c"], dtype=object),
     }
 
 
@@ -60,7 +61,13 @@ def test_write_batch_splits_rows_and_keeps_schema_and_metadata(tmp_path) -> None
     errors = pq.read_table(tmp_path / written["errors"])
     assert errors.schema.remove_metadata() == ERRORS_SCHEMA
     assert errors.to_pylist() == [
-        {"uri": "/b.jpg", "error_type": "truncated", "error_message": "image file is truncated"}
+        {
+            "uri": "/b.jpg",
+            "error_type": "truncated",
+            "error_message": "image file is truncated",
+            "file_size": 20,
+            "source_version": "etag:b",
+        }
     ]
 
 

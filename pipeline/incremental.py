@@ -1,0 +1,107 @@
+"""Incremental runs: which listed images the committed tables already hold, and which are gone.
+
+An image is identified by its URI and versioned by ``(file_size, source_version)``, where the
+version is the store's ETag or the file's mtime. A run embeds only images whose key is not in
+the current table; a changed image gets a new row in the new run, and readers keep the latest
+row per URI (:func:`resolve_current`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# Failed images are retried only when the failure may be transient.
+RETRIED_ERROR_TYPES = frozenset({"unreadable"})
+
+
+def image_keys(table: pa.Table) -> pa.Array:
+    """``uri \\0 file_size \\0 source_version`` per row: equal keys mean the same bytes."""
+    return pc.binary_join_element_wise(
+        table["uri"],
+        pc.cast(table["file_size"], pa.string()),
+        table["source_version"],
+        "\x00",
+    )
+
+
+def resolve_current(
+    embeddings: pa.Table, errors: pa.Table, deletions: pa.Table
+) -> tuple[pa.Table, pa.Table]:
+    """Keep, per URI, only its latest row across both tables, and drop URIs deleted since.
+
+    Args:
+        embeddings: Rows with at least ``uri`` and ``run_id``.
+        errors: Likewise.
+        deletions: ``uri`` and ``run_id`` of images found gone in that run.
+
+    Returns:
+        The current embeddings and errors rows. Run ids sort in time order, so "latest" is the
+        greatest ``run_id``; a deletion removes a URI whose latest row is older than it.
+    """
+    n_emb = embeddings.num_rows
+    narrow = pa.concat_tables(
+        [
+            pa.table(
+                {
+                    "uri": embeddings["uri"].cast(pa.string()),
+                    "run_id": embeddings["run_id"].cast(pa.string()),
+                }
+            ),
+            pa.table(
+                {
+                    "uri": errors["uri"].cast(pa.string()),
+                    "run_id": errors["run_id"].cast(pa.string()),
+                }
+            ),
+        ]
+    )
+    if narrow.num_rows == 0:
+        return embeddings, errors
+    order = pc.sort_indices(narrow, [("uri", "ascending"), ("run_id", "descending")]).to_numpy()
+    uris = narrow["uri"].take(order)
+    first = np.ones(len(order), dtype=bool)
+    if len(order) > 1:
+        first[1:] = pc.not_equal(uris[1:], uris[:-1]).to_numpy(zero_copy_only=False)
+    keep = order[first]
+    if deletions.num_rows:
+        latest = narrow.take(keep)
+        gone = deletions.group_by("uri").aggregate([("run_id", "max")])
+        joined = latest.append_column("row", pa.array(keep)).join(
+            gone, keys="uri", join_type="left outer"
+        )
+        alive = pc.or_kleene(
+            pc.is_null(joined["run_id_max"]),
+            pc.greater(joined["run_id"], joined["run_id_max"]),
+        )
+        keep = np.sort(joined.filter(pc.fill_null(alive, True))["row"].to_numpy())
+    keep = np.sort(keep)
+    return embeddings.take(keep[keep < n_emb]), errors.take(keep[keep >= n_emb] - n_emb)
+
+
+def committed_keys(embeddings: pa.Table, errors: pa.Table) -> pa.Array:
+    """Keys of images that need no new work: embedded, or failed for a lasting reason."""
+    lasting = errors.filter(
+        pc.invert(pc.is_in(errors["error_type"], pa.array(sorted(RETRIED_ERROR_TYPES))))
+    )
+    parts: list[pa.Array] = []
+    for table in (embeddings, lasting):
+        if table.num_rows:
+            parts.append(pa.chunked_array(image_keys(table)).combine_chunks())
+    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+
+
+def select_new(chunk: pa.Table, known: pa.Array) -> pa.Table:
+    """The rows of a listing chunk whose key is not among ``known``."""
+    if len(known) == 0 or chunk.num_rows == 0:
+        return chunk
+    return chunk.filter(pc.invert(pc.is_in(image_keys(chunk), value_set=known)))
+
+
+def mark_seen(seen: np.ndarray, current_uris: pa.Array, chunk: pa.Table) -> None:
+    """Set ``seen[i]`` for every current URI ``i`` that this listing chunk holds."""
+    if len(current_uris) == 0 or chunk.num_rows == 0:
+        return
+    found = pc.index_in(chunk["uri"], value_set=current_uris).drop_null()
+    seen[found.to_numpy(zero_copy_only=False)] = True
