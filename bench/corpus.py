@@ -39,7 +39,7 @@ def photo_like(size: tuple[int, int], seed: int) -> Image.Image:
     base = Image.fromarray(np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(base)
     for _ in range(6):
-        x0, y0 = rng.integers(0, small[0]), rng.integers(0, small[1])
+        x0, y0 = int(rng.integers(0, small[0])), int(rng.integers(0, small[1]))
         r = int(rng.integers(2, max(3, min(small) // 3)))
         draw.ellipse(
             (x0 - r, y0 - r, x0 + r, y0 + r), fill=tuple(int(v) for v in rng.integers(0, 255, 3))

@@ -26,8 +26,9 @@ from pipeline.config import (
 )
 
 PROG = "embed-images"
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+EXIT_FAILED = 1  # the run failed and committed nothing; retrying may help
+EXIT_USAGE = 2  # the command line is wrong; retrying will not help
+EXIT_BAD_DATA = 3  # too many images failed (--max-error-rate); errors/ says which
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed every image under --input into Parquet tables under --output.",
     )
     add_run_arguments(run)
+    status = commands.add_parser(
+        "status",
+        help="print the committed runs of an output as a table",
+        description="Print the runs recorded in OUTPUT/_manifest.json.",
+    )
+    status.add_argument("output", metavar="OUTPUT", help="the --output of the runs")
+    status.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint")
+    status.add_argument(
+        "--storage-options", type=_json_object, default={}, metavar="JSON", help="fsspec options"
+    )
     return parser
 
 
@@ -251,6 +262,52 @@ def print_summary(summary: Any, out: Any = None) -> None:
         print(f"  {key:<10} {value}", file=out)
 
 
+STATUS_COLUMNS = (
+    "run",
+    "status",
+    "finished",
+    "listed",
+    "unchanged",
+    "embedded",
+    "failed",
+    "deleted",
+    "images/s",
+)
+
+
+def status_command(args: argparse.Namespace, out: Any = None) -> int:
+    from pipeline.manifest import read_manifest
+
+    out = out or sys.stdout
+    options = dict(args.storage_options)
+    if args.endpoint_url:
+        options["endpoint_url"] = args.endpoint_url
+    manifest = read_manifest(args.output, storage_options=options)
+    if manifest is None:
+        raise PipelineError(f"no committed run under {args.output}")
+    rows = [STATUS_COLUMNS]
+    for run in manifest["runs"]:
+        counts = run.get("counts", {})
+        rows.append(
+            (
+                run["run_id"],
+                run.get("status", "committed"),
+                run.get("finished_at", ""),
+                *(
+                    str(counts.get(k, ""))
+                    for k in ("listed", "unchanged", "embedded", "failed", "deleted")
+                ),
+                f"{run.get('images_per_second', 0):.2f}",
+            )
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(STATUS_COLUMNS))]
+    for row in rows:
+        print(
+            "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip(), file=out
+        )
+    return 0
+
+
 def run_command(args: argparse.Namespace) -> int:
     from pipeline.plan import execute_run, prepare_run
 
@@ -262,6 +319,14 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_failure(exc: PipelineError) -> int:
+    """Print the one line a failed command owes its user; return the exit status."""
+    from pipeline.plan import ErrorRateExceededError
+
+    print(f"{PROG}: error: {exc}", file=sys.stderr)
+    return EXIT_BAD_DATA if isinstance(exc, ErrorRateExceededError) else EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``embed-images`` console script; returns the exit status."""
     parser = build_parser()
@@ -270,9 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_command(args)
+        if args.command == "status":
+            return status_command(args)
     except PipelineError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return report_failure(exc)
     parser.error(f"unknown command {args.command!r}")
 
 

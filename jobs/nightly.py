@@ -1,0 +1,85 @@
+"""The nightly incremental run, as a Ray job entry point. Same flags as ``embed-images run``:
+
+    ray job submit --submission-id embed-nightly-$(date -u +%F) --working-dir . -- \\
+        python -m jobs.nightly --input s3://bucket/photos/ --output s3://bucket/embeddings/resnet50/
+
+It embeds only images that are new or changed since the committed runs, under a dated run id
+(``YYYYMMDDTHHMMSSZ-nightly``). Two guards against a double trigger: Ray refuses a second job
+with the same ``--submission-id``, and the job itself exits 0 without work when the output
+already holds a committed nightly run for that date (``--date``, default today in UTC).
+
+Exit status, for schedulers: 0 committed (or already done for that date); 1 failed, nothing
+committed, a retry may succeed; 2 bad command line; 3 too many images failed
+(``--max-error-rate``), errors/ committed, fix the data rather than retry.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline.cli import (
+    PROG,
+    _Parser,
+    add_run_arguments,
+    config_from_args,
+    print_summary,
+    report_failure,
+    start_ray,
+)
+from pipeline.config import PipelineError
+from pipeline.manifest import read_manifest
+
+
+def nightly_run_id(date: dt.date, now: dt.datetime) -> str:
+    """``YYYYMMDDTHHMMSSZ-nightly``: sorts in time with other run ids and names its date."""
+    return f"{date:%Y%m%d}T{now:%H%M%S}Z-nightly"
+
+
+def already_ran(manifest: dict[str, Any] | None, date: dt.date) -> str | None:
+    """The committed nightly run id for ``date``, if there is one."""
+    for run in (manifest or {}).get("runs", []):
+        run_id = str(run["run_id"])
+        if (
+            run_id.startswith(f"{date:%Y%m%d}T")
+            and run_id.endswith("-nightly")
+            and run.get("status", "committed") == "committed"
+        ):
+            return run_id
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog="python -m jobs.nightly", description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser)
+    parser.add_argument(
+        "--date",
+        type=dt.date.fromisoformat,
+        metavar="YYYY-MM-DD",
+        help="the night this run is for (default: today, UTC)",
+    )
+    args = parser.parse_args(argv)
+    if args.full:
+        parser.error("--full is not for the nightly job: run `embed-images run --full` by hand")
+    now = dt.datetime.now(dt.UTC)
+    date = args.date or now.date()
+    try:
+        from pipeline.plan import execute_run, prepare_run
+
+        config = config_from_args(args)
+        done = already_ran(read_manifest(config.output, storage_options=config.fs_options()), date)
+        if done:
+            print(f"{PROG} nightly: {date} already committed as run {done}; nothing to do")
+            return 0
+        prepared = prepare_run(config, run_id=nightly_run_id(date, now))
+        start_ray(args.address)
+        print_summary(execute_run(prepared))
+        return 0
+    except PipelineError as exc:
+        return report_failure(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

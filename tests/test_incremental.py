@@ -1,0 +1,228 @@
+"""Incremental runs: only new or changed images are embedded, each image is current once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline.cli import main
+from pipeline.incremental import committed_keys, resolve_current, select_new
+from pipeline.manifest import read_embeddings, read_manifest
+
+
+def _narrow(rows: list[tuple[str, str]]) -> pa.Table:
+    return pa.table({"uri": [u for u, _ in rows], "run_id": [r for _, r in rows]})
+
+
+def test_latest_row_per_uri_wins_and_deletions_drop() -> None:
+    embeddings = _narrow([("a", "r1"), ("b", "r1"), ("a", "r2"), ("c", "r2")])
+    errors = _narrow([("b", "r3"), ("d", "r1")])
+    deletions = _narrow([("c", "r3"), ("d", "r0")])  # d's deletion predates its row: d stays
+    emb, err = resolve_current(embeddings, errors, deletions)
+    assert sorted(zip(emb["uri"].to_pylist(), emb["run_id"].to_pylist(), strict=True)) == [
+        ("a", "r2")
+    ]
+    assert sorted(zip(err["uri"].to_pylist(), err["run_id"].to_pylist(), strict=True)) == [
+        ("b", "r3"),
+        ("d", "r1"),
+    ]
+
+
+def test_unchanged_images_are_skipped_and_transient_errors_retried() -> None:
+    listing = pa.table(
+        {
+            "uri": ["a", "b", "c", "d"],
+            "path": ["a", "b", "c", "d"],
+            "file_size": [1, 2, 3, 4],
+            "source_version": ["v1", "v2", "v1", "v1"],
+        }
+    )
+    embeddings = pa.table({"uri": ["a", "b"], "file_size": [1, 2], "source_version": ["v1", "v1"]})
+    errors = pa.table(
+        {
+            "uri": ["c", "d"],
+            "file_size": [3, 4],
+            "source_version": ["v1", "v1"],
+            "error_type": ["truncated", "unreadable"],
+        }
+    )
+    new = select_new(listing, committed_keys(embeddings, errors))
+    # a unchanged; b changed (version); c failed for good; d failed transiently: retried.
+    assert new["uri"].to_pylist() == ["b", "d"]
+
+
+def _write(root: Path, name: str, make_image, seed: int) -> None:  # type: ignore[no-untyped-def]
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(make_image((40 + seed, 30), seed=seed))
+
+
+def _embedded(output: Path) -> dict[str, tuple[str, np.ndarray]]:
+    table = read_embeddings(str(output))
+    vectors = table["embedding"].to_numpy(zero_copy_only=False)
+    return {
+        u: (r, v)
+        for u, r, v in zip(
+            table["uri"].to_pylist(), table["run_id"].to_pylist(), vectors, strict=True
+        )
+    }
+
+
+@pytest.mark.slow
+def test_runs_embed_only_what_is_new_and_each_image_stays_once(
+    tmp_path, make_image, ray_session
+) -> None:  # type: ignore[no-untyped-def]
+    photos, output = tmp_path / "photos", tmp_path / "out"
+    for i in range(4):
+        _write(photos, f"img{i}.jpg", make_image, seed=i)
+    args = [
+        "run",
+        "--input",
+        str(photos),
+        "--output",
+        str(output),
+        "--weights",
+        "random",
+        "--batch-size",
+        "4",
+    ]
+    assert main(args) == 0
+    first = _embedded(output)
+    assert len(first) == 4
+
+    # Two new images, one changed (new bytes, new size), one deleted.
+    _write(photos, "new/img4.jpg", make_image, seed=4)
+    _write(photos, "new/img5.jpg", make_image, seed=5)
+    _write(photos, "img0.jpg", make_image, seed=40)
+    os.remove(photos / "img3.jpg")
+    assert main(args) == 0
+    manifest = read_manifest(str(output))
+    assert manifest is not None
+    counts = manifest["runs"][-1]["counts"]
+    assert (counts["listed"], counts["unchanged"], counts["embedded"], counts["deleted"]) == (
+        5,
+        2,
+        3,
+        1,
+    )
+    second = _embedded(output)
+    uris = {
+        str(photos / n)
+        for n in ("img0.jpg", "img1.jpg", "img2.jpg", "new/img4.jpg", "new/img5.jpg")
+    }
+    assert set(second) == uris  # img3 gone, every other image once
+    run2 = manifest["runs"][-1]["run_id"]
+    assert second[str(photos / "img0.jpg")][0] == run2  # the changed image's newest row won
+    assert not np.array_equal(
+        second[str(photos / "img0.jpg")][1], first[str(photos / "img0.jpg")][1]
+    )
+    np.testing.assert_array_equal(
+        second[str(photos / "img1.jpg")][1], first[str(photos / "img1.jpg")][1]
+    )
+
+    # The same command again: nothing new, nothing duplicated.
+    assert main(args) == 0
+    manifest = read_manifest(str(output))
+    assert manifest is not None and manifest["runs"][-1]["counts"]["embedded"] == 0
+    assert set(_embedded(output)) == uris
+
+    # --full re-embeds everything and replaces the files: the plain read is clean again.
+    assert main([*args, "--full"]) == 0
+    plain = pads.dataset(
+        str(output / "embeddings"), format="parquet", partitioning="hive"
+    ).to_table()
+    assert sorted(plain["uri"].to_pylist()) == sorted(uris)
+
+
+@pytest.mark.slow
+def test_other_weights_into_the_same_output_are_refused(
+    tmp_path, make_image, ray_session, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    photos, output = tmp_path / "photos", tmp_path / "out"
+    _write(photos, "a.jpg", make_image, seed=1)
+    base = ["run", "--input", str(photos), "--output", str(output), "--weights", "random"]
+    assert main(base) == 0
+    assert main([*base, "--seed", "1"]) == 1
+    assert "pass --full to replace them" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_error_rate_above_the_limit_commits_only_errors(
+    corpus, tmp_path, ray_session, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    root, _ = corpus  # 3 of 13 images are bad: 23%
+    output = tmp_path / "out"
+    status = main(
+        [
+            "run",
+            "--input",
+            str(root),
+            "--output",
+            str(output),
+            "--weights",
+            "random",
+            "--max-error-rate",
+            "0.1",
+            "--batch-size",
+            "4",
+        ]
+    )
+    assert status == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "above --max-error-rate 10.0%" in err[-1]
+    assert read_embeddings(str(output)).num_rows == 0
+    assert sorted(read_embeddings(str(output), table="errors")["error_type"].to_pylist()) == [
+        "empty",
+        "not_an_image",
+        "truncated",
+    ]
+
+
+def test_nightly_guard_recognises_a_committed_run_of_that_date() -> None:
+    import datetime as dt
+
+    from jobs.nightly import already_ran, nightly_run_id
+
+    night = dt.date(2026, 11, 25)
+    run_id = nightly_run_id(night, dt.datetime(2026, 11, 25, 2, 0, tzinfo=dt.UTC))
+    assert run_id == "20261125T020000Z-nightly"
+    manifest = {"runs": [{"run_id": run_id, "status": "committed"}]}
+    assert already_ran(manifest, night) == run_id
+    assert already_ran(manifest, dt.date(2026, 11, 26)) is None
+    assert (
+        already_ran({"runs": [{"run_id": run_id, "status": "failed: error rate"}]}, night) is None
+    )
+
+
+@pytest.mark.slow
+def test_nightly_job_twice_for_one_date_runs_once(
+    tmp_path, make_image, ray_session, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    from jobs.nightly import main as nightly
+
+    photos, output = tmp_path / "photos", tmp_path / "out"
+    _write(photos, "a.jpg", make_image, seed=1)
+    args = [
+        "--input",
+        str(photos),
+        "--output",
+        str(output),
+        "--weights",
+        "random",
+        "--date",
+        "2026-11-25",
+    ]
+    assert nightly(args) == 0
+    assert nightly(args) == 0
+    assert "already committed" in capsys.readouterr().out
+    manifest = read_manifest(str(output))
+    assert manifest is not None and len(manifest["runs"]) == 1
+    assert manifest["runs"][0]["run_id"].startswith("20261125T")
+    with pytest.raises(SystemExit) as info:
+        nightly(["--input", str(photos), "--output", str(output), "--full"])
+    assert info.value.code == 2
