@@ -16,6 +16,7 @@ committed, a retry may succeed; 2 bad command line; 3 too many images failed
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +26,10 @@ from pipeline.cli import (
     _Parser,
     add_run_arguments,
     config_from_args,
+    configure_logging,
     print_summary,
     report_failure,
+    secret_values,
     start_ray,
 )
 from pipeline.config import PipelineError
@@ -61,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the night this run is for (default: today, UTC)",
     )
     args = parser.parse_args(argv)
+    configure_logging(args.log_level, secret_values(args.storage_options, os.environ))
     if args.full:
         parser.error("--full is not for the nightly job: run `embed-images run --full` by hand")
     now = dt.datetime.now(dt.UTC)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from pipeline.config import (
@@ -178,6 +179,12 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="fsspec options for input and output, e.g. '{\"anon\": true}'",
     )
     run.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING"),
+        default="INFO",
+        help="level of this pipeline's own logs (default INFO; libraries log warnings only)",
+    )
+    run.add_argument(
         "--address",
         metavar="ADDRESS",
         help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)",
@@ -327,11 +334,77 @@ def report_failure(exc: PipelineError) -> int:
     return EXIT_BAD_DATA if isinstance(exc, ErrorRateExceededError) else EXIT_FAILED
 
 
+SECRET_OPTION_KEYS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "session_token",
+        "access_key",
+        "secret_key",
+    }
+)
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def secret_values(storage_options: dict[str, Any], environ: Mapping[str, str]) -> set[str]:
+    """Every credential this process could print: storage options and the AWS env vars."""
+    found: set[str] = set()
+
+    def walk(value: Any, key: str = "") -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, str(k).lower())
+        elif isinstance(value, str) and key in SECRET_OPTION_KEYS and len(value) >= 4:
+            found.add(value)
+
+    walk(storage_options)
+    found.update(environ[name] for name in SECRET_ENV if len(environ.get(name, "")) >= 4)
+    return found
+
+
+class RedactSecrets(logging.Filter):
+    """Replace any known credential in a log record by ``***`` (defence in depth: the pipeline
+    never logs one, and third-party loggers stay at WARNING)."""
+
+    def __init__(self, secrets: set[str]) -> None:
+        super().__init__()
+        self.secrets = sorted(secrets, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = message
+        for secret in self.secrets:
+            redacted = redacted.replace(secret, "***")
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def configure_logging(level: str, secrets: set[str]) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactSecrets(secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # Libraries (botocore logs request headers at DEBUG) stay at WARNING whatever --log-level.
+    root.setLevel(logging.WARNING)
+    logging.getLogger("pipeline").setLevel(level)
+    logging.getLogger("jobs").setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``embed-images`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(
+        getattr(args, "log_level", "INFO"),
+        secret_values(getattr(args, "storage_options", {}), os.environ),
+    )
     try:
         if args.command == "run":
             return run_command(args)

@@ -31,7 +31,7 @@ from pipeline.manifest import (
     staging_uri,
 )
 from pipeline.preprocessing import PreprocessSpec, preprocess_spec
-from pipeline.storage import open_fs, to_uri
+from pipeline.storage import is_local, open_fs, storage_errors, to_uri
 from pipeline.weights import ResolvedWeights, load_weights
 from pipeline.write import file_metadata, write_batch
 
@@ -103,12 +103,14 @@ def prepare_run(config: EmbedConfig, *, run_id: str | None = None) -> PreparedRu
             f"output {output_uri} is inside input {input_uri}: its Parquet files would be "
             "listed by later runs; choose an output outside the input"
         )
-    if not in_fs.exists(in_root):
-        raise InputError(f"input not found: {input_uri}")
+    with storage_errors(input_uri):
+        if not in_fs.exists(in_root):
+            raise InputError(f"input not found: {input_uri}")
     weights = load_weights(
         config.weights, sha256=config.weights_sha256, seed=config.seed, storage_options=options
     )
-    _check_output_writable(out_fs, out_root, output_uri)
+    with storage_errors(output_uri):
+        _check_output_writable(out_fs, out_root, output_uri)
     return PreparedRun(
         config=config,
         run_id=run_id or new_run_id(),
@@ -421,7 +423,9 @@ def _check_same_model(
 def _check_output_writable(fs: Any, root: str, uri: str) -> None:
     probe = f"{root}/{STAGING_PROBE}"
     try:
-        fs.makedirs(root, exist_ok=True)
+        if is_local(fs):
+            fs.makedirs(root, exist_ok=True)
+        # On object stores no makedirs: s3fs would create a missing bucket.
         fs.pipe_file(probe, b"")
         fs.rm(probe)
     except (OSError, PermissionError) as exc:

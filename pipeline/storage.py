@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.config import PipelineError
 
 # Options such as endpoint_url only make sense for object stores; passing them to the local
 # filesystem would fail, so they are applied to these protocols alone.
@@ -49,3 +52,28 @@ def to_uri(fs: Any, path: str) -> str:
 def join(root: str, *parts: str) -> str:
     """Join path parts with ``/`` (fsspec paths use ``/`` on every store)."""
     return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str) -> Iterator[None]:
+    """Turn credential and permission failures of a store into one line that says what to do."""
+    try:
+        yield
+    except PermissionError as exc:
+        raise PipelineError(f"access denied to {uri}: {_first_line(exc)}") from None
+    except Exception as exc:
+        # botocore's credential errors are not OSErrors; match them by name so that this
+        # module does not import botocore for local runs.
+        name = type(exc).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+            raise PipelineError(
+                f"no usable AWS credentials for {uri}: set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance role"
+            ) from None
+        if name in ("EndpointConnectionError", "ConnectTimeoutError"):
+            raise PipelineError(f"cannot reach the store of {uri}: {_first_line(exc)}") from None
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__

@@ -136,6 +136,8 @@ def aws_credentials() -> Iterator[None]:
         mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
         mp.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+        # Never ask an instance-metadata endpoint: tests talk to 127.0.0.1 only.
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
         mp.delenv("AWS_SESSION_TOKEN", raising=False)
         mp.delenv("AWS_PROFILE", raising=False)
         mp.delenv("AWS_ENDPOINT_URL", raising=False)

@@ -109,3 +109,64 @@ def test_bad_weights_file_fails_before_ray(tmp_path: Path) -> None:
     )
     assert result.returncode == 1 and "not a loadable torch state_dict" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing bucket", "input not found: s3://no-such-bucket-here/photos"),
+        ("missing prefix", "input not found: s3://{bucket}/nothing-here"),
+        ("empty input", "no images under s3://{bucket}/docs (1 other files skipped"),
+        ("missing credentials", "no usable AWS credentials for s3://{bucket}/docs"),
+        ("unwritable output", "cannot write to output s3://no-such-bucket-here/out"),
+    ],
+)
+def test_bad_storage_fails_fast_with_one_line(
+    case, message, s3_bucket, s3_endpoint, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    s3, bucket = s3_bucket
+    s3.pipe(f"{bucket}/docs/readme.txt", b"not an image")
+    s3.pipe(f"{bucket}/photos/a.jpg", b"\xff\xd8")
+    inputs = {
+        "missing bucket": "s3://no-such-bucket-here/photos",
+        "missing prefix": f"s3://{bucket}/nothing-here",
+        "unwritable output": f"s3://{bucket}/photos",
+    }
+    output = (
+        "s3://no-such-bucket-here/out" if case == "unwritable output" else str(tmp_path / "out")
+    )
+    env = dict(os.environ)
+    if case == "missing credentials":
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            env.pop(name, None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            "--input",
+            inputs.get(case, f"s3://{bucket}/docs"),
+            "--output",
+            output,
+            "--weights",
+            "random",
+            "--endpoint-url",
+            s3_endpoint,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("embed-images: error: ") and message.format(bucket=bucket) in last, (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "_manifest.json").exists()
+    assert not s3.exists("no-such-bucket-here")  # no bucket was created on the way
