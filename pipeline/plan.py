@@ -147,8 +147,15 @@ def run_pipeline(config: EmbedConfig, *, run_id: str | None = None) -> RunSummar
     return execute_run(prepare_run(config, run_id=run_id))
 
 
-def execute_run(prepared: PreparedRun) -> RunSummary:
-    """List, embed, write and commit a prepared run on the running Ray."""
+def execute_run(
+    prepared: PreparedRun, *, embedder: type[ResNet50Embedder] = ResNet50Embedder
+) -> RunSummary:
+    """List, embed, write and commit a prepared run on the running Ray.
+
+    Args:
+        prepared: From :func:`prepare_run`.
+        embedder: The model stage's class (a subclass may wrap it, e.g. to inject faults).
+    """
 
     config, run_id, spec = prepared.config, prepared.run_id, prepared.spec
     options = config.fs_options()
@@ -178,7 +185,8 @@ def execute_run(prepared: PreparedRun) -> RunSummary:
     staged: dict[str, list[str]] = {"embeddings": [], "errors": []}
     rows = {"embeddings": 0, "errors": 0}
     if listing.refs:
-        for row in build_dataset(prepared, listing.refs, model_block["precision"]).take_all():
+        dataset = build_dataset(prepared, listing.refs, model_block["precision"], embedder)
+        for row in dataset.take_all():
             staged[str(row["table"])].append(str(row["path"]))
             rows[str(row["table"])] += int(row["rows"])
     expected = counts.listed - listing.unchanged
@@ -312,7 +320,12 @@ def list_new_images(prepared: PreparedRun, previous: dict[str, Any] | None) -> N
     return NewImages(refs=refs, counts=counts, unchanged=unchanged, deleted=deleted)
 
 
-def build_dataset(prepared: PreparedRun, refs: list[Any], precision: str) -> Any:
+def build_dataset(
+    prepared: PreparedRun,
+    refs: list[Any],
+    precision: str,
+    embedder: type[ResNet50Embedder] = ResNet50Embedder,
+) -> Any:
     """The Ray Data plan: decode tasks -> model actor pool -> writer tasks."""
     import ray
 
@@ -335,6 +348,10 @@ def build_dataset(prepared: PreparedRun, refs: list[Any], precision: str) -> Any
     return (
         # Ray's annotations reject keyword-only UDFs and plain ObjectRef lists: hence the ignores.
         ray.data.from_arrow_refs(refs)  # type: ignore[arg-type]
+        # Listing chunks are large (few refs in the driver); split them into decode-sized
+        # blocks so decode tasks run in parallel and images stream through the model stage
+        # instead of moving in listing-chunk steps.
+        .repartition(target_num_rows_per_block=config.decode_batch_size)
         .map_batches(
             decode_batch,  # type: ignore[arg-type]
             batch_size=config.decode_batch_size,
@@ -351,7 +368,7 @@ def build_dataset(prepared: PreparedRun, refs: list[Any], precision: str) -> Any
             memory=config.decode_memory,
         )
         .map_batches(
-            ResNet50Embedder,
+            embedder,
             batch_size=config.batch_size,
             batch_format="numpy",
             fn_constructor_kwargs={

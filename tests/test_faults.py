@@ -1,0 +1,180 @@
+"""Faults: a killed driver, a crash inside the commit, a model actor that dies mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+from ray import cloudpickle
+
+from pipeline import manifest as manifest_module
+from pipeline.cli import main
+from pipeline.config import EmbedConfig
+from pipeline.embed import ResNet50Embedder
+from pipeline.manifest import read_embeddings, read_manifest
+from pipeline.plan import execute_run, prepare_run
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+# Ray workers cannot import this test module: ship its classes by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _photos(root: Path, make_image, names: list[str]) -> None:  # type: ignore[no-untyped-def]
+    root.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        (root / name).write_bytes(make_image((40 + i, 30), seed=100 + i))
+
+
+def _check_each_once(output: Path, photos: Path, names: list[str]) -> dict[str, str]:
+    table = read_embeddings(str(output))
+    uris = table["uri"].to_pylist()
+    assert sorted(uris) == sorted(str(photos / n) for n in names)
+    plain = pads.dataset(
+        str(output / "embeddings"), format="parquet", partitioning="hive"
+    ).to_table()
+    assert sorted(plain["uri"].to_pylist()) == sorted(uris)  # no uncommitted or doubled rows
+    return dict(zip(uris, [str(r) for r in table["run_id"].to_pylist()], strict=True))
+
+
+def test_driver_killed_mid_write_then_rerun_finishes_exactly_once(
+    tmp_path, make_image, ray_session
+) -> None:  # type: ignore[no-untyped-def]
+    photos, output = tmp_path / "photos", tmp_path / "out"
+    first = [f"a{i}.jpg" for i in range(3)]
+    _photos(photos, make_image, first)
+    args = [
+        "--input",
+        str(photos),
+        "--output",
+        str(output),
+        "--weights",
+        "random",
+        "--batch-size",
+        "2",
+    ]
+    assert main(["run", *args]) == 0
+    committed = _check_each_once(output, photos, first)
+
+    more = [f"b{i:02d}.jpg" for i in range(12)]
+    _photos(photos, make_image, more)
+    # The driver runs in its own process with its own local Ray; its model stage stalls after
+    # four batches, so that the kill lands mid-run with files already in staging.
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import sys, time\n"
+        "from pipeline.config import EmbedConfig\n"
+        "from pipeline.embed import ResNet50Embedder\n"
+        "from pipeline.plan import execute_run, prepare_run\n"
+        "import ray\n"
+        "class Stall(ResNet50Embedder):\n"
+        "    calls = 0\n"
+        "    def __call__(self, batch):\n"
+        "        type(self).calls += 1\n"
+        "        if type(self).calls > 4:\n"
+        "            time.sleep(600)\n"
+        "        return super().__call__(batch)\n"
+        f"config = EmbedConfig(input={str(photos)!r}, output={str(output)!r}, weights='random',\n"
+        "                     batch_size=2, decode_batch_size=2, rows_per_file=2)\n"
+        "prepared = prepare_run(config)\n"
+        "ray.init(include_dashboard=False)\n"
+        "execute_run(prepared, embedder=Stall)\n"
+    )
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = f"{ROOT}:{env.get('PYTHONPATH', '')}"
+    driver = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    staging = output / "_staging"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and driver.poll() is None:
+            if any(staging.glob("*/embeddings/*.parquet")):
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before it could be killed"
+        os.kill(driver.pid, signal.SIGKILL)  # the driver alone, mid-write
+        driver.wait(timeout=30)
+    finally:
+        # The local Ray that driver started is in its process group: clean it up too.
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    # The killed run committed nothing: readers see exactly the first run.
+    assert _check_each_once(output, photos, first) == committed
+
+    assert main(["run", *args]) == 0
+    final = _check_each_once(output, photos, first + more)
+    assert {u: final[u] for u in committed} == committed  # earlier rows untouched
+    assert not staging.exists()
+
+
+def test_crash_between_moving_files_and_the_manifest(
+    tmp_path, make_image, ray_session, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    photos, output = tmp_path / "photos", tmp_path / "out"
+    names = ["x0.jpg", "x1.jpg"]
+    _photos(photos, make_image, names)
+    config = EmbedConfig(input=str(photos), output=str(output), weights="random", batch_size=2)
+
+    def power_cut(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError("power cut")
+
+    monkeypatch.setattr(manifest_module, "_write_atomically", power_cut)
+    with pytest.raises(OSError, match="power cut"):
+        execute_run(prepare_run(config))
+    assert read_manifest(str(output)) is None  # nothing committed
+    assert list((output / "embeddings").glob("run_id=*/*.parquet"))  # though files were moved
+    monkeypatch.undo()
+
+    assert (
+        main(["run", "--input", str(photos), "--output", str(output), "--weights", "random"]) == 0
+    )
+    _check_each_once(output, photos, names)
+
+
+def crash_once_embedder(marker: str) -> type[ResNet50Embedder]:
+    """A model stage whose first actor dies (os._exit) on its second batch."""
+
+    class CrashOnce(ResNet50Embedder):
+        calls = 0
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            type(self).calls += 1
+            if type(self).calls == 2 and not os.path.exists(marker):
+                Path(marker).write_text(str(os.getpid()))
+                os._exit(1)
+            return super().__call__(batch)
+
+    return CrashOnce
+
+
+def test_model_actor_dying_mid_run_is_restarted_and_nothing_doubles(
+    tmp_path, make_image, ray_session
+) -> None:  # type: ignore[no-untyped-def]
+    photos, output = tmp_path / "photos", tmp_path / "out"
+    names = [f"c{i}.jpg" for i in range(8)]
+    _photos(photos, make_image, names)
+    marker = tmp_path / "crashed"
+    config = EmbedConfig(
+        input=str(photos), output=str(output), weights="random", batch_size=2, decode_batch_size=2
+    )
+    summary = execute_run(prepare_run(config), embedder=crash_once_embedder(str(marker)))
+    assert marker.exists()  # an actor did die
+    assert summary.embedded == len(names) and summary.failed == 0
+    _check_each_once(output, photos, names)
