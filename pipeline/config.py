@@ -121,10 +121,8 @@ class EmbedConfig:
             raise ConfigError(
                 "--weights-sha256 must be the full 64-hex-digit sha256 (lower case) of the file"
             )
-        if self.weights_sha256 is not None and self.weights in ("random", "imagenet"):
-            raise ConfigError(
-                f"--weights-sha256 applies to a weights file, not to {self.weights!r}"
-            )
+        if self.weights_sha256 is not None and self.weights == "random":
+            raise ConfigError("--weights-sha256 applies to a weights file or imagenet, not random")
 
     def fs_options(self) -> dict[str, Any]:
         """The fsspec options for S3-like stores: ``storage_options`` plus the endpoint."""

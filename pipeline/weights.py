@@ -85,6 +85,12 @@ def load_weights(
                 f"cached ImageNet weights {path} do not match their published hash prefix "
                 f"{prefix} (sha256 {digest}): delete the file and download again"
             )
+        # The 8-digit prefix is all torchvision publishes; with --weights-sha256 (the image
+        # build passes the full one) the whole file is checked too.
+        if sha256 is not None and digest != sha256:
+            raise WeightsError(
+                f"cached ImageNet weights {path} have sha256 {digest}, not the expected {sha256}"
+            )
     else:
         data = _read_file(source, storage_options or {})
         name = source

@@ -96,6 +96,30 @@ def test_checkpoint_on_s3(random_checkpoint, s3_bucket, s3_endpoint) -> None:  #
     assert weights.sha256 == hashlib.sha256(random_checkpoint.read_bytes()).hexdigest()
 
 
+def test_imagenet_full_sha256_is_checked_when_given(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A cached file that passes the 8-digit name check (named after its own digest) but
+    # whose full sha256 is not the one pinned.
+    from torchvision.models import ResNet50_Weights
+
+    path = tmp_path / "w.pth"
+    torch.save(dict(load_weights("random", seed=3).state_dict), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setattr(
+        type(ResNet50_Weights.IMAGENET1K_V2.value),
+        "url",
+        property(lambda self: f"https://example.invalid/resnet50-{digest[:8]}.pth"),
+        raising=False,
+    )
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cached = tmp_path / "hub" / "checkpoints" / f"resnet50-{digest[:8]}.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(path.read_bytes())
+    assert load_weights("imagenet").sha256 == digest
+    assert load_weights("imagenet", sha256=digest).sha256 == digest
+    with pytest.raises(WeightsError, match="not the expected"):
+        load_weights("imagenet", sha256="f" * 64)
+
+
 def test_config_refuses_a_short_sha256() -> None:
     with pytest.raises(ConfigError, match="full 64-hex-digit"):
         EmbedConfig(input="a", output="b", weights="w.pth", weights_sha256="11ad3fa6")
