@@ -67,8 +67,10 @@ def iter_image_files(
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(path, info)`` of every image file under ``root``, in a stable order.
 
-    Walks one directory at a time (``fs.walk``) so that the driver never holds the whole
-    listing; ``counts`` is updated as files are seen.
+    Object stores with a paginated lister (s3fs's ``_iterdir``) are read one page of keys at
+    a time, recursively and in key order, so a prefix of ten million keys never sits in the
+    driver's memory; other filesystems are walked one directory at a time. ``counts`` is
+    updated as files are seen.
     """
     try:
         if fs.isfile(root):
@@ -81,27 +83,58 @@ def iter_image_files(
             return
         if not fs.isdir(root):
             raise InputError(f"input not found: {to_uri(fs, root)}")
-        for dirpath, dirnames, files in fs.walk(root, detail=True):
-            # fs.walk descends into what is left in ``dirnames``: sort it in place so the
-            # listing order (and so --limit) is the same on every run.
-            ordered = {name: dirnames[name] for name in sorted(dirnames)}
-            dirnames.clear()
-            dirnames.update(ordered)
-            for name in sorted(files):
-                info = files[name]
-                if info.get("type", "file") != "file":
-                    continue
-                if not has_image_extension(name):
-                    counts.skipped_by_extension += 1
-                    continue
-                counts.listed += 1
-                yield f"{dirpath.rstrip('/')}/{name}", info
+        for path, info in _iter_files(fs, root):
+            if not has_image_extension(path):
+                counts.skipped_by_extension += 1
+                continue
+            counts.listed += 1
+            yield path, info
     except PermissionError as exc:
         raise InputError(
             f"cannot list input {to_uri(fs, root)}: permission denied ({exc})"
         ) from None
     except FileNotFoundError:
         raise InputError(f"input not found: {to_uri(fs, root)}") from None
+
+
+def _iter_files(fs: Any, root: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    if hasattr(fs, "_iterdir") and getattr(fs, "loop", None) is not None:
+        bucket, _, prefix = root.partition("/")
+        pages = fs._iterdir(bucket, delimiter="", prefix=f"{prefix}/" if prefix else "")
+        for info in _sync_iter(fs.loop, pages):
+            if info.get("type") == "file" and not info["name"].endswith("/"):
+                yield info["name"], info
+        return
+    for dirpath, dirnames, files in fs.walk(root, detail=True):
+        # fs.walk descends into what is left in ``dirnames``: sort it in place so the
+        # listing order (and so --limit) is the same on every run.
+        ordered = {name: dirnames[name] for name in sorted(dirnames)}
+        dirnames.clear()
+        dirnames.update(ordered)
+        for name in sorted(files):
+            info = files[name]
+            if info.get("type", "file") == "file":
+                yield f"{dirpath.rstrip('/')}/{name}", info
+
+
+def _sync_iter(loop: Any, agen: Any, batch: int = 1000) -> Iterator[Any]:
+    """Drive an async generator living on fsspec's I/O loop from synchronous code, taking
+    ``batch`` items per hop between threads (one S3 page is 1000 keys)."""
+    from fsspec.asyn import sync
+
+    async def next_items() -> tuple[list[Any], bool]:
+        items: list[Any] = []
+        try:
+            while len(items) < batch:
+                items.append(await agen.__anext__())
+        except StopAsyncIteration:
+            return items, True
+        return items, False
+
+    done = False
+    while not done:
+        items, done = sync(loop, next_items)
+        yield from items
 
 
 def list_images(

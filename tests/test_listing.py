@@ -62,3 +62,54 @@ def test_s3_listing_through_a_real_endpoint(corpus, s3_bucket, s3_endpoint) -> N
     expected = sorted(f"s3://{bucket}/photos/{n}" for n in files if not n.endswith(".txt"))
     assert sorted(uris) == expected
     assert counts.skipped_by_extension == 1
+
+
+class FakeStore:
+    """Just enough of s3fs for the lister: a paginated async listing of ``n`` synthetic keys."""
+
+    def __init__(self, n: int) -> None:
+        import fsspec.asyn
+
+        self.n = n
+        self.loop = fsspec.asyn.get_loop()
+
+    def isfile(self, path: str) -> bool:
+        return False
+
+    def isdir(self, path: str) -> bool:
+        return True
+
+    def unstrip_protocol(self, path: str) -> str:
+        return f"s3://{path}"
+
+    async def _iterdir(self, bucket: str, delimiter: str, prefix: str):  # type: ignore[no-untyped-def]
+        assert delimiter == ""  # recursive, in key order
+        for i in range(self.n):
+            yield {
+                "name": f"{bucket}/{prefix}{i:09d}.jpg",
+                "type": "file",
+                "size": 1,
+                "ETag": f'"{i:x}"',
+            }
+
+
+def _peak_listing_memory(n: int) -> int:
+    import tracemalloc
+
+    counts = ListingCounts()
+    tracemalloc.start()
+    try:
+        rows = sum(
+            t.num_rows for t in list_images(FakeStore(n), "bucket/photos", counts, chunk_rows=256)
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rows == counts.listed == n
+    return peak
+
+
+def test_listing_memory_stays_flat_as_keys_grow() -> None:
+    small, large = _peak_listing_memory(20_000), _peak_listing_memory(200_000)
+    # Ten times the keys, the same peak (chunks are handed on, never accumulated).
+    assert large < 1.5 * small, (small, large)

@@ -1,0 +1,210 @@
+"""A real cluster: `ray start --head`, a second node declaring a GPU, `ray job submit`.
+
+The model actors must land on the GPU-declaring node (where torch sees no CUDA, they compute on
+CPU, same code), the decode tasks on the CPU head, and the output must be right.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.manifest import read_embeddings, read_manifest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def cluster() -> Iterator[dict[str, str]]:
+    """A head (2 CPUs, no GPU) and a worker node (0 CPUs, 1 declared GPU), token auth on."""
+    port, dashboard, client, agent_head, agent_worker = _free_ports(5)
+    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths are limited
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env |= {
+        "PATH": f"{BIN}:{env['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "PYTHONPATH": str(ROOT),
+    }
+    common = ["--block", "--node-ip-address=127.0.0.1"]
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            *common,
+            f"--port={port}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_head}",
+            f"--temp-dir={temp}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    processes = [head]
+    try:
+        _wait_for(lambda: _job_api_up(dashboard, env), "the head's job API")
+        worker = subprocess.Popen(
+            [
+                str(BIN / "ray"),
+                "start",
+                *common,
+                f"--address=127.0.0.1:{port}",
+                "--num-cpus=0",
+                "--num-gpus=1",
+                f"--dashboard-agent-listen-port={agent_worker}",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        processes.append(worker)
+        _wait_for(lambda: _gpu_nodes(dashboard, env) == 1, "the GPU node")
+        yield {
+            "dashboard": f"http://127.0.0.1:{dashboard}",
+            **{k: env[k] for k in ("PATH", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")},
+        }
+    finally:
+        for process in reversed(processes):
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for(check, what: str, timeout: float = 90) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(1)
+    raise TimeoutError(f"{what} did not come up in {timeout} s")
+
+
+def _state(dashboard: int, env: dict[str, str], code: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code.replace("ADDR", f"http://127.0.0.1:{dashboard}")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.stdout.strip()
+
+
+def _job_api_up(dashboard: int, env: dict[str, str]) -> bool:
+    code = "from ray.util.state import list_nodes; print(len(list_nodes(address='ADDR')))"
+    return _state(dashboard, env, code) == "1"
+
+
+def _gpu_nodes(dashboard: int, env: dict[str, str]) -> int:
+    code = (
+        "from ray.util.state import list_nodes\n"
+        "print(sum(1 for n in list_nodes(address='ADDR')\n"
+        "          if n.resources_total.get('GPU') and n.state == 'ALIVE'))"
+    )
+    out = _state(dashboard, env, code)
+    return int(out) if out.isdigit() else 0
+
+
+def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
+    cluster, tmp_path, make_image
+) -> None:  # type: ignore[no-untyped-def]
+    photos, output = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    for i in range(5):
+        (photos / f"p{i}.jpg").write_bytes(make_image((50 + i, 40), seed=i))
+    env = dict(os.environ) | cluster
+    env.pop("RAY_ADDRESS", None)
+    submit = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            cluster["dashboard"],
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "-m",
+            "jobs.embed_images",
+            "--input",
+            str(photos),
+            "--output",
+            str(output),
+            "--weights",
+            "random",
+            "--num-gpus",
+            "1",
+            "--batch-size",
+            "4",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert "succeeded" in submit.stdout + submit.stderr
+
+    code = (
+        "from ray.util.state import list_actors, list_nodes, list_tasks\n"
+        "nodes = {n.node_id: ('gpu' if n.resources_total.get('GPU') else 'cpu')\n"
+        "         for n in list_nodes(address='ADDR')}\n"
+        "for a in list_actors(address='ADDR', limit=1000):\n"
+        "    if 'ResNet50Embedder' in a.class_name: print('model', nodes.get(a.node_id))\n"
+        "for t in list_tasks(address='ADDR', limit=10000):\n"
+        "    if t.name in ('MapBatches(decode_batch)', 'MapBatches(write_batch)'):\n"
+        "        print(t.name, nodes.get(t.node_id))\n"
+    )
+    dashboard = int(cluster["dashboard"].rsplit(":", 1)[1])
+    placements = set(_state(dashboard, env, code).splitlines())
+    assert placements == {
+        "model gpu",
+        "MapBatches(decode_batch) cpu",
+        "MapBatches(write_batch) cpu",
+    }, placements
+
+    manifest = read_manifest(str(output))
+    assert manifest is not None and manifest["runs"][0]["counts"]["embedded"] == 5
+    table = read_embeddings(str(output))
+    assert sorted(table["uri"].to_pylist()) == sorted(str(photos / f"p{i}.jpg") for i in range(5))
+    assert sorted(
+        zip(table["original_width"].to_pylist(), table["original_height"].to_pylist(), strict=True)
+    ) == [(50 + i, 40) for i in range(5)]
