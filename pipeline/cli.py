@@ -53,10 +53,43 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the runs recorded in OUTPUT/_manifest.json.",
     )
     status.add_argument("output", metavar="OUTPUT", help="the --output of the runs")
-    status.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint")
-    status.add_argument(
-        "--storage-options", type=_json_object, default={}, metavar="JSON", help="fsspec options"
+    query = commands.add_parser(
+        "query",
+        help="embed one image as OUTPUT was made and print its nearest neighbours",
+        description="Embed --image with OUTPUT's recorded model and preprocessing; print the "
+        "nearest rows of OUTPUT (L2 distance).",
     )
+    query.add_argument("output", metavar="OUTPUT")
+    query.add_argument("--image", required=True, metavar="PATH_OR_URI")
+    query.add_argument("--k", type=int, default=10, help="neighbours to print (default 10)")
+    query.add_argument(
+        "--weights",
+        metavar="imagenet|random|PATH_OR_URL",
+        help="default: the weights recorded in OUTPUT; others are refused (sha256)",
+    )
+    query.add_argument("--seed", type=int, help="seed of --weights random")
+    export = commands.add_parser(
+        "export",
+        help="stream OUTPUT's embeddings into a FAISS index or a LanceDB table",
+        description="Build a FAISS index (plus DEST.ids.parquet) or a LanceDB table from the "
+        "current embeddings, batch by batch.",
+    )
+    export.add_argument("output", metavar="OUTPUT")
+    export.add_argument("--to", required=True, choices=("faiss", "lancedb"))
+    export.add_argument("dest", metavar="DEST", help="index file (faiss) or database (lancedb)")
+    export.add_argument("--normalize", action="store_true", help="L2-normalize: cosine similarity")
+    export.add_argument("--float16", action="store_true", help="store float16 vectors")
+    export.add_argument("--table", default="embeddings", help="LanceDB table name")
+    export.add_argument("--batch-size", type=int, default=4096, metavar="N")
+    for sub in (status, query, export):
+        sub.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint")
+        sub.add_argument(
+            "--storage-options",
+            type=_json_object,
+            default={},
+            metavar="JSON",
+            help="fsspec options",
+        )
     return parser
 
 
@@ -282,13 +315,78 @@ STATUS_COLUMNS = (
 )
 
 
-def status_command(args: argparse.Namespace, out: Any = None) -> int:
-    from pipeline.manifest import read_manifest
-
-    out = out or sys.stdout
+def _options(args: argparse.Namespace) -> dict[str, Any]:
     options = dict(args.storage_options)
     if args.endpoint_url:
         options["endpoint_url"] = args.endpoint_url
+    return options
+
+
+def print_table(rows: Sequence[Sequence[Any]], out: Any = None) -> None:
+    """Columns padded to their widest cell, first row as the header."""
+    out = out or sys.stdout
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip(), file=out
+        )
+
+
+def query_command(args: argparse.Namespace) -> int:
+    from pipeline.query import nearest
+
+    table = nearest(
+        args.output,
+        args.image,
+        k=args.k,
+        weights=args.weights,
+        seed=args.seed,
+        storage_options=_options(args),
+    )
+    rows: list[Sequence[Any]] = [("rank", "distance", "uri", "width", "height")]
+    for r in table.to_pylist():
+        rows.append(
+            (r["rank"], f"{r['distance']:.4f}", r["uri"], r["original_width"], r["original_height"])
+        )
+    print_table(rows)
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from pipeline.export import export_faiss, export_lancedb
+
+    options = _options(args)
+    if args.to == "faiss":
+        count = export_faiss(
+            args.output,
+            args.dest,
+            normalize=args.normalize,
+            float16=args.float16,
+            batch_size=args.batch_size,
+            storage_options=options,
+        )
+        print(
+            f"{PROG}: wrote a FAISS index of {count} vectors to {args.dest} "
+            f"(ids: {args.dest}.ids.parquet)"
+        )
+    else:
+        count = export_lancedb(
+            args.output,
+            args.dest,
+            table=args.table,
+            normalize=args.normalize,
+            float16=args.float16,
+            batch_size=args.batch_size,
+            storage_options=options,
+        )
+        print(f"{PROG}: wrote {count} rows to LanceDB table {args.table!r} at {args.dest}")
+    return 0
+
+
+def status_command(args: argparse.Namespace, out: Any = None) -> int:
+    from pipeline.manifest import read_manifest
+
+    options = _options(args)
     manifest = read_manifest(args.output, storage_options=options)
     if manifest is None:
         raise PipelineError(f"no committed run under {args.output}")
@@ -307,11 +405,7 @@ def status_command(args: argparse.Namespace, out: Any = None) -> int:
                 f"{run.get('images_per_second', 0):.2f}",
             )
         )
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(STATUS_COLUMNS))]
-    for row in rows:
-        print(
-            "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip(), file=out
-        )
+    print_table(rows, out)
     return 0
 
 
@@ -410,6 +504,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_command(args)
         if args.command == "status":
             return status_command(args)
+        if args.command == "query":
+            return query_command(args)
+        if args.command == "export":
+            return export_command(args)
     except PipelineError as exc:
         return report_failure(exc)
     parser.error(f"unknown command {args.command!r}")

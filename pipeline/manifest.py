@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -96,6 +96,48 @@ def read_embeddings(
     else:
         result = loaded[table]
     return result.select(wanted) if wanted else result
+
+
+def iter_embeddings(
+    output: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    columns: Sequence[str] = ("uri", "original_width", "original_height", "embedding"),
+    batch_size: int = 4096,
+) -> Iterator[pa.RecordBatch]:
+    """Stream the current embeddings in record batches, never the whole table at once.
+
+    Only the narrow ``(uri, run_id)`` columns are read in full, to know which rows are
+    current; the wide columns (the vectors) are read batch by batch.
+
+    Example:
+        >>> for batch in iter_embeddings("./out", batch_size=1024):  # doctest: +SKIP
+        ...     index.add(np.stack(batch["embedding"].to_numpy(zero_copy_only=False)))
+    """
+    import pyarrow.compute as pc
+
+    fs, root = open_fs(output, storage_options)
+    manifest = _read_manifest(fs, root)
+    if manifest is None:
+        raise FileNotFoundError(f"no {MANIFEST_NAME} under {output}: no run has committed there")
+    files = [join(root, p) for p in manifest["current"].get("embeddings", [])]
+    if not files:
+        return
+    current = read_embeddings(output, storage_options=storage_options, columns=["uri", "run_id"])
+    keys = pc.binary_join_element_wise(current["uri"], current["run_id"].cast(pa.string()), "\x00")
+    dataset = pads.dataset(
+        files,
+        filesystem=fs,
+        format="parquet",
+        partitioning=pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive"),
+        partition_base_dir=join(root, "embeddings"),
+    )
+    wanted = list(dict.fromkeys([*columns, "uri", "run_id"]))
+    for batch in dataset.to_batches(columns=wanted, batch_size=batch_size):
+        batch_keys = pc.binary_join_element_wise(batch["uri"], batch["run_id"], "\x00")
+        kept = batch.filter(pc.is_in(batch_keys, value_set=keys))
+        if kept.num_rows:
+            yield kept.select(list(columns))
 
 
 def _with(columns: list[str] | None, required: list[str]) -> list[str] | None:

@@ -125,6 +125,24 @@ def test_runs_embed_only_what_is_new_and_each_image_stays_once(
         second[str(photos / "img1.jpg")][1], first[str(photos / "img1.jpg")][1]
     )
 
+    # The README's DuckDB recipe for readers without this library gives the same current rows.
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    recipe = re.search(r"<!-- tested: duckdb_current -->\n```python\n(.*?)```", readme, re.S)
+    assert recipe
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        scope: dict[str, object] = {}
+        exec(compile(recipe.group(1), "README.md:duckdb_current", "exec"), scope)  # noqa: S102
+    finally:
+        os.chdir(cwd)
+    duck = scope["current"]
+    assert sorted(zip(duck["uri"].to_pylist(), duck["run_id"].to_pylist(), strict=True)) == sorted(
+        (u, r) for u, (r, _) in second.items()
+    )
+
     # The same command again: nothing new, nothing duplicated.
     assert main(args) == 0
     manifest = read_manifest(str(output))
