@@ -168,7 +168,8 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--model-threads",
         type=int,
         metavar="N",
-        help="torch threads per CPU model actor (default: the actor's CPUs)",
+        help="torch threads per CPU model actor (default: all cores; cores/actors if several "
+        "share a node)",
     )
     run.add_argument(
         "--precision",

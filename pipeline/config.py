@@ -44,8 +44,8 @@ class EmbedConfig:
         rows_per_file: Rows per Parquet file written.
         concurrency: Model actors: a fixed count or an autoscaling ``(min, max)``.
         num_gpus: GPUs per model actor; ``None`` means 1 where the cluster has GPUs, else 0.
-        model_threads: torch intra-op threads per CPU model actor (``None``: Ray's default,
-            the actor's CPU count).
+        model_threads: torch intra-op threads per CPU model actor (``None``: every core of
+            the node; with several CPU actors per node, give cores / actors).
         precision: Autocast dtype on CUDA; CPU actors always compute in fp32.
         normalize: L2-normalize each embedding.
         limit: Embed at most this many listed images.

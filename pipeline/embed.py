@@ -7,6 +7,7 @@ The same class runs on GPU actors (optional fp16/bf16 autocast) and on CPU actor
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,8 +29,8 @@ class ResNet50Embedder:
         std: Per-channel normalization std.
         precision: Autocast dtype on CUDA; ignored on CPU, which computes fp32.
         normalize: L2-normalize each embedding.
-        num_threads: torch intra-op threads on CPU (``None`` keeps torch's setting, which
-            Ray sets to the actor's CPU count).
+        num_threads: torch intra-op threads (``None``: every core the process may use, on
+            CPU; torch's own setting on GPU).
         device: ``"cuda"``, ``"cpu"`` or ``None`` for CUDA when torch sees it.
 
     Example:
@@ -52,9 +53,15 @@ class ResNet50Embedder:
         import torch
         from torchvision.models import resnet50
 
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if num_threads is None and self.device.type == "cpu":
+            # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1), which leaves a CPU
+            # node's other cores idle while decode tasks need only a sliver of them: use every
+            # core this process may run on. With several CPU actors per node, pass
+            # --model-threads cores/actors instead.
+            num_threads = len(os.sched_getaffinity(0))
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cpu" and precision != "fp32":
             logger.warning("precision %s requested but running on CPU: computing fp32", precision)
             precision = "fp32"

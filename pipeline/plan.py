@@ -379,7 +379,7 @@ def build_dataset(
                 "normalize": config.normalize,
                 "num_threads": config.model_threads,
             },
-            concurrency=config.concurrency,
+            compute=_actor_pool(config.concurrency),
             num_gpus=num_gpus,
             num_cpus=1 if num_gpus == 0 else 0,
         )
@@ -395,6 +395,14 @@ def build_dataset(
             num_cpus=1,
         )
     )
+
+
+def _actor_pool(concurrency: int | tuple[int, int]) -> Any:
+    import ray
+
+    if isinstance(concurrency, int):
+        return ray.data.ActorPoolStrategy(size=concurrency)
+    return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
 
 
 def _num_gpus(config: EmbedConfig) -> float:
