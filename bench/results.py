@@ -32,7 +32,8 @@ def machine() -> str:
 
 def append(title: str, lines: list[str]) -> None:
     """Append one result block (title, date, machine, command, figures) to bench/RESULTS.md."""
-    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "-m", *sys.argv])
+    module = f"bench.{Path(sys.argv[0]).stem}"
+    command = " ".join(shlex.quote(a) for a in ["python", "-m", module, *sys.argv[1:]])
     block = [
         f"## {title}",
         "",

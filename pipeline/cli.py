@@ -511,6 +511,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return export_command(args)
     except PipelineError as exc:
         return report_failure(exc)
+    except OSError as exc:
+        # An I/O failure after the checks (a store that went away mid-run): nothing was
+        # committed, since the manifest is written last.
+        return report_failure(PipelineError(f"I/O failure, nothing committed: {exc}"))
     parser.error(f"unknown command {args.command!r}")
 
 

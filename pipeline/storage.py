@@ -61,6 +61,11 @@ def storage_errors(uri: str) -> Iterator[None]:
         yield
     except PermissionError as exc:
         raise PipelineError(f"access denied to {uri}: {_first_line(exc)}") from None
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        # s3fs turns a throttled or failing store into an OSError once its retries are spent.
+        raise PipelineError(f"storage error on {uri}: {_first_line(exc)}") from None
     except Exception as exc:
         # botocore's credential errors are not OSErrors; match them by name so that this
         # module does not import botocore for local runs.

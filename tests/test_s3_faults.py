@@ -1,0 +1,188 @@
+"""S3 throttling and resets: a fault-injecting proxy in front of moto, as a flaky store would be."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.manifest import read_embeddings, read_manifest
+
+pytestmark = pytest.mark.slow
+
+SLOWDOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+class FaultyProxy:
+    """Forwards to moto; every ``slowdown_every``-th request gets a 503 SlowDown and every
+    ``drop_every``-th a dropped connection, up to ``max_faults`` in all, or every request fails
+    while ``outage`` is set."""
+
+    def __init__(
+        self, upstream: str, *, slowdown_every: int = 0, drop_every: int = 0, max_faults: int = 0
+    ):
+        self.upstream = upstream.removeprefix("http://")
+        self.slowdown_every, self.drop_every, self.max_faults = (
+            slowdown_every,
+            drop_every,
+            max_faults,
+        )
+        self.outage = False
+        self.requests = self.slowdowns = self.drops = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fault = proxy._fault()
+                if fault == "drop":
+                    self.close_connection = True  # no response at all: a reset connection
+                    return
+                if fault == "slowdown":
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(SLOWDOWN)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(SLOWDOWN)
+                    return
+                upstream = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"
+                }
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in (
+                        "transfer-encoding",
+                        "content-length",
+                        "connection",
+                        "date",
+                        "server",
+                    ):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle  # noqa: N815
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _fault(self) -> str | None:
+        with self.lock:
+            self.requests += 1
+            n = self.requests
+            if self.outage:
+                self.slowdowns += 1
+                return "slowdown"
+            if self.slowdowns + self.drops >= self.max_faults:
+                return None
+            if self.drop_every and n % self.drop_every == 0:
+                self.drops += 1
+                return "drop"
+            if self.slowdown_every and n % self.slowdown_every == 0:
+                self.slowdowns += 1
+                return "slowdown"
+            return None
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy(s3_endpoint) -> Iterator[FaultyProxy]:  # type: ignore[no-untyped-def]
+    faulty = FaultyProxy(s3_endpoint, slowdown_every=4, drop_every=11, max_faults=40)
+    yield faulty
+    faulty.close()
+
+
+def _upload(s3, bucket: str, make_image, n: int) -> list[str]:  # type: ignore[no-untyped-def]
+    uris = []
+    for i in range(n):
+        s3.pipe(f"{bucket}/photos/p{i}.jpg", make_image((40 + i, 30), seed=i))
+        uris.append(f"s3://{bucket}/photos/p{i}.jpg")
+    return uris
+
+
+def test_bursts_of_slowdown_and_resets_are_retried(
+    proxy, s3_bucket, make_image, ray_session
+) -> None:  # type: ignore[no-untyped-def]
+    s3, bucket = s3_bucket
+    uris = _upload(s3, bucket, make_image, 6)
+    output = f"s3://{bucket}/out"
+    status = main(
+        [
+            "run",
+            "--input",
+            f"s3://{bucket}/photos/",
+            "--output",
+            output,
+            "--weights",
+            "random",
+            "--endpoint-url",
+            proxy.url,
+            "--batch-size",
+            "3",
+            "--decode-batch-size",
+            "2",
+        ]
+    )
+    assert status == 0
+    assert proxy.slowdowns >= 5 and proxy.drops >= 1, (proxy.slowdowns, proxy.drops)
+    options = {"endpoint_url": s3.client_kwargs.get("endpoint_url") or s3.endpoint_url}
+    table = read_embeddings(output, storage_options=options)
+    assert sorted(table["uri"].to_pylist()) == uris  # every image once, no error rows
+    assert read_embeddings(output, storage_options=options, table="errors").num_rows == 0
+
+
+def test_a_sustained_outage_fails_in_bounded_time_with_no_commit(
+    proxy, s3_bucket, make_image, ray_session, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    s3, bucket = s3_bucket
+    _upload(s3, bucket, make_image, 2)
+    proxy.outage = True
+    start = time.monotonic()
+    status = main(
+        [
+            "run",
+            "--input",
+            f"s3://{bucket}/photos/",
+            "--output",
+            f"s3://{bucket}/out",
+            "--weights",
+            "random",
+            "--endpoint-url",
+            proxy.url,
+        ]
+    )
+    elapsed = time.monotonic() - start
+    assert status == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("embed-images: error: storage error on s3://"), last
+    assert "Service Unavailable" in last, last
+    assert elapsed < 120, elapsed
+    proxy.outage = False
+    assert read_manifest(f"s3://{bucket}/out", storage_options={"endpoint_url": proxy.url}) is None
