@@ -82,7 +82,8 @@ class ResNet50Embedder:
         import torch
 
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(images))
+            # np.require copies only when needed: torch wants a C-contiguous, writable array.
+            x = torch.from_numpy(np.require(images, requirements=["C", "W"]))
             if self.device.type == "cuda":
                 # Pinned memory makes the host-to-device copy asynchronous.
                 x = x.pin_memory().to(self.device, non_blocking=True)

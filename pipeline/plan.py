@@ -37,9 +37,12 @@ from pipeline.write import file_metadata, write_batch
 
 logger = logging.getLogger(__name__)
 
-# Listing rows per Ray Data block: small enough that a few dozen images still spread over
-# several decode tasks, large enough that ten million keys stay a few ten thousand refs.
+# Listing rows per object-store chunk: ten million keys stay some 40,000 refs in the driver.
+# The plan re-splits the chunks into decode-sized blocks before decoding.
 LISTING_BLOCK_ROWS = 256
+
+# Written and deleted at start: an unwritable output fails before any work is done.
+WRITE_PROBE = "_write_probe"
 
 # s3fs words S3 throttling this way; Ray's default retried I/O errors do not match it.
 RETRIED_IO_ERRORS = ("Please reduce your request rate", "SlowDown")
@@ -446,7 +449,7 @@ def _check_same_model(
 
 
 def _check_output_writable(fs: Any, root: str, uri: str) -> None:
-    probe = f"{root}/{STAGING_PROBE}"
+    probe = f"{root}/{WRITE_PROBE}"
     try:
         if is_local(fs):
             fs.makedirs(root, exist_ok=True)
@@ -457,9 +460,6 @@ def _check_output_writable(fs: Any, root: str, uri: str) -> None:
         raise PipelineError(
             f"cannot write to output {uri}: {' '.join(str(exc).split())[:200]}"
         ) from None
-
-
-STAGING_PROBE = "_write_probe"
 
 
 def _utc_iso() -> str:
