@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.corpus import make_corpus
-from bench.results import append, run_measured
+from bench.results import append, embed_command, run_measured
 
 
 def model_ceiling(
@@ -64,19 +63,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-eff-"))
     try:
         make_corpus("small", work / "images", count=args.images)
-        command = [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "run",
-            "--input",
-            str(work / "images"),
-            "--output",
-            str(work / "out"),
-            "--weights",
-            "random",
-            *args.run_args.split(),
-        ]
+        command = embed_command(work / "images", work / "out", args.run_args)
         wall, peak, output = run_measured(command)
         pipeline_rate = args.images / wall
         print(output[-1200:])

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 from bench.corpus import make_corpus
-from bench.results import append, run_measured
+from bench.results import append, embed_command, run_measured
 
 
 def main() -> None:
@@ -30,19 +29,7 @@ def main() -> None:
     try:
         for count in (args.images, args.images * args.factor):
             make_corpus(args.kind, work / f"in{count}", count=count)
-            command = [
-                sys.executable,
-                "-m",
-                "pipeline.cli",
-                "run",
-                "--input",
-                str(work / f"in{count}"),
-                "--output",
-                str(work / f"out{count}"),
-                "--weights",
-                "random",
-                *args.run_args.split(),
-            ]
+            command = embed_command(work / f"in{count}", work / f"out{count}", args.run_args)
             wall, peak, _ = run_measured(command)
             results.append((count, wall, peak))
             print(f"{count} images: {wall:.1f} s, peak RSS {peak / 2**20:.0f} MiB", flush=True)

@@ -77,6 +77,23 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def embed_command(images: Path, output: Path, run_args: str = "") -> list[str]:
+    """The `embed-images run` command line a benchmark times (seeded random weights)."""
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "run",
+        "--input",
+        str(images),
+        "--output",
+        str(output),
+        "--weights",
+        "random",
+        *run_args.split(),
+    ]
+
+
 def run_measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
     """Run a command; return (wall seconds, peak RSS of its whole process tree, output)."""
     start = time.perf_counter()
