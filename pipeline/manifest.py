@@ -14,12 +14,14 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from pipeline.config import PipelineError
 from pipeline.storage import is_local, join, open_fs
 
 MANIFEST_NAME = "_manifest.json"
 STAGING_DIR = "_staging"
 MANIFEST_FORMAT = "embed-images/manifest"
 MANIFEST_VERSION = 1
+UNCHECKED = object()  # commit_run: read the manifest's version now rather than compare
 TABLES = ("embeddings", "errors", "deletions")
 
 
@@ -177,6 +179,7 @@ def commit_run(
     staged: Mapping[str, Sequence[str]],
     deleted_uris: pa.Array | None = None,
     replace: bool = False,
+    expected_version: str | None | object = UNCHECKED,
     storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Move a run's staged files into the tables and write the manifest, last.
@@ -189,6 +192,10 @@ def commit_run(
         deleted_uris: URIs this run found gone from the input, recorded in ``deletions/``.
         replace: This run re-embedded everything (``--full``): earlier files stop being
             current, and are deleted once the new manifest is in place.
+        expected_version: :func:`manifest_version` when the run started (``None``: there was
+            no manifest). If another run has committed since, nothing is moved or written and
+            :class:`ConcurrentCommitError` is raised; on S3 the manifest PUT itself is
+            conditional (``If-None-Match: *`` for the first run, ``If-Match: ETAG`` after).
         storage_options: fsspec options for object stores.
 
     Returns:
@@ -197,6 +204,14 @@ def commit_run(
     fs, root = open_fs(output, storage_options)
     run_id = str(run["run_id"])
     stage_root = join(root, STAGING_DIR, run_id)
+    manifest_path = join(root, MANIFEST_NAME)
+    if expected_version is UNCHECKED:
+        expected_version = _version(fs, manifest_path)
+    elif _version(fs, manifest_path) != expected_version:
+        raise ConcurrentCommitError(
+            f"another run committed to {output} while run {run_id} was running; nothing of "
+            "this run was committed: run again to embed what is left"
+        )
     if deleted_uris is not None and len(deleted_uris):
         from pipeline.write import DELETIONS_SCHEMA
 
@@ -232,7 +247,9 @@ def commit_run(
     for key in ("model", "preprocessing"):
         if key in run:
             manifest[key] = run[key]
-    _write_atomically(fs, join(root, MANIFEST_NAME), json.dumps(manifest, indent=2).encode())
+    _write_atomically(
+        fs, manifest_path, json.dumps(manifest, indent=2).encode(), expected_version, output
+    )
     # Staging is scratch once the manifest is in place; leftovers of retried tasks go with it.
     remove_tree(fs, stage_root)
     for relative in superseded:
@@ -277,7 +294,38 @@ def remove_tree(fs: Any, path: str) -> None:
         pass
 
 
-def _write_atomically(fs: Any, path: str, data: bytes) -> None:
+def manifest_version(
+    output: str, *, storage_options: Mapping[str, Any] | None = None
+) -> str | None:
+    """What changes whenever the manifest is rewritten (``None`` when there is none yet): its
+    ETag on object stores; inode, size and mtime on local disk."""
+    fs, root = open_fs(output, storage_options)
+    return _version(fs, join(root, MANIFEST_NAME))
+
+
+def _version(fs: Any, path: str) -> str | None:
+    if is_local(fs):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+    fs.invalidate_cache(path)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    etag = info.get("ETag") or info.get("etag")
+    return str(etag).strip('"') if etag else f"{info.get('size')}-{info.get('LastModified')}"
+
+
+def _write_atomically(
+    fs: Any, path: str, data: bytes, expected_version: str | None | object, output: str
+) -> None:
+    conflict = ConcurrentCommitError(
+        f"another run committed to {output} at the same moment; this run's manifest was not "
+        "written: run again to embed what is left"
+    )
     if is_local(fs):
         # Write beside the target and rename: readers see the old manifest or the new one.
         directory = os.path.dirname(path)
@@ -287,7 +335,37 @@ def _write_atomically(fs: Any, path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if _version(fs, path) != expected_version:  # a last check; local disk has no CAS
+            os.unlink(tmp)
+            raise conflict
         os.replace(tmp, path)
-    else:
-        # An object store PUT is atomic: the object is the old one or the new one.
-        fs.pipe_file(path, data)
+        return
+    # An object-store PUT is atomic (readers see the old manifest or the new one); on S3 it
+    # is also conditional, so that two runs can never both think they committed.
+    bucket, _, key = path.partition("/")
+    try:
+        if expected_version is None:
+            fs.pipe_file(path, data, mode="create")  # If-None-Match: *
+        elif hasattr(fs, "call_s3") and isinstance(expected_version, str):
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=expected_version)
+        else:
+            fs.pipe_file(path, data)
+    except FileExistsError:
+        raise conflict from None
+    except OSError as exc:
+        if _precondition_failed(exc):
+            raise conflict from None
+        raise
+    finally:
+        fs.invalidate_cache(path)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """s3fs turns S3's 412 PreconditionFailed into an OSError; the boto error is its cause."""
+    cause = exc.__cause__ or exc.__context__
+    code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause else None
+    return code == "PreconditionFailed" or "pre-condition" in str(exc).lower()
+
+
+class ConcurrentCommitError(PipelineError):
+    """Another run committed to the same output while this one ran."""

@@ -26,6 +26,7 @@ from pipeline.listing import IMAGE_EXTENSIONS, InputError, ListingCounts, list_i
 from pipeline.manifest import (
     commit_run,
     discard_uncommitted,
+    manifest_version,
     read_embeddings,
     read_manifest,
     staging_uri,
@@ -164,6 +165,8 @@ def execute_run(
     options = config.fs_options()
     discard_uncommitted(config.output, storage_options=options)
     model_block = _model_block(prepared)
+    # The manifest as this run found it: the commit fails if another run has committed since.
+    version = manifest_version(config.output, storage_options=options)
     previous = read_manifest(config.output, storage_options=options)
     if previous and not config.full:
         _check_same_model(previous, model_block, spec.to_metadata(), prepared.output_uri)
@@ -244,6 +247,7 @@ def execute_run(
             config.output,
             run=run_record,
             staged={"errors": staged["errors"]},
+            expected_version=version,
             storage_options=options,
         )
         raise ErrorRateExceededError(
@@ -257,6 +261,7 @@ def execute_run(
         staged=staged,
         deleted_uris=listing.deleted,
         replace=config.full and config.limit is None,
+        expected_version=version,
         storage_options=options,
     )
     return summary

@@ -84,3 +84,46 @@ def test_second_run_appends(tmp_path) -> None:  # type: ignore[no-untyped-def]
     manifest = read_manifest(output)
     assert manifest is not None and [r["run_id"] for r in manifest["runs"]] == ["r1", "r2"]
     assert sorted(read_embeddings(output)["uri"].to_pylist()) == ["/a.png", "/b.png"]
+
+
+def test_a_commit_refuses_when_another_run_committed_meanwhile(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.manifest import ConcurrentCommitError, manifest_version
+
+    output = str(tmp_path / "out")
+    assert manifest_version(output) is None
+    commit_run(
+        output, run={"run_id": "r1"}, staged=_stage(output, "r1", ["/a.png"]), expected_version=None
+    )
+    seen_by_r2 = manifest_version(output)
+    # r3 starts and commits while r2 is still running.
+    commit_run(
+        output,
+        run={"run_id": "r3"},
+        staged=_stage(output, "r3", ["/c.png"]),
+        expected_version=seen_by_r2,
+    )
+    staged = _stage(output, "r2", ["/b.png"])
+    with pytest.raises(ConcurrentCommitError, match="another run committed"):
+        commit_run(output, run={"run_id": "r2"}, staged=staged, expected_version=seen_by_r2)
+    manifest = read_manifest(output)
+    assert manifest is not None and [r["run_id"] for r in manifest["runs"]] == ["r1", "r3"]
+    assert not list((tmp_path / "out" / "embeddings").glob("run_id=r2*"))  # nothing moved
+
+
+def test_s3_manifest_puts_are_conditional(s3_bucket, s3_endpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pipeline import manifest as m
+
+    s3, bucket = s3_bucket
+    output = f"s3://{bucket}/out"
+    options = {"endpoint_url": s3_endpoint}
+    fs, root = m.open_fs(output, options)
+    path = f"{root}/{m.MANIFEST_NAME}"
+    m._write_atomically(fs, path, b'{"v": 1}', None, output)  # If-None-Match: * on a new key
+    with pytest.raises(m.ConcurrentCommitError):
+        m._write_atomically(fs, path, b'{"v": 2}', None, output)  # ...refused once it exists
+    etag = m.manifest_version(output, storage_options=options)
+    assert etag
+    m._write_atomically(fs, path, b'{"v": 3}', etag, output)  # If-Match: the ETag we read
+    with pytest.raises(m.ConcurrentCommitError):
+        m._write_atomically(fs, path, b'{"v": 4}', etag, output)  # stale ETag: refused
+    assert s3.cat_file(f"{bucket}/out/{m.MANIFEST_NAME}") == b'{"v": 3}'
