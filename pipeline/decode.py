@@ -72,6 +72,16 @@ def decode_image(data: bytes, spec: PreprocessSpec, *, max_image_pixels: int) ->
     # Truncated files must fail, never decode to grey: the flag is process-global, so assert
     # it rather than trust that no other library has flipped it.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    # Pillow's own bomb check (a warning above its limit, an error above twice it) follows
+    # the configured limit while this image decodes.
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_image_pixels
+    try:
+        return _decode(data, spec, max_image_pixels)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def _decode(data: bytes, spec: PreprocessSpec, max_image_pixels: int) -> DecodedImage:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
