@@ -15,7 +15,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.config import PipelineError
-from pipeline.storage import is_local, join, open_fs
+from pipeline.storage import is_local, join, make_parent, open_fs
 
 MANIFEST_NAME = "_manifest.json"
 STAGING_DIR = "_staging"
@@ -216,7 +216,7 @@ def commit_run(
         from pipeline.write import DELETIONS_SCHEMA
 
         name = "deletions/part-0.parquet"
-        fs.makedirs(join(stage_root, "deletions"), exist_ok=True)
+        make_parent(fs, join(stage_root, name))
         with fs.open(join(stage_root, name), "wb") as f:
             pq.write_table(pa.table([deleted_uris], schema=DELETIONS_SCHEMA), f)
         staged = dict(staged) | {"deletions": [name]}
@@ -226,7 +226,7 @@ def commit_run(
         for relative in sorted(staged.get(table, ())):
             name = relative.rsplit("/", 1)[-1]
             final = f"{table}/run_id={run_id}/{name}"
-            fs.makedirs(join(root, table, f"run_id={run_id}"), exist_ok=True)
+            make_parent(fs, join(root, final))
             fs.mv(join(stage_root, relative), join(root, final))
             committed[table].append(final)
     manifest = _read_manifest(fs, root) or {

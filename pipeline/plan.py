@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -160,6 +161,7 @@ def execute_run(
         prepared: From :func:`prepare_run`.
         embedder: The model stage's class (a subclass may wrap it, e.g. to inject faults).
     """
+    import ray
 
     config, run_id, spec = prepared.config, prepared.run_id, prepared.spec
     options = config.fs_options()
@@ -192,7 +194,15 @@ def execute_run(
     rows = {"embeddings": 0, "errors": 0}
     if listing.refs:
         dataset = build_dataset(prepared, listing.refs, model_block["precision"], embedder)
-        for row in dataset.take_all():
+        try:
+            written = dataset.take_all()
+        except ray.exceptions.RayError as exc:
+            # A stage failed beyond Ray's retries (e.g. the output store is down): the
+            # staging files are not committed; the next run discards them.
+            raise PipelineError(
+                f"the pipeline failed, nothing committed: {_root_cause(exc)}"
+            ) from None
+        for row in written:
             staged[str(row["table"])].append(str(row["path"]))
             rows[str(row["table"])] += int(row["rows"])
     expected = counts.listed - listing.unchanged
@@ -403,6 +413,22 @@ def build_dataset(
             num_cpus=1,
         )
     )
+
+
+def _root_cause(exc: BaseException) -> str:
+    """One line naming the error under Ray's wrappers.
+
+    A task's exception reaches the driver as text inside RayTaskError; Python prints a chain
+    innermost first, so the first ``SomeError: message`` line that is not Ray's is the cause.
+    """
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if re.match(r"^[\w.]+(Error|Exception): ", line) and not line.startswith(
+            ("ray.", "UserCodeException")
+        ):
+            return line[:300]
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _actor_pool(concurrency: int | tuple[int, int]) -> Any:

@@ -42,6 +42,13 @@ def is_local(fs: Any) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def make_parent(fs: Any, path: str) -> None:
+    """Create the folder a file will go in, on local disk only: object stores have no folders,
+    and s3fs's makedirs may try to create the bucket."""
+    if is_local(fs):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+
+
 def to_uri(fs: Any, path: str) -> str:
     """The public URI of a path: an absolute path for local files, ``proto://path`` otherwise."""
     if is_local(fs):

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.embed import EMBEDDING_DIM
-from pipeline.storage import join, open_fs
+from pipeline.storage import join, make_parent, open_fs
 
 EMBEDDINGS_SCHEMA = pa.schema(
     [
@@ -144,6 +144,6 @@ def errors_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
 
 
 def _write(fs: Any, path: str, table: pa.Table) -> None:
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    make_parent(fs, path)
     with fs.open(path, "wb") as f:
         pq.write_table(table, f, compression="zstd")

@@ -36,6 +36,7 @@ class FaultyProxy:
             max_faults,
         )
         self.outage = False
+        self.outage_on = ""  # a sustained outage begins with the first GET of a matching path
         self.requests = self.slowdowns = self.drops = 0
         self.lock = threading.Lock()
         proxy = self
@@ -48,6 +49,8 @@ class FaultyProxy:
 
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.outage_on and self.command == "GET" and proxy.outage_on in self.path:
+                    proxy.outage = True
                 fault = proxy._fault()
                 if fault == "drop":
                     self.close_connection = True  # no response at all: a reset connection
@@ -185,4 +188,36 @@ def test_a_sustained_outage_fails_in_bounded_time_with_no_commit(
     assert "Service Unavailable" in last, last
     assert elapsed < 120, elapsed
     proxy.outage = False
+    assert read_manifest(f"s3://{bucket}/out", storage_options={"endpoint_url": proxy.url}) is None
+
+
+def test_an_outage_that_starts_mid_run_commits_nothing(
+    proxy, s3_bucket, make_image, ray_session, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    s3, bucket = s3_bucket
+    _upload(s3, bucket, make_image, 4)
+    proxy.max_faults = 0  # no bursts: only the outage
+    # The checks and the listing pass; the outage begins when a worker first fetches an image.
+    proxy.outage_on = f"/{bucket}/photos/p"
+    start = time.monotonic()
+    status = main(
+        [
+            "run",
+            "--input",
+            f"s3://{bucket}/photos/",
+            "--output",
+            f"s3://{bucket}/out",
+            "--weights",
+            "random",
+            "--endpoint-url",
+            proxy.url,
+        ]
+    )
+    elapsed = time.monotonic() - start
+    assert status != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("embed-images: error: the pipeline failed, nothing committed: "), last
+    assert "SlowDown" in last, last  # the store's own words, not Ray's wrapper text
+    assert elapsed < 300, elapsed  # bounded: s3fs/botocore retries, then Ray Data's, then stop
+    proxy.outage_on, proxy.outage = "", False
     assert read_manifest(f"s3://{bucket}/out", storage_options={"endpoint_url": proxy.url}) is None
