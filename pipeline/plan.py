@@ -48,6 +48,8 @@ WRITE_PROBE = "_write_probe"
 
 # s3fs words S3 throttling this way; Ray's default retried I/O errors do not match it.
 RETRIED_IO_ERRORS = ("Please reduce your request rate", "SlowDown")
+# Task-level retries of a stage after s3fs's and botocore's own retries are spent.
+MAX_MAP_RETRIES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +365,11 @@ def build_dataset(
     for message in RETRIED_IO_ERRORS:
         if message not in context.retried_io_errors:
             context.retried_io_errors.append(message)
+    # Our stages do their own I/O inside map_batches, where Ray Data retries only the user
+    # errors listed here. Retrying is safe: decode is pure, and a retried writer's files get
+    # new names and are never committed.
+    context.retried_map_errors = list(RETRIED_IO_ERRORS)
+    context.max_map_retries = MAX_MAP_RETRIES
     return (
         # Ray's annotations reject keyword-only UDFs and plain ObjectRef lists: hence the ignores.
         ray.data.from_arrow_refs(refs)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ receives are committed, so a retried task's leftovers are never part of the tabl
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from collections.abc import Mapping
@@ -144,6 +145,13 @@ def errors_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
 
 
 def _write(fs: Any, path: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    data = buffer.getvalue()
     make_parent(fs, path)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
+    fs.pipe_file(path, data)
+    # A file is handed on to the commit only once the store reports all of its bytes.
+    fs.invalidate_cache(path)
+    size = int(fs.info(path)["size"])
+    if size != len(data):
+        raise OSError(f"{path}: the store holds {size} of the {len(data)} bytes written")

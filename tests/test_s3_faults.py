@@ -37,6 +37,7 @@ class FaultyProxy:
         )
         self.outage = False
         self.outage_on = ""  # a sustained outage begins with the first GET of a matching path
+        self.throttle_on, self.throttled_puts = "", 0  # a long burst on matching PUTs
         self.requests = self.slowdowns = self.drops = 0
         self.lock = threading.Lock()
         proxy = self
@@ -52,6 +53,8 @@ class FaultyProxy:
                 if proxy.outage_on and self.command == "GET" and proxy.outage_on in self.path:
                     proxy.outage = True
                 fault = proxy._fault()
+                if fault is None and proxy._throttle_put(self.command, self.path):
+                    fault = "slowdown"
                 if fault == "drop":
                     self.close_connection = True  # no response at all: a reset connection
                     return
@@ -64,8 +67,11 @@ class FaultyProxy:
                         self.wfile.write(SLOWDOWN)
                     return
                 upstream = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                # The proxy holds the whole body: no 100-continue handshake upstream.
                 headers = {
-                    k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("transfer-encoding", "expect")
                 }
                 upstream.request(self.command, self.path, body=body, headers=headers)
                 response = upstream.getresponse()
@@ -80,7 +86,9 @@ class FaultyProxy:
                         "server",
                     ):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD answer has no body but must keep the object's length.
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -109,6 +117,20 @@ class FaultyProxy:
                 self.slowdowns += 1
                 return "slowdown"
             return None
+
+    def _throttle_put(self, method: str, path: str) -> bool:
+        """Throttle the first ``throttled_puts`` PUTs whose path holds ``throttle_on``."""
+        with self.lock:
+            if (
+                method == "PUT"
+                and self.throttle_on
+                and self.throttle_on in path
+                and self.throttled_puts > 0
+            ):
+                self.throttled_puts -= 1
+                self.slowdowns += 1
+                return True
+            return False
 
     def close(self) -> None:
         self.server.shutdown()
@@ -195,7 +217,7 @@ def test_an_outage_that_starts_mid_run_commits_nothing(
     proxy, s3_bucket, make_image, ray_session, capsys
 ) -> None:  # type: ignore[no-untyped-def]
     s3, bucket = s3_bucket
-    _upload(s3, bucket, make_image, 4)
+    _upload(s3, bucket, make_image, 2)
     proxy.max_faults = 0  # no bursts: only the outage
     # The checks and the listing pass; the outage begins when a worker first fetches an image.
     proxy.outage_on = f"/{bucket}/photos/p"
@@ -221,3 +243,32 @@ def test_an_outage_that_starts_mid_run_commits_nothing(
     assert elapsed < 300, elapsed  # bounded: s3fs/botocore retries, then Ray Data's, then stop
     proxy.outage_on, proxy.outage = "", False
     assert read_manifest(f"s3://{bucket}/out", storage_options={"endpoint_url": proxy.url}) is None
+
+
+def test_throttled_writes_outlasting_botocore_retries_are_retried_by_ray_data(
+    proxy, s3_bucket, make_image, ray_session
+) -> None:  # type: ignore[no-untyped-def]
+    """botocore gives up after 5 attempts; Ray Data retries the write task only because
+    "Please reduce your request rate" is among its retried I/O errors (pipeline.plan)."""
+    s3, bucket = s3_bucket
+    uris = _upload(s3, bucket, make_image, 3)
+    proxy.max_faults = 0
+    proxy.throttle_on, proxy.throttled_puts = "/_staging/", 30  # more than s3fs x botocore retries
+    output = f"s3://{bucket}/out"
+    status = main(
+        [
+            "run",
+            "--input",
+            f"s3://{bucket}/photos/",
+            "--output",
+            output,
+            "--weights",
+            "random",
+            "--endpoint-url",
+            proxy.url,
+        ]
+    )
+    assert status == 0
+    assert proxy.throttled_puts == 0  # the whole burst was served
+    table = read_embeddings(output, storage_options={"endpoint_url": proxy.url})
+    assert sorted(table["uri"].to_pylist()) == uris
