@@ -152,29 +152,33 @@ def _upload(s3, bucket: str, make_image, n: int) -> list[str]:  # type: ignore[n
     return uris
 
 
-def test_bursts_of_slowdown_and_resets_are_retried(
-    proxy, s3_bucket, make_image, ray_session
-) -> None:  # type: ignore[no-untyped-def]
-    s3, bucket = s3_bucket
-    uris = _upload(s3, bucket, make_image, 6)
-    output = f"s3://{bucket}/out"
+def _run_through(proxy: FaultyProxy, bucket: str, *extra: str) -> tuple[int, float]:
+    """`embed-images run` from s3://BUCKET/photos/ to s3://BUCKET/out through the proxy."""
+    start = time.monotonic()
     status = main(
         [
             "run",
             "--input",
             f"s3://{bucket}/photos/",
             "--output",
-            output,
+            f"s3://{bucket}/out",
             "--weights",
             "random",
             "--endpoint-url",
             proxy.url,
-            "--batch-size",
-            "3",
-            "--decode-batch-size",
-            "2",
+            *extra,
         ]
     )
+    return status, time.monotonic() - start
+
+
+def test_bursts_of_slowdown_and_resets_are_retried(
+    proxy, s3_bucket, make_image, ray_session
+) -> None:  # type: ignore[no-untyped-def]
+    s3, bucket = s3_bucket
+    uris = _upload(s3, bucket, make_image, 6)
+    output = f"s3://{bucket}/out"
+    status, _ = _run_through(proxy, bucket, "--batch-size", "3", "--decode-batch-size", "2")
     assert status == 0
     assert proxy.slowdowns >= 5 and proxy.drops >= 1, (proxy.slowdowns, proxy.drops)
     options = {"endpoint_url": s3.client_kwargs.get("endpoint_url") or s3.endpoint_url}
@@ -189,21 +193,7 @@ def test_a_sustained_outage_fails_in_bounded_time_with_no_commit(
     s3, bucket = s3_bucket
     _upload(s3, bucket, make_image, 2)
     proxy.outage = True
-    start = time.monotonic()
-    status = main(
-        [
-            "run",
-            "--input",
-            f"s3://{bucket}/photos/",
-            "--output",
-            f"s3://{bucket}/out",
-            "--weights",
-            "random",
-            "--endpoint-url",
-            proxy.url,
-        ]
-    )
-    elapsed = time.monotonic() - start
+    status, elapsed = _run_through(proxy, bucket)
     assert status == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("embed-images: error: storage error on s3://"), last
@@ -221,21 +211,7 @@ def test_an_outage_that_starts_mid_run_commits_nothing(
     proxy.max_faults = 0  # no bursts: only the outage
     # The checks and the listing pass; the outage begins when a worker first fetches an image.
     proxy.outage_on = f"/{bucket}/photos/p"
-    start = time.monotonic()
-    status = main(
-        [
-            "run",
-            "--input",
-            f"s3://{bucket}/photos/",
-            "--output",
-            f"s3://{bucket}/out",
-            "--weights",
-            "random",
-            "--endpoint-url",
-            proxy.url,
-        ]
-    )
-    elapsed = time.monotonic() - start
+    status, elapsed = _run_through(proxy, bucket)
     assert status != 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("embed-images: error: the pipeline failed, nothing committed: "), last
@@ -255,19 +231,7 @@ def test_throttled_writes_outlasting_botocore_retries_are_retried_by_ray_data(
     proxy.max_faults = 0
     proxy.throttle_on, proxy.throttled_puts = "/_staging/", 30  # more than s3fs x botocore retries
     output = f"s3://{bucket}/out"
-    status = main(
-        [
-            "run",
-            "--input",
-            f"s3://{bucket}/photos/",
-            "--output",
-            output,
-            "--weights",
-            "random",
-            "--endpoint-url",
-            proxy.url,
-        ]
-    )
+    status, _ = _run_through(proxy, bucket)
     assert status == 0
     assert proxy.throttled_puts == 0  # the whole burst was served
     table = read_embeddings(output, storage_options={"endpoint_url": proxy.url})
