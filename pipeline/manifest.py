@@ -127,13 +127,7 @@ def iter_embeddings(
         return
     current = read_embeddings(output, storage_options=storage_options, columns=["uri", "run_id"])
     keys = pc.binary_join_element_wise(current["uri"], current["run_id"].cast(pa.string()), "\x00")
-    dataset = pads.dataset(
-        files,
-        filesystem=fs,
-        format="parquet",
-        partitioning=pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive"),
-        partition_base_dir=join(root, "embeddings"),
-    )
+    dataset = _run_dataset(fs, root, "embeddings", files)
     wanted = list(dict.fromkeys([*columns, "uri", "run_id"]))
     for batch in dataset.to_batches(columns=wanted, batch_size=batch_size):
         batch_keys = pc.binary_join_element_wise(batch["uri"], batch["run_id"], "\x00")
@@ -158,14 +152,18 @@ def _load_table(
     if not files:
         empty = schema.append(pa.field("run_id", pa.string())).empty_table()
         return empty.select(columns) if columns else empty
-    dataset = pads.dataset(
+    return _run_dataset(fs, root, table, files).to_table(columns=columns)
+
+
+def _run_dataset(fs: Any, root: str, table: str, files: list[str]) -> pads.Dataset:
+    """The listed files of one table, with ``run_id`` (always a string) from their folders."""
+    return pads.dataset(
         files,
         filesystem=fs,
         format="parquet",
         partitioning=pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive"),
         partition_base_dir=join(root, table),
     )
-    return dataset.to_table(columns=columns)
 
 
 def staging_uri(output: str, run_id: str) -> str:
