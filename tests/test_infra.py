@@ -103,7 +103,11 @@ def test_dockerfile_installs_the_project_with_its_pins_and_checks_the_weights() 
     for needed in ("pyproject.toml", "constraints.txt", "pipeline", "jobs"):
         assert needed in copied, needed
     assert re.search(r"pip install [^\n]*-c constraints\.txt \.", text)
-    assert "sha256sum -c" in text and "RESNET50_SHA256" in text
+    assert "sha256sum -c" in text
+    from pipeline.weights import PUBLISHED_SHA256
+
+    pinned = re.search(r"^ARG RESNET50_SHA256=([0-9a-f]{64})$", text, re.M)
+    assert pinned and pinned.group(1) == PUBLISHED_SHA256["resnet50-11ad3fa6.pth"]
     assert "RAY_AUTH_MODE=token" in text
     python = re.search(r"python3\.(\d+)", text)
     assert python and f">=3.{python.group(1)}" in (ROOT / "pyproject.toml").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -105,6 +106,42 @@ def test_a_commit_refuses_when_another_run_committed_meanwhile(tmp_path) -> None
     staged = _stage(output, "r2", ["/b.png"])
     with pytest.raises(ConcurrentCommitError, match="another run committed"):
         commit_run(output, run={"run_id": "r2"}, staged=staged, expected_version=seen_by_r2)
+    manifest = read_manifest(output)
+    assert manifest is not None and [r["run_id"] for r in manifest["runs"]] == ["r1", "r3"]
+    assert not list((tmp_path / "out" / "embeddings").glob("run_id=r2*"))  # nothing moved
+
+
+def test_local_commits_are_serialized_so_a_racing_commit_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # r3 is in the middle of its commit (it has passed its version check and is about to
+    # replace the manifest) when r2, which started from the same version, tries to commit.
+    # r2 must wait for r3 and then be refused, not check the stale version and overwrite.
+    from pipeline import manifest as m
+
+    output = str(tmp_path / "out")
+    commit_run(output, run={"run_id": "r1"}, staged=_stage(output, "r1", ["/a.png"]))
+    seen = m.manifest_version(output)
+    staged = _stage(output, "r2", ["/b.png"])
+    outcome: list[BaseException | dict] = []
+
+    def commit_r2() -> None:
+        try:
+            outcome.append(
+                commit_run(output, run={"run_id": "r2"}, staged=staged, expected_version=seen)
+            )
+        except m.ConcurrentCommitError as exc:
+            outcome.append(exc)
+
+    fs, root = m.open_fs(output, {})
+    with m._commit_lock(fs, root):
+        racer = threading.Thread(target=commit_r2)
+        racer.start()
+        racer.join(1.0)
+        assert racer.is_alive() and not outcome  # r2 waits for r3's commit to finish
+        r3 = dict(read_manifest(output) or {})
+        r3["runs"] = [*r3["runs"], {"run_id": "r3", "files": {}}]
+        m._write_atomically(fs, f"{root}/{m.MANIFEST_NAME}", json.dumps(r3).encode(), seen, output)
+    racer.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], m.ConcurrentCommitError)
     manifest = read_manifest(output)
     assert manifest is not None and [r["run_id"] for r in manifest["runs"]] == ["r1", "r3"]
     assert not list((tmp_path / "out" / "embeddings").glob("run_id=r2*"))  # nothing moved

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline import weights as weights_module
 from pipeline.config import ConfigError, EmbedConfig
 from pipeline.weights import WeightsError, load_weights
 
@@ -96,28 +97,54 @@ def test_checkpoint_on_s3(random_checkpoint, s3_bucket, s3_endpoint) -> None:  #
     assert weights.sha256 == hashlib.sha256(random_checkpoint.read_bytes()).hexdigest()
 
 
-def test_imagenet_full_sha256_is_checked_when_given(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    # A cached file that passes the 8-digit name check (named after its own digest) but
-    # whose full sha256 is not the one pinned.
+def _cache_as_imagenet(tmp_path, monkeypatch, data: bytes) -> str:  # type: ignore[no-untyped-def]
+    """Put ``data`` in a temporary hub cache under a name that passes the 8-digit check."""
     from torchvision.models import ResNet50_Weights
 
-    path = tmp_path / "w.pth"
-    torch.save(dict(load_weights("random", seed=3).state_dict), path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256(data).hexdigest()
+    name = f"resnet50-{digest[:8]}.pth"
     monkeypatch.setattr(
         type(ResNet50_Weights.IMAGENET1K_V2.value),
         "url",
-        property(lambda self: f"https://example.invalid/resnet50-{digest[:8]}.pth"),
+        property(lambda self: f"https://example.invalid/{name}"),
         raising=False,
     )
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    cached = tmp_path / "hub" / "checkpoints" / f"resnet50-{digest[:8]}.pth"
+    cached = tmp_path / "hub" / "checkpoints" / name
     cached.parent.mkdir(parents=True)
-    cached.write_bytes(path.read_bytes())
+    cached.write_bytes(data)
+    return name
+
+
+def test_imagenet_full_sha256_is_always_checked(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A cached file that passes torchvision's 8-digit name check (named after its own
+    # digest) but whose full sha256 is not the pinned one is refused, with no flag given.
+    path = tmp_path / "w.pth"
+    torch.save(dict(load_weights("random", seed=3).state_dict), path)
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    name = _cache_as_imagenet(tmp_path, monkeypatch, data)
+
+    monkeypatch.setattr(weights_module, "PUBLISHED_SHA256", {name: "0" * 64})
+    with pytest.raises(WeightsError, match="not the expected 0000"):
+        load_weights("imagenet")
+    monkeypatch.setattr(weights_module, "PUBLISHED_SHA256", {})
+    with pytest.raises(WeightsError, match="no full sha256 is pinned"):
+        load_weights("imagenet")
+    assert load_weights("imagenet", sha256=digest).sha256 == digest  # an image's own pin
+
+    monkeypatch.setattr(weights_module, "PUBLISHED_SHA256", {name: digest})
     assert load_weights("imagenet").sha256 == digest
-    assert load_weights("imagenet", sha256=digest).sha256 == digest
     with pytest.raises(WeightsError, match="not the expected"):
         load_weights("imagenet", sha256="f" * 64)
+
+
+def test_the_pinned_imagenet_hash_is_the_one_torchvision_names() -> None:
+    from torchvision.models import ResNet50_Weights
+
+    name = ResNet50_Weights.IMAGENET1K_V2.url.rsplit("/", 1)[-1]
+    pinned = weights_module.PUBLISHED_SHA256[name]
+    assert len(pinned) == 64 and pinned.startswith(name.rsplit("-", 1)[-1].split(".")[0])
 
 
 def test_config_refuses_a_short_sha256() -> None:
