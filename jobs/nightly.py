@@ -77,8 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if done:
             print(f"{PROG} nightly: {date} already committed as run {done}; nothing to do")
             return 0
-        prepared = prepare_run(config, run_id=nightly_run_id(date, now))
-        start_ray(args.address)
+        prepared = prepare_run(
+            config,
+            run_id=nightly_run_id(date, now),
+            meanwhile=lambda: start_ray(args.address),
+        )
         print_summary(execute_run(prepared))
         return 0
     except PipelineError as exc:

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
@@ -145,6 +146,20 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="images per decode task batch (default 16)",
     )
     run.add_argument(
+        "--decode-cpus",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="CPUs reserved per decode and write task, fractions allowed (default 1)",
+    )
+    run.add_argument(
+        "--object-store-memory",
+        type=_byte_size,
+        metavar="BYTES",
+        help="object store size when this command starts a local Ray, e.g. 2GiB (default: "
+        "Ray's, 30%% of RAM; a cluster sets its own)",
+    )
+    run.add_argument(
         "--rows-per-file",
         type=int,
         default=4096,
@@ -225,6 +240,17 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     )
 
 
+def _byte_size(text: str) -> int:
+    """``2147483648``, ``2GiB``, ``512MiB``, ``2GB``: a size in bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes or e.g. 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "").upper().rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    scale |= {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    return int(number * scale[unit])
+
+
 def _concurrency(text: str) -> int | tuple[int, int]:
     try:
         return parse_concurrency(text)
@@ -257,6 +283,8 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
         concurrency=args.concurrency,
         num_gpus=args.num_gpus,
         model_threads=args.model_threads,
+        decode_cpus=args.decode_cpus,
+        object_store_memory=args.object_store_memory,
         precision=args.precision,
         normalize=args.normalize,
         limit=args.limit,
@@ -268,17 +296,24 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
     )
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None, *, object_store_memory: int | None = None) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray; reuse one already up."""
     import ray
 
     if ray.is_initialized():
         return
-    if address is None:
-        # A local Ray needs no dashboard; ray.init still joins RAY_ADDRESS when it is set.
-        ray.init(include_dashboard=False, log_to_driver=True)
-    else:
-        ray.init(address=address, log_to_driver=True)
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        # A local Ray needs no dashboard.
+        ray.init(
+            include_dashboard=False, log_to_driver=True, object_store_memory=object_store_memory
+        )
+        return
+    if object_store_memory is not None:
+        logging.getLogger(__name__).warning(
+            "--object-store-memory ignored: joining a running Ray, whose store was sized at "
+            "`ray start`"
+        )
+    ray.init(address=address, log_to_driver=True)
 
 
 def print_summary(summary: Any, out: Any = None) -> None:
@@ -413,9 +448,13 @@ def status_command(args: argparse.Namespace, out: Any = None) -> int:
 def run_command(args: argparse.Namespace) -> int:
     from pipeline.plan import execute_run, prepare_run
 
-    # Bad input, output or weights fail here, in seconds, before Ray starts.
-    prepared = prepare_run(config_from_args(args))
-    start_ray(args.address)
+    # Bad input or output fail here, in a second, before Ray starts; bad weights in seconds,
+    # since they load while Ray starts.
+    config = config_from_args(args)
+    prepared = prepare_run(
+        config,
+        meanwhile=lambda: start_ray(args.address, object_store_memory=config.object_store_memory),
+    )
     summary = execute_run(prepared)
     print_summary(summary)
     return 0

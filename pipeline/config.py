@@ -41,6 +41,8 @@ class EmbedConfig:
         batch_size: Images per model forward.
         decode_batch_size: Images per decode task batch.
         decode_memory: Bytes of RAM reserved per decode task.
+        decode_cpus: Logical CPUs reserved per decode (and write) task; fractions let more
+            decode tasks share a core, for a node that also runs model actors.
         rows_per_file: Rows per Parquet file written.
         concurrency: Model actors: a fixed count or an autoscaling ``(min, max)``.
         num_gpus: GPUs per model actor; ``None`` means 1 where the cluster has GPUs, else 0.
@@ -56,6 +58,9 @@ class EmbedConfig:
         max_image_pixels: Images whose header claims more pixels are refused as bombs.
         storage_options: fsspec options for both input and output (never logged).
         endpoint_url: S3 endpoint override; ``None`` leaves it to the AWS chain.
+        object_store_memory: Bytes of Ray's object store when the command starts its own
+            local Ray (``None``: Ray's default, 30% of RAM); a cluster sets its own at
+            ``ray start``.
 
     Example:
         >>> EmbedConfig(input="./photos", output="./out", weights="random").resize
@@ -72,6 +77,7 @@ class EmbedConfig:
     batch_size: int = 32
     decode_batch_size: int = 16
     decode_memory: int = 512 * 1024 * 1024
+    decode_cpus: float = 1.0
     rows_per_file: int = 4096
     concurrency: int | tuple[int, int] = 1
     num_gpus: float | None = None
@@ -84,6 +90,7 @@ class EmbedConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
     endpoint_url: str | None = None
+    object_store_memory: int | None = None
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -112,6 +119,12 @@ class EmbedConfig:
             raise ConfigError(f"--max-error-rate {self.max_error_rate}: must be between 0 and 1")
         if self.model_threads is not None and self.model_threads < 1:
             raise ConfigError(f"--model-threads {self.model_threads}: must be >= 1")
+        if not self.decode_cpus > 0:
+            raise ConfigError(f"--decode-cpus {self.decode_cpus}: must be > 0")
+        if self.object_store_memory is not None and self.object_store_memory < 78 * 2**20:
+            raise ConfigError(
+                f"--object-store-memory {self.object_store_memory}: Ray needs at least 78 MiB"
+            )
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ConfigError(f"--num-gpus {self.num_gpus}: must be >= 0")
         _check_concurrency(self.concurrency)

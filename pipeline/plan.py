@@ -7,6 +7,7 @@ This module uses Ray but never starts it: the entry points start or join a clust
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime as dt
 import json
@@ -14,6 +15,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -91,11 +93,22 @@ class PreparedRun:
     spec: PreprocessSpec
 
 
-def prepare_run(config: EmbedConfig, *, run_id: str | None = None) -> PreparedRun:
-    """Check everything that can fail fast, before Ray starts and before any data moves.
+def prepare_run(
+    config: EmbedConfig,
+    *,
+    run_id: str | None = None,
+    meanwhile: Callable[[], None] | None = None,
+) -> PreparedRun:
+    """Check everything that can fail fast, before any data moves.
 
     Resolves input and output, refuses an output inside the input, checks the output is
-    writable, and loads and checks the weights (checksum, ResNet50 shape).
+    writable, then loads and checks the weights (checksum, ResNet50 shape).
+
+    Args:
+        config: The run's knobs.
+        run_id: Override the generated run id.
+        meanwhile: Called in this thread once the input and output checks pass, while the
+            weights load in another (the CLI starts Ray there: the two take seconds each).
 
     Raises:
         PipelineError: with one line saying what to fix.
@@ -113,11 +126,19 @@ def prepare_run(config: EmbedConfig, *, run_id: str | None = None) -> PreparedRu
     with storage_errors(input_uri):
         if not in_fs.exists(in_root):
             raise InputError(f"input not found: {input_uri}")
-    weights = load_weights(
-        config.weights, sha256=config.weights_sha256, seed=config.seed, storage_options=options
-    )
     with storage_errors(output_uri):
         _check_output_writable(out_fs, out_root, output_uri)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weights") as pool:
+        loading = pool.submit(
+            load_weights,
+            config.weights,
+            sha256=config.weights_sha256,
+            seed=config.seed,
+            storage_options=options,
+        )
+        if meanwhile is not None:
+            meanwhile()
+        weights = loading.result()
     return PreparedRun(
         config=config,
         run_id=run_id or new_run_id(),
@@ -386,7 +407,7 @@ def build_dataset(
                 "storage_options": options,
                 "max_image_pixels": config.max_image_pixels,
             },
-            num_cpus=1,
+            num_cpus=config.decode_cpus,
             # A memory reservation bounds concurrent decodes by RAM, and, being a remote arg
             # the model stage lacks, it also stops Ray from fusing decode into the model actor,
             # where it would run serially with the forward passes.
@@ -397,7 +418,7 @@ def build_dataset(
             batch_size=config.batch_size,
             batch_format="numpy",
             fn_constructor_kwargs={
-                "state_dict": weights.state_dict,
+                "state_dict": weights.as_numpy(),
                 "mean": spec.mean,
                 "std": spec.std,
                 "precision": precision,
@@ -417,7 +438,7 @@ def build_dataset(
                 "storage_options": options,
                 "metadata": metadata,
             },
-            num_cpus=1,
+            num_cpus=config.decode_cpus,
         )
     )
 

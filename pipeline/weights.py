@@ -50,6 +50,10 @@ class ResolvedWeights:
     sha256: str
     state_dict: Mapping[str, Any] = dataclasses.field(repr=False)
 
+    def as_numpy(self) -> dict[str, Any]:
+        """The tensors as numpy arrays, which Ray ships to actors without pickling copies."""
+        return {key: value.numpy() for key, value in self.state_dict.items()}
+
     def to_metadata(self) -> dict[str, str]:
         return {"weights": self.name, "weights_sha256": self.sha256}
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,9 @@ def test_job_entry_point_has_the_same_flags() -> None:
         (["run", "--input", "a", "--output", "b", "--concurrency", "4,1"], "MIN <= MAX"),
         (["run", "--input", "a", "--output", "b", "--storage-options", "{nope"], "not valid JSON"),
         (["run", "--input", "a", "--output", "b", "--batch-size", "0"], "--batch-size 0"),
+        (["run", "--input", "a", "--output", "b", "--decode-cpus", "0"], "--decode-cpus 0"),
+        (["run", "--input", "a", "--output", "b", "--object-store-memory", "lots"], "not a size"),
+        (["run", "--input", "a", "--output", "b", "--object-store-memory", "1MiB"], "78 MiB"),
     ],
 )
 def test_bad_command_lines_exit_2_with_one_line(args: list[str], message: str) -> None:
@@ -95,9 +100,11 @@ def test_output_inside_input_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 1 and "is inside input" in result.stderr
 
 
-def test_bad_weights_file_fails_before_ray(tmp_path: Path) -> None:
+def test_bad_weights_file_fails_fast_with_one_line(tmp_path: Path) -> None:
+    # The weights load while Ray starts: a bad file fails once both are done, in seconds.
     (tmp_path / "in").mkdir()
     (tmp_path / "w.pth").write_bytes(b"junk")
+    start = time.monotonic()
     result = run(
         "run",
         "--input",
@@ -109,6 +116,8 @@ def test_bad_weights_file_fails_before_ray(tmp_path: Path) -> None:
     )
     assert result.returncode == 1 and "not a loadable torch state_dict" in result.stderr
     assert "Traceback" not in result.stderr
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "out" / "_manifest.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -170,3 +179,27 @@ def test_bad_storage_fails_fast_with_one_line(
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "_manifest.json").exists()
     assert not s3.exists("no-such-bucket-here")  # no bucket was created on the way
+
+
+def test_sizes_read_like_ray_users_write_them() -> None:
+    from pipeline.cli import _byte_size
+
+    assert _byte_size("2GiB") == 2 * 2**30
+    assert _byte_size("512MiB") == 512 * 2**20
+    assert _byte_size("2GB") == 2 * 10**9
+    assert _byte_size("1000") == 1000
+
+
+def test_object_store_memory_sizes_the_local_ray_it_starts() -> None:
+    code = (
+        "import ray\n"
+        "from pipeline.cli import start_ray\n"
+        "start_ray(None, object_store_memory=100 * 2**20)\n"
+        "print(int(ray.cluster_resources()['object_store_memory']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.strip().splitlines()[-1]) == 100 * 2**20
