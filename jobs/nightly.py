@@ -27,10 +27,10 @@ from pipeline.cli import (
     add_run_arguments,
     config_from_args,
     configure_logging,
+    prepare_and_start_ray,
     print_summary,
     report_failure,
     secret_values,
-    start_ray,
 )
 from pipeline.config import PipelineError
 from pipeline.manifest import read_manifest
@@ -70,18 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     now = dt.datetime.now(dt.UTC)
     date = args.date or now.date()
     try:
-        from pipeline.plan import execute_run, prepare_run
+        from pipeline.plan import execute_run
 
         config = config_from_args(args)
         done = already_ran(read_manifest(config.output, storage_options=config.fs_options()), date)
         if done:
             print(f"{PROG} nightly: {date} already committed as run {done}; nothing to do")
             return 0
-        prepared = prepare_run(
-            config,
-            run_id=nightly_run_id(date, now),
-            meanwhile=lambda: start_ray(args.address),
-        )
+        prepared = prepare_and_start_ray(config, args.address, run_id=nightly_run_id(date, now))
         print_summary(execute_run(prepared))
         return 0
     except PipelineError as exc:

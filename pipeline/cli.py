@@ -296,6 +296,29 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
     )
 
 
+def prepare_and_start_ray(
+    config: EmbedConfig, address: str | None, *, run_id: str | None = None
+) -> Any:
+    """``prepare_run`` and ``start_ray``, overlapped where that is safe and worth it.
+
+    Bad input or output fail first, in a second, before Ray starts. Starting a local Ray takes
+    seconds, so the weights (torch import, checks) load meanwhile, and bad weights fail once
+    both are done. Joining a running cluster takes a fraction of a second and, in a submitted
+    job, may swap the working directory under a thread importing torch: there the weights load
+    first, then the driver joins.
+    """
+    from pipeline.plan import prepare_run
+
+    def start() -> None:
+        start_ray(address, object_store_memory=config.object_store_memory)
+
+    if address is not None or os.environ.get("RAY_ADDRESS"):
+        prepared = prepare_run(config, run_id=run_id)
+        start()
+        return prepared
+    return prepare_run(config, run_id=run_id, meanwhile=start)
+
+
 def start_ray(address: str | None, *, object_store_memory: int | None = None) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray; reuse one already up."""
     import ray
@@ -446,15 +469,9 @@ def status_command(args: argparse.Namespace, out: Any = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from pipeline.plan import execute_run, prepare_run
+    from pipeline.plan import execute_run
 
-    # Bad input or output fail here, in a second, before Ray starts; bad weights in seconds,
-    # since they load while Ray starts.
-    config = config_from_args(args)
-    prepared = prepare_run(
-        config,
-        meanwhile=lambda: start_ray(args.address, object_store_memory=config.object_store_memory),
-    )
+    prepared = prepare_and_start_ray(config_from_args(args), args.address)
     summary = execute_run(prepared)
     print_summary(summary)
     return 0
