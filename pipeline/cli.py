@@ -301,8 +301,9 @@ def prepare_and_start_ray(
 ) -> Any:
     """``prepare_run`` and ``start_ray``, overlapped where that is safe and worth it.
 
-    Bad input or output fail first, in a second, before Ray starts. Starting a local Ray takes
-    seconds, so the weights (torch import, checks) load meanwhile, and bad weights fail once
+    Bad input or output, and a weights file that is missing or not a checkpoint at all, fail
+    first, in a second, before Ray starts. Starting a local Ray takes seconds, so the weights
+    (torch import, checks) load meanwhile, and a checkpoint that is not a ResNet50 fails once
     both are done. Joining a running cluster takes a fraction of a second and, in a submitted
     job, may swap the working directory under a thread importing torch: there the weights load
     first, then the driver joins.

@@ -36,7 +36,7 @@ from pipeline.manifest import (
 )
 from pipeline.preprocessing import PreprocessSpec, preprocess_spec
 from pipeline.storage import is_local, open_fs, storage_errors, to_uri
-from pipeline.weights import ResolvedWeights, load_weights
+from pipeline.weights import ResolvedWeights, load_weights, sniff_checkpoint
 from pipeline.write import file_metadata, write_batch
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ def prepare_run(
             raise InputError(f"input not found: {input_uri}")
     with storage_errors(output_uri):
         _check_output_writable(out_fs, out_root, output_uri)
+    sniff_checkpoint(config.weights, storage_options=options)  # a missing or junk file: now
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weights") as pool:
         loading = pool.submit(
             load_weights,

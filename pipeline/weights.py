@@ -163,6 +163,34 @@ def _imagenet_checkpoint() -> str:
     return path
 
 
+# What a torch checkpoint starts with: a zip archive (torch.save's format since 1.6) or a
+# pickle of protocol 2 or later (the legacy format).
+CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def sniff_checkpoint(source: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Refuse, in milliseconds and without torch, a weights file that is missing or cannot be
+    a torch checkpoint; ``imagenet`` and ``random`` pass. :func:`load_weights` checks the rest.
+    """
+    if source in (IMAGENET, RANDOM):
+        return
+    try:
+        fs, path = open_fs(source, storage_options or {})
+        with fs.open(path, "rb") as f:
+            head = bytes(f.read(4))
+    except FileNotFoundError:
+        raise WeightsError(f"weights file not found: {source}") from None
+    except (OSError, ValueError) as exc:
+        raise WeightsError(
+            f"cannot read weights {source}: {' '.join(str(exc).split())[:200]}"
+        ) from None
+    if not head.startswith(CHECKPOINT_MAGIC):
+        raise WeightsError(
+            f"weights {source} are not a torch checkpoint (neither a zip archive nor a "
+            "pickle): pass a file written by torch.save(model.state_dict(), path)"
+        )
+
+
 def _read_file(uri: str, storage_options: Mapping[str, Any]) -> bytes:
     try:
         fs, path = open_fs(uri, storage_options)

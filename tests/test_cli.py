@@ -100,8 +100,9 @@ def test_output_inside_input_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 1 and "is inside input" in result.stderr
 
 
-def test_bad_weights_file_fails_fast_with_one_line(tmp_path: Path) -> None:
-    # The weights load while Ray starts: a bad file fails once both are done, in seconds.
+def test_bad_weights_file_fails_before_ray_with_one_line(tmp_path: Path) -> None:
+    # Junk is refused from its first bytes, before Ray starts (a file that is a checkpoint but
+    # not a ResNet50 loads while Ray starts and fails once both are done).
     (tmp_path / "in").mkdir()
     (tmp_path / "w.pth").write_bytes(b"junk")
     start = time.monotonic()
@@ -114,9 +115,10 @@ def test_bad_weights_file_fails_fast_with_one_line(tmp_path: Path) -> None:
         "--weights",
         str(tmp_path / "w.pth"),
     )
-    assert result.returncode == 1 and "not a loadable torch state_dict" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert time.monotonic() - start < 60
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a torch checkpoint" in lines[0], result.stderr
+    assert time.monotonic() - start < 30
     assert not (tmp_path / "out" / "_manifest.json").exists()
 
 

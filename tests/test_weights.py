@@ -150,3 +150,21 @@ def test_the_pinned_imagenet_hash_is_the_one_torchvision_names() -> None:
 def test_config_refuses_a_short_sha256() -> None:
     with pytest.raises(ConfigError, match="full 64-hex-digit"):
         EmbedConfig(input="a", output="b", weights="w.pth", weights_sha256="11ad3fa6")
+
+
+def test_a_file_that_cannot_be_a_checkpoint_is_refused_from_its_first_bytes(
+    tmp_path: Path, random_checkpoint: Path
+) -> None:
+    from pipeline.weights import sniff_checkpoint
+
+    sniff_checkpoint(str(random_checkpoint))  # torch.save's zip format
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"w": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    sniff_checkpoint(str(legacy))  # the pickle format before torch 1.6
+    sniff_checkpoint("imagenet")
+    sniff_checkpoint("random")
+    (tmp_path / "junk.pth").write_bytes(b"<html>not found</html>")
+    with pytest.raises(WeightsError, match="not a torch checkpoint"):
+        sniff_checkpoint(str(tmp_path / "junk.pth"))
+    with pytest.raises(WeightsError, match="not found"):
+        sniff_checkpoint(str(tmp_path / "absent.pth"))
