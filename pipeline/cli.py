@@ -16,7 +16,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline.config import (
     PRECISIONS,
@@ -26,6 +26,9 @@ from pipeline.config import (
     PipelineError,
     parse_concurrency,
 )
+
+if TYPE_CHECKING:
+    from pipeline.plan import PreparedRun
 
 PROG = "embed-images"
 EXIT_FAILED = 1  # the run failed and committed nothing; retrying may help
@@ -298,7 +301,7 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
 
 def prepare_and_start_ray(
     config: EmbedConfig, address: str | None, *, run_id: str | None = None
-) -> Any:
+) -> PreparedRun:
     """``prepare_run`` and ``start_ray``, overlapped where that is safe and worth it.
 
     Bad input or output, and a weights file that is missing or not a checkpoint at all, fail
@@ -313,11 +316,16 @@ def prepare_and_start_ray(
     def start() -> None:
         start_ray(address, object_store_memory=config.object_store_memory)
 
-    if address is not None or os.environ.get("RAY_ADDRESS"):
+    if _joins_running_ray(address):
         prepared = prepare_run(config, run_id=run_id)
         start()
         return prepared
     return prepare_run(config, run_id=run_id, meanwhile=start)
+
+
+def _joins_running_ray(address: str | None) -> bool:
+    """Whether ``ray.init`` will join a cluster (``--address`` or ``RAY_ADDRESS``)."""
+    return address is not None or bool(os.environ.get("RAY_ADDRESS"))
 
 
 def start_ray(address: str | None, *, object_store_memory: int | None = None) -> None:
@@ -326,7 +334,7 @@ def start_ray(address: str | None, *, object_store_memory: int | None = None) ->
 
     if ray.is_initialized():
         return
-    if address is None and not os.environ.get("RAY_ADDRESS"):
+    if not _joins_running_ray(address):
         # A local Ray needs no dashboard.
         ray.init(
             include_dashboard=False, log_to_driver=True, object_store_memory=object_store_memory

@@ -229,9 +229,6 @@ def decode_batch(
     error_types = [""] * n
     messages = [""] * n
     contents = _fetch(uris, paths, storage_options)
-    for uri, content in zip(uris, contents, strict=True):
-        if isinstance(content, TransientReadError):
-            raise TransientReadError(f"{TRANSIENT_READ_ERROR} reading {uri}: {content}")
     for i, content in enumerate(contents):
         try:
             if isinstance(content, BaseException):
@@ -261,12 +258,12 @@ def decode_batch(
 def _fetch(
     uris: list[str], paths: list[str], storage_options: Mapping[str, Any]
 ) -> list[bytes | BaseException]:
-    """Read every file of the batch; a failure is returned in its slot, not raised.
+    """Read every file of the batch; a failure that is the file's own is returned in its slot.
 
     ``cat_ranges`` takes the paths literally (``cat`` would expand ``[`` and ``*`` in names
     as globs) and lets async stores such as s3fs fetch the whole batch concurrently. On an
-    object store, a failure that is not the file's own (see ``LASTING_READ_ERRORS``) comes
-    back as :class:`TransientReadError`.
+    object store any other failure (see ``LASTING_READ_ERRORS``) raises
+    :class:`TransientReadError`, for Ray Data to retry the task.
     """
     if not uris:
         return []
@@ -277,11 +274,10 @@ def _fetch(
         )
     except Exception as exc:  # the whole request failed: report it on every file
         contents = [exc] * len(paths)
-    if is_local(fs):
-        return contents
-    return [
-        TransientReadError(_one_line(c))
-        if isinstance(c, BaseException) and not isinstance(c, LASTING_READ_ERRORS)
-        else c
-        for c in contents
-    ]
+    if not is_local(fs):
+        for uri, content in zip(uris, contents, strict=True):
+            if isinstance(content, BaseException) and not isinstance(content, LASTING_READ_ERRORS):
+                raise TransientReadError(
+                    f"{TRANSIENT_READ_ERROR} reading {uri}: {_one_line(content)}"
+                )
+    return contents

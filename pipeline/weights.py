@@ -174,16 +174,7 @@ def sniff_checkpoint(source: str, *, storage_options: Mapping[str, Any] | None =
     """
     if source in (IMAGENET, RANDOM):
         return
-    try:
-        fs, path = open_fs(source, storage_options or {})
-        with fs.open(path, "rb") as f:
-            head = bytes(f.read(4))
-    except FileNotFoundError:
-        raise WeightsError(f"weights file not found: {source}") from None
-    except (OSError, ValueError) as exc:
-        raise WeightsError(
-            f"cannot read weights {source}: {' '.join(str(exc).split())[:200]}"
-        ) from None
+    head = _read_file(source, storage_options or {}, size=4)
     if not head.startswith(CHECKPOINT_MAGIC):
         raise WeightsError(
             f"weights {source} are not a torch checkpoint (neither a zip archive nor a "
@@ -191,11 +182,12 @@ def sniff_checkpoint(source: str, *, storage_options: Mapping[str, Any] | None =
         )
 
 
-def _read_file(uri: str, storage_options: Mapping[str, Any]) -> bytes:
+def _read_file(uri: str, storage_options: Mapping[str, Any], *, size: int = -1) -> bytes:
+    """The file's first ``size`` bytes (all of it by default); failures as WeightsError."""
     try:
         fs, path = open_fs(uri, storage_options)
         with fs.open(path, "rb") as f:
-            return bytes(f.read())
+            return bytes(f.read(size))
     except FileNotFoundError:
         raise WeightsError(f"weights file not found: {uri}") from None
     except (OSError, ValueError) as exc:
