@@ -6,7 +6,11 @@ side by side in one run.
 
 Besides the target's cold run (the command starts its own Ray), it times the same run into a Ray
 that is already up (as a submitted job finds it) and a run on SCALE x the images, whose extra
-wall time gives the steady-state rate and so the fixed start-up cost of a run.
+wall time gives the steady-state rate and so the fixed start-up cost of a run. Two reference
+processes run beside them on the same images: the floor (`bench.floor`: import torch and
+torchvision, load the weights, forward pre-made inputs, exit: the least any run can take, so
+its ratio is the most target 1 can reach here) and the plain pattern of Ray's batch-inference
+tutorial (`bench.ray_tutorial`), the baseline the target's text starts from.
 """
 
 from __future__ import annotations
@@ -118,11 +122,18 @@ def main() -> None:
             )
         # Steady state: the same start-up cost on SCALE x the images; the difference is work.
         longer, _, _ = run_measured(embed_command(work / "more", work / "o3", args.run_args))
+        tutorial, _, _ = run_measured(
+            [sys.executable, "-m", "bench.ray_tutorial", str(work / "images"), str(work / "o4")]
+        )
         ceiling, batch, threads = model_ceiling(
             args.ceiling_images,
             [int(b) for b in args.batch_sizes.split(",")],
             [int(t) for t in args.threads.split(",")],
         )
+        floor, _, _ = run_measured(
+            [sys.executable, "-m", "bench.floor", f"--images={n}", f"--batch-size={batch}",
+             f"--threads={threads}"]
+        )  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
     steady = (big - n) / (longer - cold)
@@ -136,6 +147,9 @@ def main() -> None:
         f"| the same, cold, on {big} images | {longer:.1f} s = {big / longer:.2f} images/s | {big / longer / ceiling:.2f} |",
         f"| steady state: ({big} - {n}) images / difference of the walls | {steady:.2f} images/s | {steady / ceiling:.2f} |",
         f"| fixed cost of a cold run (wall - {n} / steady rate) | {overhead:.1f} s | |",
+        f"| floor: a bare process that imports torch + torchvision, loads the weights, forwards {n} pre-made inputs (batch {batch}, {threads} threads) and exits | {floor:.1f} s = {n / floor:.2f} images/s | {n / floor / ceiling:.2f} (the most target 1 can reach here) |",
+        f"| plain pattern of Ray's batch-inference tutorial (`bench.ray_tutorial`), same {n} images, cold | {tutorial:.1f} s = {n / tutorial:.2f} images/s | {n / tutorial / ceiling:.2f} |",
+        f"| `embed-images run` against those two | {tutorial / cold:.2f}x the tutorial's rate, {floor / cold:.2f} of the floor's | |",
         f"| peak RSS of the cold {n}-image run, driver + Ray workers | {peak / 2**20:.0f} MiB | |",
         f"| run flags | `{args.run_args or '(defaults)'}` | |",
     ]

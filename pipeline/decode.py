@@ -21,11 +21,14 @@ from pipeline.preprocessing import (
     resize_to_model_input,
     resized_size,
 )
-from pipeline.storage import is_local, open_fs
+from pipeline.storage import is_local, one_line, open_fs
 
 # Decoders Pillow may use. Anything else (EPS, PSD, ...) is refused before a plugin sees it.
 # The JPEG plugin also opens the multi-picture JPEGs many phones write (format "MPO").
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+
+# Longest ``error_message`` kept in the errors table.
+MESSAGE_CHARS = 300
 
 # Stable error classes, the values of the errors table's ``error_type``.
 UNREADABLE = "unreadable"
@@ -103,7 +106,7 @@ def _decode(data: bytes, spec: PreprocessSpec, max_image_pixels: int) -> Decoded
                 NOT_AN_IMAGE, "not a JPEG, PNG, WebP, BMP, TIFF or GIF"
             ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageRejectedError(DECOMPRESSION_BOMB, _one_line(exc)) from None
+            raise ImageRejectedError(DECOMPRESSION_BOMB, one_line(exc, MESSAGE_CHARS)) from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise _rejected(exc) from None
         with image:
@@ -139,7 +142,7 @@ def _decode(data: bytes, spec: PreprocessSpec, max_image_pixels: int) -> Decoded
                     original_width, original_height = width, height
                 pixels = resize_to_model_input(to_rgb(upright), spec)
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                raise ImageRejectedError(DECOMPRESSION_BOMB, _one_line(exc)) from None
+                raise ImageRejectedError(DECOMPRESSION_BOMB, one_line(exc, MESSAGE_CHARS)) from None
             except (OSError, SyntaxError, ValueError, EOFError) as exc:
                 raise _rejected(exc) from None
     return DecodedImage(pixels, original_width, original_height, fmt)
@@ -182,16 +185,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _rejected(exc: BaseException) -> ImageRejectedError:
     """Classify a Pillow failure: data ending early is ``truncated``, the rest ``decode_error``."""
-    message = _one_line(exc)
+    message = one_line(exc, MESSAGE_CHARS)
     lowered = message.lower()
     if "truncated" in lowered or "broken data stream" in lowered or isinstance(exc, EOFError):
         return ImageRejectedError(TRUNCATED, message)
     return ImageRejectedError(DECODE_ERROR, message)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]
 
 
 def decode_batch(
@@ -232,7 +230,9 @@ def decode_batch(
     for i, content in enumerate(contents):
         try:
             if isinstance(content, BaseException):
-                raise ImageRejectedError(UNREADABLE, f"cannot read: {_one_line(content)}")
+                raise ImageRejectedError(
+                    UNREADABLE, f"cannot read: {one_line(content, MESSAGE_CHARS)}"
+                )
             decoded = decode_image(content, spec, max_image_pixels=max_image_pixels)
         except ImageRejectedError as rejected:
             error_types[i] = rejected.error_type
@@ -278,6 +278,6 @@ def _fetch(
         for uri, content in zip(uris, contents, strict=True):
             if isinstance(content, BaseException) and not isinstance(content, LASTING_READ_ERRORS):
                 raise TransientReadError(
-                    f"{TRANSIENT_READ_ERROR} reading {uri}: {_one_line(content)}"
+                    f"{TRANSIENT_READ_ERROR} reading {uri}: {one_line(content, MESSAGE_CHARS)}"
                 )
     return contents

@@ -35,7 +35,7 @@ from pipeline.manifest import (
     staging_uri,
 )
 from pipeline.preprocessing import PreprocessSpec, preprocess_spec
-from pipeline.storage import is_local, open_fs, storage_errors, to_uri
+from pipeline.storage import is_local, one_line, open_fs, storage_errors, to_uri
 from pipeline.weights import ResolvedWeights, load_weights, sniff_checkpoint
 from pipeline.write import file_metadata, write_batch
 
@@ -518,7 +518,7 @@ def _check_output_writable(fs: Any, root: str, uri: str) -> None:
         fs.rm(probe)
     except (OSError, PermissionError) as exc:
         raise PipelineError(
-            f"cannot write to output {uri}: {' '.join(str(exc).split())[:200]}"
+            f"cannot write to output {uri}: {one_line(exc)}"
         ) from None
 
 

@@ -67,12 +67,12 @@ def storage_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except PermissionError as exc:
-        raise PipelineError(f"access denied to {uri}: {_first_line(exc)}") from None
+        raise PipelineError(f"access denied to {uri}: {one_line(exc)}") from None
     except FileNotFoundError:
         raise
     except OSError as exc:
         # s3fs turns a throttled or failing store into an OSError once its retries are spent.
-        raise PipelineError(f"storage error on {uri}: {_first_line(exc)}") from None
+        raise PipelineError(f"storage error on {uri}: {one_line(exc)}") from None
     except Exception as exc:
         # botocore's credential errors are not OSErrors; match them by name so that this
         # module does not import botocore for local runs.
@@ -83,9 +83,10 @@ def storage_errors(uri: str) -> Iterator[None]:
                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance role"
             ) from None
         if name in ("EndpointConnectionError", "ConnectTimeoutError"):
-            raise PipelineError(f"cannot reach the store of {uri}: {_first_line(exc)}") from None
+            raise PipelineError(f"cannot reach the store of {uri}: {one_line(exc)}") from None
         raise
 
 
-def _first_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's text on one line, at most ``limit`` characters (its type if empty)."""
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.config import PipelineError
-from pipeline.storage import open_fs
+from pipeline.storage import one_line, open_fs
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _imagenet_checkpoint() -> str:
         torch.hub.download_url_to_file(url, path, hash_prefix=prefix, progress=False)
     except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
         raise WeightsError(
-            f"cannot download the ImageNet weights ({url}): {' '.join(str(exc).split())[:200]}; "
+            f"cannot download the ImageNet weights ({url}): {one_line(exc)}; "
             f"copy that file to {path}, or pass it with --weights /path/to/{os.path.basename(url)}"
         ) from None
     return path
@@ -192,7 +192,7 @@ def _read_file(uri: str, storage_options: Mapping[str, Any], *, size: int = -1) 
         raise WeightsError(f"weights file not found: {uri}") from None
     except (OSError, ValueError) as exc:
         raise WeightsError(
-            f"cannot read weights {uri}: {' '.join(str(exc).split())[:200]}"
+            f"cannot read weights {uri}: {one_line(exc)}"
         ) from None
 
 

@@ -1,0 +1,48 @@
+"""The least time any `embed-images run` of N images can take on this machine: a bare Python
+process that imports torch and torchvision, gets the same seeded random weights as the timed runs,
+builds the model, runs the forward on N pre-made inputs at the ceiling's batch and threads, and
+exits. No listing, decoding, Ray or writing: what it costs is cost no pipeline can avoid.
+
+    python -m bench.floor --images 256 --batch-size 64 --threads 2
+
+`bench.efficiency` times it as a whole process, side by side with the pipeline's runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import torchvision.models  # noqa: F401  (what every run imports)
+
+    from pipeline.embed import ResNet50Embedder
+    from pipeline.preprocessing import preprocess_spec
+    from pipeline.weights import load_weights
+
+    spec = preprocess_spec("center-crop")
+    weights = load_weights("random", seed=0)
+    embedder = ResNet50Embedder(
+        state_dict=weights.state_dict, mean=spec.mean, std=spec.std, num_threads=args.threads
+    )
+    pixels = np.random.default_rng(0).integers(
+        0, 255, (args.batch_size, 224, 224, 3), dtype=np.uint8
+    )
+    done = 0
+    while done < args.images:
+        n = min(args.batch_size, args.images - done)
+        embedder.embed(pixels[:n])
+        done += n
+    print(f"forward passes on {done} pre-made images done")
+
+
+if __name__ == "__main__":
+    main()
