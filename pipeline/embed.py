@@ -21,6 +21,14 @@ logger = logging.getLogger(__name__)
 EMBEDDING_DIM = 2048
 
 
+# The environment of a CPU model actor's process (glibc reads it at start): one malloc arena.
+# glibc gives a thread its own arena, and an arena other than the main one serves each block
+# over 64 MiB with a fresh mmap whatever the threshold below. Ray Data calls the model from a
+# worker thread, so without this every forward pass page-faulted its activations in again:
+# 250,000 faults and 0.5 s of system time per 32-image batch, where one arena has none.
+CPU_ACTOR_ENV = {"MALLOC_ARENA_MAX": "1"}
+
+
 def keep_freed_memory() -> None:
     """Keep the forward pass's large buffers in the heap between batches (glibc only).
 
@@ -28,7 +36,8 @@ def keep_freed_memory() -> None:
     unmaps it on ``free``, so every CPU forward pass page-faults its activations in again: a
     quarter of the CPU time went to the kernel here. A fixed 1 GiB mmap threshold and a trim
     threshold that never trims make the buffers reusable: about 1.5x the images/s of ResNet50
-    on CPU, for some 450 MB more resident memory (bench/RESULTS.md).
+    on CPU, for some 450 MB more resident memory (bench/RESULTS.md). This holds for the main
+    arena; a process that runs the model from other threads also needs ``CPU_ACTOR_ENV``.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

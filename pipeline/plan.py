@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from pipeline.config import EmbedConfig, PipelineError
 from pipeline.decode import TRANSIENT_READ_ERROR, decode_batch
-from pipeline.embed import EMBEDDING_DIM, ResNet50Embedder
+from pipeline.embed import CPU_ACTOR_ENV, EMBEDDING_DIM, ResNet50Embedder
 from pipeline.incremental import committed_keys, mark_seen, select_new
 from pipeline.listing import IMAGE_EXTENSIONS, InputError, ListingCounts, list_images
 from pipeline.manifest import (
@@ -427,8 +427,7 @@ def build_dataset(
                 "num_threads": config.model_threads,
             },
             compute=_actor_pool(config.concurrency),
-            num_gpus=num_gpus,
-            num_cpus=1 if num_gpus == 0 else 0,
+            **model_remote_args(num_gpus),
         )
         .map_batches(
             write_batch,  # type: ignore[arg-type]
@@ -442,6 +441,17 @@ def build_dataset(
             num_cpus=config.decode_cpus,
         )
     )
+
+
+def model_remote_args(num_gpus: float) -> dict[str, Any]:
+    """Ray options of the model stage's actors.
+
+    A CPU actor reserves one CPU (its threads use the node's cores, see ResNet50Embedder) and
+    starts with ``CPU_ACTOR_ENV``; Ray merges those variables into the job's runtime_env.
+    """
+    if num_gpus > 0:
+        return {"num_gpus": num_gpus, "num_cpus": 0}
+    return {"num_gpus": 0, "num_cpus": 1, "runtime_env": {"env_vars": dict(CPU_ACTOR_ENV)}}
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -517,9 +527,7 @@ def _check_output_writable(fs: Any, root: str, uri: str) -> None:
         fs.pipe_file(probe, b"")
         fs.rm(probe)
     except (OSError, PermissionError) as exc:
-        raise PipelineError(
-            f"cannot write to output {uri}: {one_line(exc)}"
-        ) from None
+        raise PipelineError(f"cannot write to output {uri}: {one_line(exc)}") from None
 
 
 def _utc_iso() -> str:

@@ -191,9 +191,7 @@ def _read_file(uri: str, storage_options: Mapping[str, Any], *, size: int = -1) 
     except FileNotFoundError:
         raise WeightsError(f"weights file not found: {uri}") from None
     except (OSError, ValueError) as exc:
-        raise WeightsError(
-            f"cannot read weights {uri}: {one_line(exc)}"
-        ) from None
+        raise WeightsError(f"cannot read weights {uri}: {one_line(exc)}") from None
 
 
 def _torch_load(data: bytes, name: str) -> Mapping[str, Any]:
