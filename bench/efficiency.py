@@ -29,9 +29,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 from bench.corpus import make_corpus
+from bench.floor import model_and_inputs
 from bench.results import append, embed_command, run_measured
 
 
@@ -41,16 +40,7 @@ def model_ceiling(
     """Best images/s of the model stage alone on pre-decoded uint8 tensors."""
     import torch
 
-    from pipeline.embed import ResNet50Embedder
-    from pipeline.preprocessing import preprocess_spec
-    from pipeline.weights import load_weights
-
-    spec = preprocess_spec("center-crop")
-    weights = load_weights("random", seed=0)
-    embedder = ResNet50Embedder(state_dict=weights.state_dict, mean=spec.mean, std=spec.std)
-    pixels = np.random.default_rng(0).integers(
-        0, 255, (max(batch_sizes), 224, 224, 3), dtype=np.uint8
-    )
+    embedder, pixels = model_and_inputs(max(batch_sizes))
     best = (0.0, 0, 0)
     for batch, n_threads in itertools.product(batch_sizes, threads):
         torch.set_num_threads(n_threads)

@@ -11,8 +11,32 @@ exits. No listing, decoding, Ray or writing: what it costs is cost no pipeline c
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.embed import ResNet50Embedder
+
+
+def model_and_inputs(
+    batch_size: int, threads: int | None = None
+) -> tuple[ResNet50Embedder, np.ndarray]:
+    """The model stage (same seeded random weights as the timed runs) and a batch of inputs.
+
+    The floor and the ceiling (``bench.efficiency.model_ceiling``) time this same forward.
+    """
+    from pipeline.embed import ResNet50Embedder
+    from pipeline.preprocessing import preprocess_spec
+    from pipeline.weights import load_weights
+
+    spec = preprocess_spec("center-crop")
+    weights = load_weights("random", seed=0)
+    embedder = ResNet50Embedder(
+        state_dict=weights.state_dict, mean=spec.mean, std=spec.std, num_threads=threads
+    )
+    pixels = np.random.default_rng(0).integers(0, 255, (batch_size, 224, 224, 3), dtype=np.uint8)
+    return embedder, pixels
 
 
 def main() -> None:
@@ -22,20 +46,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    import torchvision.models  # noqa: F401  (what every run imports)
-
-    from pipeline.embed import ResNet50Embedder
-    from pipeline.preprocessing import preprocess_spec
-    from pipeline.weights import load_weights
-
-    spec = preprocess_spec("center-crop")
-    weights = load_weights("random", seed=0)
-    embedder = ResNet50Embedder(
-        state_dict=weights.state_dict, mean=spec.mean, std=spec.std, num_threads=args.threads
-    )
-    pixels = np.random.default_rng(0).integers(
-        0, 255, (args.batch_size, 224, 224, 3), dtype=np.uint8
-    )
+    embedder, pixels = model_and_inputs(args.batch_size, args.threads)
     done = 0
     while done < args.images:
         n = min(args.batch_size, args.images - done)
