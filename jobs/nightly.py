@@ -16,24 +16,15 @@ committed, a retry may succeed; 2 bad command line; 3 too many images failed
 from __future__ import annotations
 
 import datetime as dt
-import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-from pipeline.cli import (
-    PROG,
-    _Parser,
-    add_run_arguments,
-    config_from_args,
-    configure_logging,
-    prepare_and_start_ray,
-    print_summary,
-    report_failure,
-    secret_values,
-)
+from pipeline.cli import CommandLineParser, add_run_arguments, config_from_args, report_failure
 from pipeline.config import PipelineError
-from pipeline.manifest import read_manifest
+from pipeline.logs import configure_logging
+from pipeline.manifest import Manifest
+from pipeline.output import Output
+from pipeline.report import PROG, print_summary
 
 
 def nightly_run_id(date: dt.date, now: dt.datetime) -> str:
@@ -41,21 +32,20 @@ def nightly_run_id(date: dt.date, now: dt.datetime) -> str:
     return f"{date:%Y%m%d}T{now:%H%M%S}Z-nightly"
 
 
-def already_ran(manifest: dict[str, Any] | None, date: dt.date) -> str | None:
+def already_ran(manifest: Manifest | None, date: dt.date) -> str | None:
     """The committed nightly run id for ``date``, if there is one."""
-    for run in (manifest or {}).get("runs", []):
-        run_id = str(run["run_id"])
+    for run in manifest.runs if manifest else ():
         if (
-            run_id.startswith(f"{date:%Y%m%d}T")
-            and run_id.endswith("-nightly")
-            and run.get("status", "committed") == "committed"
+            run.run_id.startswith(f"{date:%Y%m%d}T")
+            and run.run_id.endswith("-nightly")
+            and run.committed
         ):
-            return run_id
+            return run.run_id
     return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m jobs.nightly", description=__doc__.split("\n\n")[0])
+    parser = CommandLineParser(prog="python -m jobs.nightly", description=__doc__.split("\n\n")[0])
     add_run_arguments(parser)
     parser.add_argument(
         "--date",
@@ -64,21 +54,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the night this run is for (default: today, UTC)",
     )
     args = parser.parse_args(argv)
-    configure_logging(args.log_level, secret_values(args.storage_options, os.environ))
+    configure_logging(args.log_level, storage_options=args.storage_options)
     if args.full:
         parser.error("--full is not for the nightly job: run `embed-images run --full` by hand")
     now = dt.datetime.now(dt.UTC)
     date = args.date or now.date()
     try:
-        from pipeline.plan import execute_run
+        from pipeline.run import execute_run
+        from pipeline.runtime import prepare_and_start_ray
 
         config = config_from_args(args)
-        done = already_ran(read_manifest(config.output, storage_options=config.fs_options()), date)
+        # Read once: the guard and the run's diff and commit share this snapshot.
+        snapshot = Output(config.output, config.fs_options()).snapshot()
+        done = already_ran(snapshot.manifest, date)
         if done:
             print(f"{PROG} nightly: {date} already committed as run {done}; nothing to do")
             return 0
         prepared = prepare_and_start_ray(config, args.address, run_id=nightly_run_id(date, now))
-        print_summary(execute_run(prepared))
+        print_summary(execute_run(prepared, snapshot=snapshot), prepared.output.uri)
         return 0
     except PipelineError as exc:
         return report_failure(exc)

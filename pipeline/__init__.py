@@ -1,13 +1,22 @@
 """embed-images: images in object storage -> ResNet50 embeddings in Parquet, on Ray Data.
 
-The modules follow the data path: ``listing`` -> ``decode`` (with ``preprocessing``) ->
-``embed`` (with ``weights``) -> ``write`` -> ``manifest``. ``plan`` wires them into one
-Ray Data plan; ``cli`` is the edge that parses flags and starts or joins Ray.
+The modules follow the data path: ``listing`` (with ``incremental``) -> ``decode`` (with
+``preprocessing``) -> ``embed`` (with ``weights``) -> ``write`` -> ``output`` (the commit, and
+the readers), with ``sink`` running the last two under Ray Data and ``manifest`` the typed
+records. ``plan`` wires the stages into one Ray Data plan, ``run`` puts a run together; ``cli``,
+``runtime`` and ``jobs/`` are the edges that parse flags and start or join Ray.
 """
 
 from pipeline.config import EmbedConfig, PipelineError
-from pipeline.manifest import read_embeddings, read_manifest
+from pipeline.output import iter_embeddings, read_embeddings, read_manifest
 
 __version__ = "0.1.0"
 
-__all__ = ["EmbedConfig", "PipelineError", "read_embeddings", "read_manifest", "__version__"]
+__all__ = [
+    "EmbedConfig",
+    "PipelineError",
+    "iter_embeddings",
+    "read_embeddings",
+    "read_manifest",
+    "__version__",
+]

@@ -41,14 +41,16 @@ class EmbedConfig:
         batch_size: Images per model forward.
         decode_batch_size: Images per decode task batch.
         decode_memory: Bytes of RAM reserved per decode task.
-        decode_cpus: Logical CPUs reserved per decode (and write) task; fractions let more
-            decode tasks share a core, for a node that also runs model actors.
+        decode_cpus: Logical CPUs reserved per decode task; fractions let more decode tasks
+            share a core, for a node that also runs model actors.
+        write_cpus: Logical CPUs reserved per writer task.
         rows_per_file: Rows per Parquet file written.
         concurrency: Model actors: a fixed count or an autoscaling ``(min, max)``.
         num_gpus: GPUs per model actor; ``None`` means 1 where the cluster has GPUs, else 0.
         model_threads: torch intra-op threads per CPU model actor (``None``: every core of
             the node; with several CPU actors per node, give cores / actors).
-        precision: Autocast dtype on CUDA; CPU actors always compute in fp32.
+        precision: Autocast dtype on GPU actors; CPU actors compute in fp32 (and the output
+            records fp32).
         normalize: L2-normalize each embedding.
         limit: Embed at most this many listed images.
         full: Re-embed everything, replacing what the output holds (default: only images that
@@ -78,6 +80,7 @@ class EmbedConfig:
     decode_batch_size: int = 16
     decode_memory: int = 512 * 1024 * 1024
     decode_cpus: float = 1.0
+    write_cpus: float = 1.0
     rows_per_file: int = 4096
     concurrency: int | tuple[int, int] = 1
     num_gpus: float | None = None
@@ -119,8 +122,9 @@ class EmbedConfig:
             raise ConfigError(f"--max-error-rate {self.max_error_rate}: must be between 0 and 1")
         if self.model_threads is not None and self.model_threads < 1:
             raise ConfigError(f"--model-threads {self.model_threads}: must be >= 1")
-        if not self.decode_cpus > 0:
-            raise ConfigError(f"--decode-cpus {self.decode_cpus}: must be > 0")
+        for name in ("decode_cpus", "write_cpus"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be > 0")
         if self.object_store_memory is not None and self.object_store_memory < 78 * 2**20:
             raise ConfigError(
                 f"--object-store-memory {self.object_store_memory}: Ray needs at least 78 MiB"

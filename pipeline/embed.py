@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Precision
+from pipeline.config import ConfigError, Precision
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +24,8 @@ EMBEDDING_DIM = 2048
 # The environment of a CPU model actor's process (glibc reads it at start): one malloc arena.
 # glibc gives a thread its own arena, and an arena other than the main one serves each block
 # over 64 MiB with a fresh mmap whatever the threshold below. Ray Data calls the model from a
-# worker thread, so without this every forward pass page-faulted its activations in again:
-# 250,000 faults and 0.5 s of system time per 32-image batch, where one arena has none.
+# worker thread, so without this every forward pass page-faults its activations in again
+# (bench/RESULTS.md has the figures).
 CPU_ACTOR_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 
@@ -33,11 +33,11 @@ def keep_freed_memory() -> None:
     """Keep the forward pass's large buffers in the heap between batches (glibc only).
 
     glibc serves each allocation over its dynamic mmap threshold with a fresh ``mmap`` and
-    unmaps it on ``free``, so every CPU forward pass page-faults its activations in again: a
-    quarter of the CPU time went to the kernel here. A fixed 1 GiB mmap threshold and a trim
-    threshold that never trims make the buffers reusable: about 1.5x the images/s of ResNet50
-    on CPU, for some 450 MB more resident memory (bench/RESULTS.md). This holds for the main
-    arena; a process that runs the model from other threads also needs ``CPU_ACTOR_ENV``.
+    unmaps it on ``free``, so every CPU forward pass page-faults its activations in again and
+    spends much of its time in the kernel. A fixed 1 GiB mmap threshold and a trim threshold
+    that never trims make the buffers reusable, for some more resident memory (the figures
+    are in bench/RESULTS.md). This holds for the main arena; a process that runs the model
+    from other threads also needs ``CPU_ACTOR_ENV``.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -56,16 +56,19 @@ class ResNet50Embedder:
             by :func:`pipeline.weights.load_weights`.
         mean: Per-channel normalization mean (0..1 scale).
         std: Per-channel normalization std.
-        precision: Autocast dtype on CUDA; ignored on CPU, which computes fp32.
+        precision: Autocast dtype on CUDA; a CPU model computes fp32 and refuses others.
         normalize: L2-normalize each embedding.
         num_threads: torch intra-op threads (``None``: every core the process may use, on
             CPU; torch's own setting on GPU).
         device: ``"cuda"``, ``"cpu"`` or ``None`` for CUDA when torch sees it.
 
     Example:
-        >>> embedder = ResNet50Embedder(state_dict=w.state_dict, mean=spec.mean, std=spec.std)
-        >>> embedder(decode_batch(...))["embedding"].shape  # doctest: +SKIP
-        (16, 2048)
+        >>> weights = load_weights("random")  # doctest: +SKIP
+        >>> spec = preprocess_spec("center-crop")  # doctest: +SKIP
+        >>> embedder = ResNet50Embedder(
+        ...     state_dict=weights.state_dict, mean=spec.mean, std=spec.std)  # doctest: +SKIP
+        >>> embedder.embed(np.zeros((2, 224, 224, 3), np.uint8)).shape  # doctest: +SKIP
+        (2, 2048)
     """
 
     def __init__(
@@ -92,8 +95,12 @@ class ResNet50Embedder:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         if self.device.type == "cpu" and precision != "fp32":
-            logger.warning("precision %s requested but running on CPU: computing fp32", precision)
-            precision = "fp32"
+            # The precision is decided once, in the driver, and written into the output's
+            # metadata: computing in another one here would make the files lie.
+            raise ConfigError(
+                f"--precision {precision} needs a CUDA device, and torch sees none on this "
+                "actor's node: use --precision fp32"
+            )
         self.precision: Precision = precision
         self.normalize = normalize
         if self.device.type == "cpu":
@@ -147,5 +154,4 @@ class ResNet50Embedder:
             embeddings[ok] = self.embed(batch["image"][ok])
         out = {key: value for key, value in batch.items() if key != "image"}
         out["embedding"] = embeddings
-        out["precision"] = np.full(len(ok), self.precision, dtype=object)
         return out

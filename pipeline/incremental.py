@@ -8,12 +8,84 @@ row per URI (:func:`resolve_current`).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.listing import ListingCounts, list_images
+
 # Failed images are retried only when the failure may be transient.
 RETRIED_ERROR_TYPES = frozenset({"unreadable"})
+
+# Listing rows per object-store chunk: ten million keys stay some 40,000 refs in the driver.
+# The plan re-splits the chunks into decode-sized blocks before decoding.
+LISTING_BLOCK_ROWS = 256
+
+# The committed columns the diff needs, per table.
+EMBEDDINGS_KEY_COLUMNS = ["uri", "file_size", "source_version"]
+ERRORS_KEY_COLUMNS = ["uri", "file_size", "source_version", "error_type"]
+
+
+@dataclasses.dataclass
+class NewImages:
+    """What a run has to embed: listing chunks in the object store, and the books on the rest."""
+
+    refs: list[Any]
+    counts: ListingCounts
+    unchanged: int
+    deleted: pa.Array
+
+    @property
+    def to_embed(self) -> int:
+        return self.counts.listed - self.unchanged
+
+
+def list_new_images(
+    fs: Any,
+    root: str,
+    *,
+    committed: tuple[pa.Table, pa.Table] | None,
+    limit: int | None = None,
+) -> NewImages:
+    """List the input and keep what the committed tables do not already hold.
+
+    Each kept chunk goes to the object store as it is listed, so the driver holds one chunk of
+    the listing at a time, plus the current table's keys when there is one.
+
+    Args:
+        fs: The input's filesystem.
+        root: The input's path on it.
+        committed: The current embeddings (``EMBEDDINGS_KEY_COLUMNS``) and errors
+            (``ERRORS_KEY_COLUMNS``) rows, or ``None`` to embed everything (``--full``, or a
+            new output).
+        limit: List at most this many images; a limited listing records no deletions.
+    """
+    import ray
+
+    counts = ListingCounts()
+    if committed is None:
+        known = pa.array([], pa.string())
+        current_uris = pa.array([], pa.string())
+    else:
+        embeddings, errors = committed
+        known = committed_keys(embeddings, errors)
+        current_uris = pa.concat_arrays(
+            [t["uri"].combine_chunks().cast(pa.string()) for t in (embeddings, errors)]
+        )
+    seen = np.zeros(len(current_uris), dtype=bool)
+    refs, unchanged = [], 0
+    for chunk in list_images(fs, root, counts, chunk_rows=LISTING_BLOCK_ROWS, limit=limit):
+        mark_seen(seen, current_uris, chunk)
+        new = select_new(chunk, known)
+        unchanged += chunk.num_rows - new.num_rows
+        if new.num_rows:
+            refs.append(ray.put(new))
+    # Only a complete listing can tell that an image is gone.
+    deleted = current_uris.filter(pa.array(~seen)) if limit is None else current_uris[:0]
+    return NewImages(refs=refs, counts=counts, unchanged=unchanged, deleted=deleted)
 
 
 def image_keys(table: pa.Table) -> pa.Array:

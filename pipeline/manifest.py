@@ -1,407 +1,241 @@
-"""Stage 5: commit a run. Staged files move into the tables, then ``_manifest.json`` is written
-last, in one atomic write: a run exists for readers only once its manifest does.
+"""What ``_manifest.json`` holds, typed: the model that made the vectors, each run, the files.
+
+``ModelIdentity`` (one source of truth for the model's name, weights, dimension, dtype and the
+precision actually used) -> ``RunRecord`` (one run: counts, times, committed files) ->
+``Manifest`` (the current files per table and the runs). Each has one ``to_json`` and one
+``from_json``; the JSON layout is the one the contract describes. :mod:`pipeline.output`
+reads and writes it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import dataclasses
 import json
-import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Literal
 
-import pyarrow as pa
-import pyarrow.dataset as pads
-import pyarrow.parquet as pq
+from pipeline.config import Precision
+from pipeline.embed import EMBEDDING_DIM
 
-from pipeline.config import PipelineError
-from pipeline.storage import is_local, join, make_parent, open_fs
-
-MANIFEST_NAME = "_manifest.json"
-LOCK_NAME = "_commit.lock"  # local disk only; pyarrow's dataset discovery skips "_" names
-STAGING_DIR = "_staging"
 MANIFEST_FORMAT = "embed-images/manifest"
 MANIFEST_VERSION = 1
-UNCHECKED = object()  # commit_run: read the manifest's version now rather than compare
 TABLES = ("embeddings", "errors", "deletions")
 
-
-def read_manifest(
-    output: str, *, storage_options: Mapping[str, Any] | None = None
-) -> dict[str, Any] | None:
-    """The output's manifest, or ``None`` when no run has committed there.
-
-    Example:
-        >>> read_manifest("/tmp/nowhere-yet") is None
-        True
-    """
-    fs, root = open_fs(output, storage_options)
-    return _read_manifest(fs, root)
+RunStatus = Literal["committed", "failed: error rate"]
+COMMITTED: Final = "committed"
+ERROR_RATE_EXCEEDED: Final = "failed: error rate"
 
 
-def _read_manifest(fs: Any, root: str) -> dict[str, Any] | None:
-    path = join(root, MANIFEST_NAME)
-    try:
-        data = fs.cat_file(path)
-    except FileNotFoundError:
-        return None
-    manifest = json.loads(data)
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path} is not an embed-images manifest")
-    return dict(manifest)
-
-
-def read_embeddings(
-    output: str,
-    *,
-    storage_options: Mapping[str, Any] | None = None,
-    columns: Sequence[str] | None = None,
-    table: str = "embeddings",
-) -> pa.Table:
-    """The current table of an output: committed rows only, each image once.
-
-    After several runs an image may have rows in more than one run (it changed) or may have
-    been deleted from the input; this keeps the latest row per URI and drops deleted URIs.
-
-    Args:
-        output: The ``--output`` of the runs.
-        storage_options: fsspec options for object stores.
-        columns: Columns to return (default: all, plus the ``run_id`` partition column).
-        table: ``embeddings`` or ``errors``.
-
-    Returns:
-        An Arrow table; empty (with the schema) when the manifest lists no file.
+@dataclasses.dataclass(frozen=True)
+class ModelIdentity:
+    """What made a table's vectors; the manifest and every Parquet file record the same one.
 
     Example:
-        >>> t = read_embeddings("./out")  # doctest: +SKIP
-        >>> t.column("embedding").type  # doctest: +SKIP
-        FixedSizeListType(fixed_size_list<item: float>[2048])
+        >>> ModelIdentity(weights="random:seed=0", weights_sha256="ab" * 32,
+        ...               normalized=False, precision="fp32").to_parquet_metadata()["model"]
+        'resnet50'
     """
-    from pipeline.incremental import resolve_current
 
-    fs, root = open_fs(output, storage_options)
-    manifest = _read_manifest(fs, root)
-    if manifest is None:
-        raise FileNotFoundError(f"no {MANIFEST_NAME} under {output}: no run has committed there")
-    wanted = list(columns) if columns else None
-    narrow = ["uri", "run_id"]
-    loaded = {
-        name: _load_table(
-            fs, root, manifest, name, _with(wanted, narrow) if name == table else narrow
+    weights: str
+    weights_sha256: str
+    normalized: bool
+    precision: Precision
+    name: str = "resnet50"
+    embedding_dim: int = EMBEDDING_DIM
+    embedding_dtype: str = "float32"
+
+    # What makes two tables' vectors comparable (precision alone does not change the model).
+    COMPARED = ("weights_sha256", "normalized", "embedding_dim")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "embedding_dim": self.embedding_dim,
+            "embedding_dtype": self.embedding_dtype,
+            "normalized": self.normalized,
+            "precision": self.precision,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelIdentity:
+        return cls(
+            name=str(data.get("name", "resnet50")),
+            weights=str(data["weights"]),
+            weights_sha256=str(data["weights_sha256"]),
+            embedding_dim=int(data.get("embedding_dim", EMBEDDING_DIM)),
+            embedding_dtype=str(data.get("embedding_dtype", "float32")),
+            normalized=bool(data.get("normalized", False)),
+            precision=data.get("precision", "fp32"),
         )
-        for name in TABLES
-    }
-    if len(manifest["runs"]) > 1:
-        embeddings, errors = resolve_current(
-            loaded["embeddings"], loaded["errors"], loaded["deletions"]
-        )
-        result = embeddings if table == "embeddings" else errors
-    else:
-        result = loaded[table]
-    return result.select(wanted) if wanted else result
 
+    def to_parquet_metadata(self) -> dict[str, str]:
+        """Parquet key-value metadata (strings only)."""
+        return {
+            "model": self.name,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "embedding_dim": str(self.embedding_dim),
+            "embedding_dtype": self.embedding_dtype,
+            "normalized": json.dumps(self.normalized),
+            "precision": self.precision,
+        }
 
-def iter_embeddings(
-    output: str,
-    *,
-    storage_options: Mapping[str, Any] | None = None,
-    columns: Sequence[str] = ("uri", "original_width", "original_height", "embedding"),
-    batch_size: int = 4096,
-) -> Iterator[pa.RecordBatch]:
-    """Stream the current embeddings in record batches, never the whole table at once.
-
-    Only the narrow ``(uri, run_id)`` columns are read in full, to know which rows are
-    current; the wide columns (the vectors) are read batch by batch.
-
-    Example:
-        >>> for batch in iter_embeddings("./out", batch_size=1024):  # doctest: +SKIP
-        ...     index.add(np.stack(batch["embedding"].to_numpy(zero_copy_only=False)))
-    """
-    import pyarrow.compute as pc
-
-    fs, root = open_fs(output, storage_options)
-    manifest = _read_manifest(fs, root)
-    if manifest is None:
-        raise FileNotFoundError(f"no {MANIFEST_NAME} under {output}: no run has committed there")
-    files = [join(root, p) for p in manifest["current"].get("embeddings", [])]
-    if not files:
-        return
-    current = read_embeddings(output, storage_options=storage_options, columns=["uri", "run_id"])
-    keys = pc.binary_join_element_wise(current["uri"], current["run_id"].cast(pa.string()), "\x00")
-    dataset = _run_dataset(fs, root, "embeddings", files)
-    wanted = list(dict.fromkeys([*columns, "uri", "run_id"]))
-    for batch in dataset.to_batches(columns=wanted, batch_size=batch_size):
-        batch_keys = pc.binary_join_element_wise(batch["uri"], batch["run_id"], "\x00")
-        kept = batch.filter(pc.is_in(batch_keys, value_set=keys))
-        if kept.num_rows:
-            yield kept.select(list(columns))
-
-
-def _with(columns: list[str] | None, required: list[str]) -> list[str] | None:
-    if columns is None:
+    def first_difference(self, other: ModelIdentity) -> tuple[str, Any, Any] | None:
+        """``(key, ours, theirs)`` for the first compared key that differs, else ``None``."""
+        for key in self.COMPARED:
+            if getattr(self, key) != getattr(other, key):
+                return key, getattr(self, key), getattr(other, key)
         return None
-    return columns + [c for c in required if c not in columns]
 
 
-def _load_table(
-    fs: Any, root: str, manifest: Mapping[str, Any], table: str, columns: list[str] | None
-) -> pa.Table:
-    from pipeline.write import DELETIONS_SCHEMA, EMBEDDINGS_SCHEMA, ERRORS_SCHEMA
+@dataclasses.dataclass(frozen=True)
+class RunCounts:
+    """Images of one run: every listed image is unchanged, embedded or failed."""
 
-    schema = {"embeddings": EMBEDDINGS_SCHEMA, "errors": ERRORS_SCHEMA}.get(table, DELETIONS_SCHEMA)
-    files = [join(root, p) for p in manifest["current"].get(table, [])]
-    if not files:
-        empty = schema.append(pa.field("run_id", pa.string())).empty_table()
-        return empty.select(columns) if columns else empty
-    return _run_dataset(fs, root, table, files).to_table(columns=columns)
+    listed: int = 0
+    skipped_by_extension: int = 0
+    unchanged: int = 0
+    embedded: int = 0
+    failed: int = 0
+    deleted: int = 0
 
+    def to_json(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
 
-def _run_dataset(fs: Any, root: str, table: str, files: list[str]) -> pads.Dataset:
-    """The listed files of one table, with ``run_id`` (always a string) from their folders."""
-    return pads.dataset(
-        files,
-        filesystem=fs,
-        format="parquet",
-        partitioning=pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive"),
-        partition_base_dir=join(root, table),
-    )
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunCounts:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: int(v) for k, v in data.items() if k in names})
 
 
-def staging_uri(output: str, run_id: str) -> str:
-    return join(output, STAGING_DIR, run_id)
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """One run as the manifest records it, and as the command prints it."""
 
+    run_id: str
+    input: str
+    counts: RunCounts
+    model: ModelIdentity | None
+    preprocessing: Mapping[str, Any]
+    status: RunStatus = COMMITTED
+    full: bool = False
+    started_at: str = ""
+    finished_at: str = ""
+    wall_seconds: float = 0.0
+    images_per_second: float = 0.0
+    pipeline_version: str = ""
+    files: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
 
-def commit_run(
-    output: str,
-    *,
-    run: Mapping[str, Any],
-    staged: Mapping[str, Sequence[str]],
-    deleted_uris: pa.Array | None = None,
-    replace: bool = False,
-    expected_version: str | None | object = UNCHECKED,
-    storage_options: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Move a run's staged files into the tables and write the manifest, last.
+    @property
+    def committed(self) -> bool:
+        return self.status == COMMITTED
 
-    Args:
-        output: The output root.
-        run: The run's record (``run_id``, counts, times, model and preprocessing blocks).
-        staged: Per table, file paths relative to the run's staging folder
-            (``embeddings/part-….parquet``), exactly those the pipeline returned.
-        deleted_uris: URIs this run found gone from the input, recorded in ``deletions/``.
-        replace: This run re-embedded everything (``--full``): earlier files stop being
-            current, and are deleted once the new manifest is in place.
-        expected_version: :func:`manifest_version` when the run started (``None``: there was
-            no manifest). If another run has committed since, nothing is moved or written and
-            :class:`ConcurrentCommitError` is raised; on S3 the manifest PUT itself is
-            conditional (``If-None-Match: *`` for the first run, ``If-Match: ETAG`` after);
-            on local disk the whole commit (check, moves, manifest) holds ``_commit.lock``.
-        storage_options: fsspec options for object stores.
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "input": self.input,
+            "full": self.full,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "wall_seconds": self.wall_seconds,
+            "images_per_second": self.images_per_second,
+            "counts": self.counts.to_json(),
+            "pipeline_version": self.pipeline_version,
+            "model": self.model.to_json() if self.model else None,
+            "preprocessing": dict(self.preprocessing),
+            "files": {table: list(paths) for table, paths in self.files.items()},
+        }
 
-    Returns:
-        The manifest as written.
-    """
-    fs, root = open_fs(output, storage_options)
-    with _commit_lock(fs, root):
-        return _commit(fs, root, output, run, staged, deleted_uris, replace, expected_version)
-
-
-@contextlib.contextmanager
-def _commit_lock(fs: Any, root: str) -> Iterator[None]:
-    """On local disk, one commit at a time per output: check, moves and manifest together.
-
-    An exclusive ``flock`` on ``_commit.lock``, which the kernel releases when its holder dies,
-    so a killed run leaves no stale lock. Object stores need none: the manifest PUT itself is
-    conditional there.
-    """
-    if not is_local(fs):
-        yield
-        return
-    os.makedirs(root, exist_ok=True)
-    fd = os.open(os.path.join(root, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _commit(
-    fs: Any,
-    root: str,
-    output: str,
-    run: Mapping[str, Any],
-    staged: Mapping[str, Sequence[str]],
-    deleted_uris: pa.Array | None,
-    replace: bool,
-    expected_version: str | None | object,
-) -> dict[str, Any]:
-    run_id = str(run["run_id"])
-    stage_root = join(root, STAGING_DIR, run_id)
-    manifest_path = join(root, MANIFEST_NAME)
-    if expected_version is UNCHECKED:
-        expected_version = _version(fs, manifest_path)
-    elif _version(fs, manifest_path) != expected_version:
-        raise ConcurrentCommitError(
-            f"another run committed to {output} while run {run_id} was running; nothing of "
-            "this run was committed: run again to embed what is left"
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunRecord:
+        model = data.get("model")
+        return cls(
+            run_id=str(data["run_id"]),
+            status=data.get("status", COMMITTED),
+            input=str(data.get("input", "")),
+            full=bool(data.get("full", False)),
+            started_at=str(data.get("started_at", "")),
+            finished_at=str(data.get("finished_at", "")),
+            wall_seconds=float(data.get("wall_seconds", 0.0)),
+            images_per_second=float(data.get("images_per_second", 0.0)),
+            counts=RunCounts.from_json(data.get("counts", {})),
+            pipeline_version=str(data.get("pipeline_version", "")),
+            model=ModelIdentity.from_json(model) if model else None,
+            preprocessing=dict(data.get("preprocessing") or {}),
+            files={t: list(p) for t, p in (data.get("files") or {}).items()},
         )
-    if deleted_uris is not None and len(deleted_uris):
-        from pipeline.write import DELETIONS_SCHEMA
-
-        name = "deletions/part-0.parquet"
-        make_parent(fs, join(stage_root, name))
-        with fs.open(join(stage_root, name), "wb") as f:
-            pq.write_table(pa.table([deleted_uris], schema=DELETIONS_SCHEMA), f)
-        staged = dict(staged) | {"deletions": [name]}
-    committed: dict[str, list[str]] = {}
-    for table in TABLES:
-        committed[table] = []
-        for relative in sorted(staged.get(table, ())):
-            name = relative.rsplit("/", 1)[-1]
-            final = f"{table}/run_id={run_id}/{name}"
-            make_parent(fs, join(root, final))
-            fs.mv(join(stage_root, relative), join(root, final))
-            committed[table].append(final)
-    manifest = _read_manifest(fs, root) or {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "current": {table: [] for table in TABLES},
-        "runs": [],
-    }
-    record = dict(run) | {"files": committed}
-    manifest["runs"].append(record)
-    superseded: list[str] = []
-    for table in TABLES:
-        previous = list(manifest["current"].get(table, []))
-        if replace:
-            superseded += previous
-            previous = []
-        manifest["current"][table] = sorted(previous + committed[table])
-    for key in ("model", "preprocessing"):
-        if key in run:
-            manifest[key] = run[key]
-    _write_atomically(
-        fs, manifest_path, json.dumps(manifest, indent=2).encode(), expected_version, output
-    )
-    # Staging is scratch once the manifest is in place; leftovers of retried tasks go with it.
-    remove_tree(fs, stage_root)
-    for relative in superseded:
-        remove_tree(fs, join(root, relative))
-    staging = join(root, STAGING_DIR)
-    if is_local(fs) and fs.exists(staging) and not fs.ls(staging):
-        fs.rmdir(staging)
-    return manifest
 
 
-def discard_uncommitted(output: str, *, storage_options: Mapping[str, Any] | None = None) -> int:
-    """Delete what runs that never committed left behind; returns the number of paths removed.
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """The commit point of an output: its current files per table, and every run.
 
-    A run killed after moving files but before its manifest leaves ``run_id=…`` folders that
-    no manifest lists; the plain dataset read would see them, so the next run removes them,
-    together with stale staging. One writer per output at a time is assumed.
+    ``model`` and ``preprocessing`` are those of the latest run; a run that would mix vectors
+    of another model into the table is refused before it starts.
     """
-    fs, root = open_fs(output, storage_options)
-    manifest = _read_manifest(fs, root)
-    committed_runs = {str(r["run_id"]) for r in manifest["runs"]} if manifest else set()
-    removed = 0
-    for table in TABLES:
-        table_root = join(root, table)
-        if not fs.exists(table_root):
-            continue
-        for entry in fs.ls(table_root, detail=False):
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith("run_id=") and name[len("run_id=") :] not in committed_runs:
-                remove_tree(fs, entry)
-                removed += 1
-    stage = join(root, STAGING_DIR)
-    if fs.exists(stage):
-        remove_tree(fs, stage)
-        removed += 1
-    return removed
 
+    current: Mapping[str, Sequence[str]]
+    runs: Sequence[RunRecord]
+    model: ModelIdentity | None = None
+    preprocessing: Mapping[str, Any] | None = None
 
-def remove_tree(fs: Any, path: str) -> None:
-    try:
-        fs.rm(path, recursive=True)
-    except FileNotFoundError:
-        pass
+    @classmethod
+    def empty(cls) -> Manifest:
+        return cls(current={table: [] for table in TABLES}, runs=[])
 
+    def committed_run_ids(self) -> set[str]:
+        return {run.run_id for run in self.runs}
 
-def manifest_version(
-    output: str, *, storage_options: Mapping[str, Any] | None = None
-) -> str | None:
-    """What changes whenever the manifest is rewritten (``None`` when there is none yet): its
-    ETag on object stores; inode, size and mtime on local disk."""
-    fs, root = open_fs(output, storage_options)
-    return _version(fs, join(root, MANIFEST_NAME))
+    def with_run(self, run: RunRecord, *, replace: bool = False) -> tuple[Manifest, list[str]]:
+        """This manifest with ``run`` added (its ``files`` become current).
 
+        Returns:
+            The new manifest, and the files that stopped being current (``replace``: all the
+            earlier ones, for a run that re-embedded everything).
+        """
+        superseded: list[str] = []
+        current: dict[str, list[str]] = {}
+        for table in TABLES:
+            before = list(self.current.get(table, []))
+            if replace:
+                superseded += before
+                before = []
+            current[table] = sorted(before + list(run.files.get(table, [])))
+        manifest = Manifest(
+            current=current,
+            runs=[*self.runs, run],
+            model=run.model or self.model,
+            preprocessing=run.preprocessing or self.preprocessing,
+        )
+        return manifest, superseded
 
-def _version(fs: Any, path: str) -> str | None:
-    if is_local(fs):
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None
-        return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
-    fs.invalidate_cache(path)
-    try:
-        info = fs.info(path)
-    except FileNotFoundError:
-        return None
-    etag = info.get("ETag") or info.get("etag")
-    return str(etag).strip('"') if etag else f"{info.get('size')}-{info.get('LastModified')}"
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "current": {table: list(self.current.get(table, [])) for table in TABLES},
+            "runs": [run.to_json() for run in self.runs],
+        }
+        if self.model is not None:
+            data["model"] = self.model.to_json()
+        if self.preprocessing is not None:
+            data["preprocessing"] = dict(self.preprocessing)
+        return data
 
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), indent=2).encode()
 
-def _write_atomically(
-    fs: Any, path: str, data: bytes, expected_version: str | None | object, output: str
-) -> None:
-    conflict = ConcurrentCommitError(
-        f"another run committed to {output} at the same moment; this run's manifest was not "
-        "written: run again to embed what is left"
-    )
-    if is_local(fs):
-        # Write beside the target and rename: readers see the old manifest or the new one.
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=directory)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if _version(fs, path) != expected_version:  # under _commit_lock: check-and-swap
-            os.unlink(tmp)
-            raise conflict
-        os.replace(tmp, path)
-        return
-    # An object-store PUT is atomic (readers see the old manifest or the new one); on S3 it
-    # is also conditional, so that two runs can never both think they committed.
-    bucket, _, key = path.partition("/")
-    try:
-        if expected_version is None:
-            fs.pipe_file(path, data, mode="create")  # If-None-Match: *
-        elif hasattr(fs, "call_s3") and isinstance(expected_version, str):
-            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=expected_version)
-        else:
-            fs.pipe_file(path, data)
-    except FileExistsError:
-        raise conflict from None
-    except OSError as exc:
-        if _precondition_failed(exc):
-            raise conflict from None
-        raise
-    finally:
-        fs.invalidate_cache(path)
-
-
-def _precondition_failed(exc: BaseException) -> bool:
-    """s3fs turns S3's 412 PreconditionFailed into an OSError; the boto error is its cause."""
-    cause = exc.__cause__ or exc.__context__
-    code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause else None
-    return code == "PreconditionFailed" or "pre-condition" in str(exc).lower()
-
-
-class ConcurrentCommitError(PipelineError):
-    """Another run committed to the same output while this one ran."""
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, where: str = "manifest") -> Manifest:
+        if data.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"{where} is not an embed-images manifest")
+        model = data.get("model")
+        return cls(
+            current={t: list(data.get("current", {}).get(t, [])) for t in TABLES},
+            runs=[RunRecord.from_json(run) for run in data.get("runs", [])],
+            model=ModelIdentity.from_json(model) if model else None,
+            preprocessing=data.get("preprocessing"),
+        )

@@ -15,6 +15,8 @@ from PIL import Image
 
 from pipeline.config import ResizeMode
 
+TRANSFORM_SOURCE = "torchvision ResNet50_Weights.IMAGENET1K_V2.transforms()"
+
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessSpec:
@@ -37,7 +39,9 @@ class PreprocessSpec:
     jpeg_draft: bool
 
     def to_metadata(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"source": "torchvision ResNet50_Weights.IMAGENET1K_V2"}
+        # Where the numbers come from, whatever the weights (random and file weights are
+        # ResNet50s for the same input): the transform, not the weights, is named.
+        return dataclasses.asdict(self) | {"transform_from": TRANSFORM_SOURCE}
 
 
 def preprocess_spec(mode: ResizeMode, *, jpeg_draft: bool = False) -> PreprocessSpec:

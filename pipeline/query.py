@@ -17,7 +17,8 @@ import pyarrow as pa
 from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS, PipelineError
 from pipeline.decode import ImageRejectedError, decode_image
 from pipeline.embed import ResNet50Embedder
-from pipeline.manifest import iter_embeddings, read_manifest
+from pipeline.manifest import Manifest
+from pipeline.output import Output
 from pipeline.preprocessing import PreprocessSpec
 from pipeline.storage import open_fs
 from pipeline.weights import load_weights
@@ -48,34 +49,34 @@ def spec_from_metadata(block: Mapping[str, Any]) -> PreprocessSpec:
 def table_embedder(
     output: str,
     *,
+    manifest: Manifest | None,
     weights: str | None = None,
     seed: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[ResNet50Embedder, PreprocessSpec]:
     """The model stage and preprocessing that made ``output``'s vectors, checked by sha256."""
-    manifest = read_manifest(output, storage_options=storage_options)
-    if manifest is None:
+    if manifest is None or manifest.model is None:
         raise PipelineError(f"no committed run under {output}")
-    model = manifest["model"]
-    recorded_source, recorded_seed = recorded_weights_source(model["weights"])
+    model = manifest.model
+    recorded_source, recorded_seed = recorded_weights_source(model.weights)
     source = weights or recorded_source
     resolved = load_weights(
         source,
         seed=recorded_seed if seed is None else seed,
         storage_options=storage_options,
     )
-    if resolved.sha256 != model["weights_sha256"]:
+    if resolved.sha256 != model.weights_sha256:
         raise PipelineError(
             f"weights {resolved.name} (sha256 {resolved.sha256[:12]}…) are not the ones that made "
-            f"{output} ({model['weights']}, sha256 {model['weights_sha256'][:12]}…): "
+            f"{output} ({model.weights}, sha256 {model.weights_sha256[:12]}…): "
             "pass those with --weights"
         )
-    spec = spec_from_metadata(manifest["preprocessing"])
+    spec = spec_from_metadata(manifest.preprocessing or {})
     embedder = ResNet50Embedder(
         state_dict=resolved.state_dict,
         mean=spec.mean,
         std=spec.std,
-        normalize=bool(model["normalized"]),
+        normalize=model.normalized,
     )
     return embedder, spec
 
@@ -108,8 +109,14 @@ def nearest(
     """
     if k < 1:
         raise PipelineError(f"--k {k}: must be >= 1")
+    table_output = Output(output, storage_options)
+    snapshot = table_output.snapshot()
     embedder, spec = table_embedder(
-        output, weights=weights, seed=seed, storage_options=storage_options
+        output,
+        manifest=snapshot.manifest,
+        weights=weights,
+        seed=seed,
+        storage_options=storage_options,
     )
     fs, path = open_fs(image, storage_options)
     try:
@@ -123,7 +130,11 @@ def nearest(
     query = embedder.embed(pixels[None])[0]
     best: list[tuple[float, int, dict[str, Any]]] = []
     counter = 0
-    for batch in iter_embeddings(output, storage_options=storage_options):
+    for batch in table_output.iter_current(
+        snapshot,
+        columns=("uri", "original_width", "original_height", "embedding"),
+        batch_size=4096,
+    ):
         vectors = batch["embedding"].flatten().to_numpy().reshape(batch.num_rows, -1)
         distances = np.linalg.norm(vectors - query, axis=1)
         take = np.argsort(distances)[:k]

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.embed import EMBEDDING_DIM
+from pipeline.manifest import ModelIdentity
 from pipeline.storage import join, make_parent, open_fs
 
 EMBEDDINGS_SCHEMA = pa.schema(
@@ -44,27 +45,16 @@ ERRORS_SCHEMA = pa.schema(
 
 DELETIONS_SCHEMA = pa.schema([pa.field("uri", pa.string(), nullable=False)])
 
-TABLES = ("embeddings", "errors")
-
 
 def file_metadata(
-    *,
-    run_id: str,
-    weights: Mapping[str, str],
-    preprocessing: Mapping[str, Any],
-    normalized: bool,
-    pipeline_version: str,
+    *, model: ModelIdentity, preprocessing: Mapping[str, Any], run_id: str
 ) -> dict[str, str]:
     """The key-value metadata every Parquet file of a run carries (values are strings)."""
-    return {
-        "model": "resnet50",
-        "weights": weights["weights"],
-        "weights_sha256": weights["weights_sha256"],
+    from pipeline import __version__
+
+    return model.to_parquet_metadata() | {
         "preprocessing": json.dumps(dict(preprocessing), sort_keys=True),
-        "embedding_dim": str(EMBEDDING_DIM),
-        "embedding_dtype": "float32",
-        "normalized": json.dumps(normalized),
-        "pipeline_version": pipeline_version,
+        "pipeline_version": __version__,
         "run_id": run_id,
     }
 
@@ -90,13 +80,11 @@ def write_batch(
     """
     failed = np.asarray(batch["error_type"] != "", dtype=bool)
     ok = ~failed
-    precision = sorted({str(p) for p in batch["precision"][ok]}) if "precision" in batch else []
     written: dict[str, list[Any]] = {"table": [], "path": [], "rows": []}
     fs, root = open_fs(staging_uri, storage_options)
     name = f"part-{uuid.uuid4().hex}.parquet"
     if ok.any():
-        meta = dict(metadata) | {"precision": ",".join(precision)}
-        table = embeddings_table(batch, ok).replace_schema_metadata(meta)
+        table = embeddings_table(batch, ok).replace_schema_metadata(dict(metadata))
         _write(fs, join(root, "embeddings", name), table)
         written["table"].append("embeddings")
         written["path"].append(f"embeddings/{name}")

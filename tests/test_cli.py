@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +55,8 @@ def test_job_entry_point_has_the_same_flags() -> None:
         (["run", "--input", "a", "--output", "b", "--storage-options", "{nope"], "not valid JSON"),
         (["run", "--input", "a", "--output", "b", "--batch-size", "0"], "--batch-size 0"),
         (["run", "--input", "a", "--output", "b", "--decode-cpus", "0"], "--decode-cpus 0"),
+        (["run", "--input", "a", "--output", "b", "--write-cpus", "0"], "--write-cpus 0"),
+        (["run", "--input", "a", "--output", "b", "--decode-memory", "0"], "--decode-memory 0"),
         (["run", "--input", "a", "--output", "b", "--object-store-memory", "lots"], "not a size"),
         (["run", "--input", "a", "--output", "b", "--object-store-memory", "1MiB"], "78 MiB"),
     ],
@@ -105,7 +106,6 @@ def test_bad_weights_file_fails_before_ray_with_one_line(tmp_path: Path) -> None
     # not a ResNet50 loads while Ray starts and fails once both are done).
     (tmp_path / "in").mkdir()
     (tmp_path / "w.pth").write_bytes(b"junk")
-    start = time.monotonic()
     result = run(
         "run",
         "--input",
@@ -117,8 +117,8 @@ def test_bad_weights_file_fails_before_ray_with_one_line(tmp_path: Path) -> None
     )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
+    # One line: a Ray that had started would have printed its own.
     assert len(lines) == 1 and "not a torch checkpoint" in lines[0], result.stderr
-    assert time.monotonic() - start < 30
     assert not (tmp_path / "out" / "_manifest.json").exists()
 
 
@@ -195,7 +195,7 @@ def test_sizes_read_like_ray_users_write_them() -> None:
 def test_object_store_memory_sizes_the_local_ray_it_starts() -> None:
     code = (
         "import ray\n"
-        "from pipeline.cli import start_ray\n"
+        "from pipeline.runtime import start_ray\n"
         "start_ray(None, object_store_memory=100 * 2**20)\n"
         "print(int(ray.cluster_resources()['object_store_memory']))\n"
     )
@@ -205,3 +205,25 @@ def test_object_store_memory_sizes_the_local_ray_it_starts() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout.strip().splitlines()[-1]) == 100 * 2**20
+
+
+def test_every_config_field_is_a_flag_with_the_configs_default() -> None:
+    import dataclasses
+
+    from pipeline.cli import build_parser, config_from_args
+    from pipeline.config import EmbedConfig
+
+    args = build_parser().parse_args(["run", "--input", "a", "--output", "b"])
+    assert {f.name for f in dataclasses.fields(EmbedConfig)} <= set(vars(args))
+    assert config_from_args(args) == EmbedConfig(input="a", output="b")
+    given = build_parser().parse_args(
+        ["run", "--input", "a", "--output", "b", "--decode-memory", "1GiB", "--write-cpus", "0.5"]
+    )
+    config = config_from_args(given)
+    assert (config.decode_memory, config.write_cpus) == (2**30, 0.5)
+
+
+def test_nightly_job_takes_the_same_flags() -> None:
+    result = run("--help", module="jobs.nightly")
+    assert result.returncode == 0
+    assert "--decode-memory" in result.stdout and "--date" in result.stdout

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import read_embeddings, read_manifest
+from pipeline.output import read_embeddings, read_manifest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +190,7 @@ def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
         "for a in list_actors(address='ADDR', limit=1000):\n"
         "    if 'ResNet50Embedder' in a.class_name: print('model', nodes.get(a.node_id))\n"
         "for t in list_tasks(address='ADDR', limit=10000):\n"
-        "    if t.name in ('MapBatches(decode_batch)', 'MapBatches(write_batch)'):\n"
+        "    if t.name in ('MapBatches(decode_batch)', 'Write'):\n"
         "        print(t.name, nodes.get(t.node_id))\n"
     )
     dashboard = int(cluster["dashboard"].rsplit(":", 1)[1])
@@ -198,11 +198,11 @@ def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
     assert placements == {
         "model gpu",
         "MapBatches(decode_batch) cpu",
-        "MapBatches(write_batch) cpu",
+        "Write cpu",  # RunSink's writer tasks
     }, placements
 
     manifest = read_manifest(str(output))
-    assert manifest is not None and manifest["runs"][0]["counts"]["embedded"] == 5
+    assert manifest is not None and manifest.runs[0].counts.embedded == 5
     table = read_embeddings(str(output))
     assert sorted(table["uri"].to_pylist()) == sorted(str(photos / f"p{i}.jpg") for i in range(5))
     assert sorted(

@@ -14,12 +14,11 @@ import pyarrow.dataset as pads
 import pytest
 from ray import cloudpickle
 
-from pipeline import manifest as manifest_module
 from pipeline.cli import main
 from pipeline.config import EmbedConfig
 from pipeline.embed import ResNet50Embedder
-from pipeline.manifest import read_embeddings, read_manifest
-from pipeline.plan import execute_run, prepare_run
+from pipeline.output import Output, read_embeddings, read_manifest
+from pipeline.run import execute_run, prepare_run
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +72,7 @@ def test_driver_killed_mid_write_then_rerun_finishes_exactly_once(
         "import sys, time\n"
         "from pipeline.config import EmbedConfig\n"
         "from pipeline.embed import ResNet50Embedder\n"
-        "from pipeline.plan import execute_run, prepare_run\n"
+        "from pipeline.run import execute_run, prepare_run\n"
         "import ray\n"
         "class Stall(ResNet50Embedder):\n"
         "    calls = 0\n"
@@ -135,7 +134,7 @@ def test_crash_between_moving_files_and_the_manifest(
     def power_cut(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError("power cut")
 
-    monkeypatch.setattr(manifest_module, "_write_atomically", power_cut)
+    monkeypatch.setattr(Output, "_write_manifest", power_cut)
     with pytest.raises(OSError, match="power cut"):
         execute_run(prepare_run(config))
     assert read_manifest(str(output)) is None  # nothing committed
@@ -176,5 +175,5 @@ def test_model_actor_dying_mid_run_is_restarted_and_nothing_doubles(
     )
     summary = execute_run(prepare_run(config), embedder=crash_once_embedder(str(marker)))
     assert marker.exists()  # an actor did die
-    assert summary.embedded == len(names) and summary.failed == 0
+    assert summary.counts.embedded == len(names) and summary.counts.failed == 0
     _check_each_once(output, photos, names)

@@ -12,7 +12,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.incremental import committed_keys, resolve_current, select_new
-from pipeline.manifest import read_embeddings, read_manifest
+from pipeline.manifest import MANIFEST_FORMAT, Manifest
+from pipeline.output import read_embeddings, read_manifest
 
 
 def _narrow(rows: list[tuple[str, str]]) -> pa.Table:
@@ -103,8 +104,8 @@ def test_runs_embed_only_what_is_new_and_each_image_stays_once(
     assert main(args) == 0
     manifest = read_manifest(str(output))
     assert manifest is not None
-    counts = manifest["runs"][-1]["counts"]
-    assert (counts["listed"], counts["unchanged"], counts["embedded"], counts["deleted"]) == (
+    counts = manifest.runs[-1].counts
+    assert (counts.listed, counts.unchanged, counts.embedded, counts.deleted) == (
         5,
         2,
         3,
@@ -116,7 +117,7 @@ def test_runs_embed_only_what_is_new_and_each_image_stays_once(
         for n in ("img0.jpg", "img1.jpg", "img2.jpg", "new/img4.jpg", "new/img5.jpg")
     }
     assert set(second) == uris  # img3 gone, every other image once
-    run2 = manifest["runs"][-1]["run_id"]
+    run2 = manifest.runs[-1].run_id
     assert second[str(photos / "img0.jpg")][0] == run2  # the changed image's newest row won
     assert not np.array_equal(
         second[str(photos / "img0.jpg")][1], first[str(photos / "img0.jpg")][1]
@@ -146,7 +147,7 @@ def test_runs_embed_only_what_is_new_and_each_image_stays_once(
     # The same command again: nothing new, nothing duplicated.
     assert main(args) == 0
     manifest = read_manifest(str(output))
-    assert manifest is not None and manifest["runs"][-1]["counts"]["embedded"] == 0
+    assert manifest is not None and manifest.runs[-1].counts.embedded == 0
     assert set(_embedded(output)) == uris
 
     # --full re-embeds everything and replaces the files: the plain read is clean again.
@@ -209,12 +210,14 @@ def test_nightly_guard_recognises_a_committed_run_of_that_date() -> None:
     night = dt.date(2026, 11, 25)
     run_id = nightly_run_id(night, dt.datetime(2026, 11, 25, 2, 0, tzinfo=dt.UTC))
     assert run_id == "20261125T020000Z-nightly"
-    manifest = {"runs": [{"run_id": run_id, "status": "committed"}]}
-    assert already_ran(manifest, night) == run_id
-    assert already_ran(manifest, dt.date(2026, 11, 26)) is None
-    assert (
-        already_ran({"runs": [{"run_id": run_id, "status": "failed: error rate"}]}, night) is None
-    )
+
+    def manifest(status: str) -> Manifest:
+        runs = [{"run_id": run_id, "status": status}]
+        return Manifest.from_json({"format": MANIFEST_FORMAT, "runs": runs})
+
+    assert already_ran(manifest("committed"), night) == run_id
+    assert already_ran(manifest("committed"), dt.date(2026, 11, 26)) is None
+    assert already_ran(manifest("failed: error rate"), night) is None
 
 
 @pytest.mark.slow
@@ -239,8 +242,8 @@ def test_nightly_job_twice_for_one_date_runs_once(
     assert nightly(args) == 0
     assert "already committed" in capsys.readouterr().out
     manifest = read_manifest(str(output))
-    assert manifest is not None and len(manifest["runs"]) == 1
-    assert manifest["runs"][0]["run_id"].startswith("20261125T")
+    assert manifest is not None and len(manifest.runs) == 1
+    assert manifest.runs[0].run_id.startswith("20261125T")
     with pytest.raises(SystemExit) as info:
         nightly(["--input", str(photos), "--output", str(output), "--full"])
     assert info.value.code == 2

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipeline.cli import main
-from pipeline.manifest import read_embeddings, read_manifest
+from pipeline.output import read_embeddings, read_manifest
 from pipeline.write import EMBEDDINGS_SCHEMA, ERRORS_SCHEMA
 
 pytestmark = pytest.mark.slow
@@ -68,8 +68,8 @@ def check_output(
 
     manifest = read_manifest(output, storage_options=storage_options)
     assert manifest is not None
-    (run,) = manifest["runs"]
-    assert run["counts"] == {
+    (run,) = manifest.runs
+    assert run.counts.to_json() == {
         "listed": len(good) + len(bad),
         "skipped_by_extension": 1,
         "unchanged": 0,
@@ -77,9 +77,9 @@ def check_output(
         "failed": len(bad),
         "deleted": 0,
     }
-    assert run["model"]["weights_sha256"] == weights_sha256
-    assert run["preprocessing"]["mode"] == "center-crop"
-    assert run["images_per_second"] > 0 and run["started_at"] <= run["finished_at"]
+    assert run.model is not None and run.model.weights_sha256 == weights_sha256
+    assert run.preprocessing["mode"] == "center-crop"
+    assert run.images_per_second > 0 and run.started_at <= run.finished_at
 
     table = read_embeddings(output, storage_options=storage_options)
     rows = {r["uri"]: r for r in table.drop_columns(["embedding"]).to_pylist()}
@@ -111,14 +111,14 @@ def check_output(
     ).to_table()
     assert sorted(plain["uri"].to_pylist()) == sorted(uris)
 
-    for relative in manifest["current"]["embeddings"] + manifest["current"]["errors"]:
+    for relative in [*manifest.current["embeddings"], *manifest.current["errors"]]:
         path = f"{dataset_root}/{relative}"
         schema = pq.read_schema(filesystem.open(path) if filesystem else path)
         expected = EMBEDDINGS_SCHEMA if relative.startswith("embeddings/") else ERRORS_SCHEMA
         assert schema.remove_metadata() == expected
         meta = {k.decode(): v.decode() for k, v in schema.metadata.items()}
         assert meta["model"] == "resnet50" and meta["weights_sha256"] == weights_sha256
-        assert meta["run_id"] == run["run_id"] and meta["embedding_dim"] == "2048"
+        assert meta["run_id"] == run.run_id and meta["embedding_dim"] == "2048"
         assert json.loads(meta["preprocessing"])["crop_size"] == 224
 
 
@@ -212,13 +212,12 @@ def test_limit_and_resize_mode_are_recorded(corpus, tmp_path, ray_session) -> No
     )
     assert status == 0
     manifest = read_manifest(str(output))
-    assert manifest is not None and manifest["runs"][0]["counts"]["listed"] == 2
-    assert (
-        manifest["preprocessing"]["mode"] == "letterbox" and manifest["model"]["normalized"] is True
-    )
+    assert manifest is not None and manifest.runs[0].counts.listed == 2
+    assert manifest.preprocessing is not None and manifest.model is not None
+    assert manifest.preprocessing["mode"] == "letterbox" and manifest.model.normalized is True
     table = read_embeddings(str(output))
     norms = np.linalg.norm(np.stack(table["embedding"].to_numpy(zero_copy_only=False)), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
-    meta = pq.read_schema(Path(output) / manifest["current"]["embeddings"][0]).metadata
+    meta = pq.read_schema(Path(output) / manifest.current["embeddings"][0]).metadata
     assert json.loads(meta[b"preprocessing"])["mode"] == "letterbox"
     assert meta[b"normalized"] == b"true"

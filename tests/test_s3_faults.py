@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import http.client
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from pipeline.cli import main
-from pipeline.manifest import read_embeddings, read_manifest
+from pipeline.output import read_embeddings, read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -153,10 +152,9 @@ def _upload(s3, bucket: str, make_image, n: int) -> list[str]:  # type: ignore[n
     return uris
 
 
-def _run_through(proxy: FaultyProxy, bucket: str, *extra: str) -> tuple[int, float]:
+def _run_through(proxy: FaultyProxy, bucket: str, *extra: str) -> int:
     """`embed-images run` from s3://BUCKET/photos/ to s3://BUCKET/out through the proxy."""
-    start = time.monotonic()
-    status = main(
+    return main(
         [
             "run",
             "--input",
@@ -170,7 +168,6 @@ def _run_through(proxy: FaultyProxy, bucket: str, *extra: str) -> tuple[int, flo
             *extra,
         ]
     )
-    return status, time.monotonic() - start
 
 
 def test_bursts_of_slowdown_and_resets_are_retried(
@@ -179,7 +176,7 @@ def test_bursts_of_slowdown_and_resets_are_retried(
     s3, bucket = s3_bucket
     uris = _upload(s3, bucket, make_image, 6)
     output = f"s3://{bucket}/out"
-    status, _ = _run_through(proxy, bucket, "--batch-size", "3", "--decode-batch-size", "2")
+    status = _run_through(proxy, bucket, "--batch-size", "3", "--decode-batch-size", "2")
     assert status == 0
     assert proxy.slowdowns >= 5 and proxy.drops >= 1, (proxy.slowdowns, proxy.drops)
     options = {"endpoint_url": s3.client_kwargs.get("endpoint_url") or s3.endpoint_url}
@@ -188,22 +185,24 @@ def test_bursts_of_slowdown_and_resets_are_retried(
     assert read_embeddings(output, storage_options=options, table="errors").num_rows == 0
 
 
-def test_a_sustained_outage_fails_in_bounded_time_with_no_commit(
+# A hang guard, not a speed check: each layer's retries are bounded, so the run must stop.
+@pytest.mark.timeout(300)
+def test_a_sustained_outage_fails_with_no_commit(
     proxy, s3_bucket, make_image, ray_session, capsys
 ) -> None:  # type: ignore[no-untyped-def]
     s3, bucket = s3_bucket
     _upload(s3, bucket, make_image, 2)
     proxy.outage = True
-    status, elapsed = _run_through(proxy, bucket)
+    status = _run_through(proxy, bucket)
     assert status == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("embed-images: error: storage error on s3://"), last
     assert "Service Unavailable" in last, last
-    assert elapsed < 120, elapsed
     proxy.outage = False
     assert read_manifest(f"s3://{bucket}/out", storage_options={"endpoint_url": proxy.url}) is None
 
 
+@pytest.mark.timeout(300)  # a hang guard: s3fs/botocore retries, then Ray Data's, then stop
 def test_an_outage_that_starts_mid_run_commits_nothing(
     proxy, s3_bucket, make_image, ray_session, capsys
 ) -> None:  # type: ignore[no-untyped-def]
@@ -212,14 +211,13 @@ def test_an_outage_that_starts_mid_run_commits_nothing(
     proxy.max_faults = 0  # no bursts: only the outage
     # The checks and the listing pass; the outage begins when a worker first fetches an image.
     proxy.outage_on = f"/{bucket}/photos/p"
-    status, elapsed = _run_through(proxy, bucket)
+    status = _run_through(proxy, bucket)
     assert status != 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("embed-images: error: the pipeline failed, nothing committed: "), last
     # The store's own words (its error code or message), not Ray's wrapper text.
     store_words = ("SlowDown", "Please reduce your request rate", "Service Unavailable")
     assert any(words in last for words in store_words), last
-    assert elapsed < 300, elapsed  # bounded: s3fs/botocore retries, then Ray Data's, then stop
     proxy.outage_on, proxy.outage = "", False
     assert read_manifest(f"s3://{bucket}/out", storage_options={"endpoint_url": proxy.url}) is None
 
@@ -234,7 +232,7 @@ def test_throttled_writes_outlasting_botocore_retries_are_retried_by_ray_data(
     proxy.max_faults = 0
     proxy.throttle_on, proxy.throttled = "/_staging/", 30  # more than s3fs x botocore retries
     output = f"s3://{bucket}/out"
-    status, _ = _run_through(proxy, bucket)
+    status = _run_through(proxy, bucket)
     assert status == 0
     assert proxy.throttled == 0  # the whole burst was served
     table = read_embeddings(output, storage_options={"endpoint_url": proxy.url})
@@ -253,7 +251,7 @@ def test_throttled_reads_outlasting_client_retries_are_retried_by_ray_data(
     # on the image GETs outlast the first decode attempt (2 x 5) but not the second.
     proxy.throttle_method, proxy.throttle_on, proxy.throttled = "GET", f"/{bucket}/photos/p", 14
     options = '{"config_kwargs": {"retries": {"total_max_attempts": 1}}}'
-    status, _ = _run_through(proxy, bucket, "--storage-options", options)
+    status = _run_through(proxy, bucket, "--storage-options", options)
     assert status == 0
     assert proxy.throttled == 0  # the whole burst was served
     read_options = {"endpoint_url": proxy.url}

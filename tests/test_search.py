@@ -13,7 +13,7 @@ from PIL import Image
 from bench.corpus import photo_like
 from pipeline.cli import main
 from pipeline.config import PipelineError
-from pipeline.manifest import iter_embeddings, read_embeddings
+from pipeline.output import iter_embeddings, read_embeddings
 from pipeline.query import nearest
 
 pytestmark = pytest.mark.slow

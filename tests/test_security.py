@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import RedactSecrets, secret_values
+from pipeline.logs import RedactSecrets, secret_values
 
 ROOT = Path(__file__).resolve().parents[1]
 

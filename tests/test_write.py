@@ -8,14 +8,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.manifest import ModelIdentity
 from pipeline.write import EMBEDDINGS_SCHEMA, ERRORS_SCHEMA, file_metadata, write_batch
 
 METADATA = file_metadata(
-    run_id="r1",
-    weights={"weights": "random:seed=0", "weights_sha256": "ab" * 32},
+    model=ModelIdentity(
+        weights="random:seed=0", weights_sha256="ab" * 32, normalized=False, precision="fp32"
+    ),
     preprocessing={"mode": "center-crop", "resize_size": 232},
-    normalized=False,
-    pipeline_version="0.1.0",
+    run_id="r1",
 )
 
 
@@ -30,7 +31,6 @@ def _batch() -> dict[str, np.ndarray]:
         "error_type": np.array(["", "truncated", ""], dtype=object),
         "error_message": np.array(["", "image file is truncated", ""], dtype=object),
         "embedding": rng.standard_normal((3, 2048)).astype(np.float32),
-        "precision": np.array(["fp32"] * 3, dtype=object),
         "source_version": np.array(["etag:a", "etag:b", "etag:c"], dtype=object),
     }
 

@@ -1,0 +1,457 @@
+"""Stage 5: the output, owned by one object. It opens the filesystem once, reads the manifest once
+per run (a :class:`Snapshot`), and commits: staged files move into the tables, then
+``_manifest.json`` is written last, in one atomic, conditional write. A run exists for readers
+only once its manifest does.
+
+    OUTPUT/embeddings/run_id=…/part-….parquet
+    OUTPUT/errors/run_id=…/part-….parquet
+    OUTPUT/deletions/run_id=…/part-0.parquet
+    OUTPUT/_manifest.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from pipeline.config import PipelineError
+from pipeline.manifest import TABLES, Manifest, RunRecord
+from pipeline.storage import is_local, join, make_parent, one_line, open_fs, to_uri
+
+MANIFEST_NAME = "_manifest.json"
+LOCK_NAME = "_commit.lock"  # local disk only; pyarrow's dataset discovery skips "_" names
+STAGING_DIR = "_staging"
+# Written and deleted before a run: an unwritable output fails before any work is done.
+WRITE_PROBE = "_write_probe"
+
+
+class ConcurrentCommitError(PipelineError):
+    """Another run committed to the same output while this one ran."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The manifest as one read found it, and the version a commit must still find.
+
+    ``version`` is ``None`` when no run has committed; otherwise the manifest's ETag on object
+    stores, or its inode, size and mtime on local disk (a commit replaces the file, so the
+    inode changes).
+    """
+
+    manifest: Manifest | None
+    version: str | None
+
+    @property
+    def runs(self) -> Sequence[RunRecord]:
+        return self.manifest.runs if self.manifest else ()
+
+
+class Output:
+    """An ``--output``: its filesystem and root, resolved once, and everything done to it.
+
+    Args:
+        uri: Local path, ``file://`` or any fsspec URL.
+        storage_options: fsspec options for object stores.
+
+    Example:
+        >>> out = Output("/tmp/nowhere-yet")
+        >>> out.snapshot().manifest is None
+        True
+    """
+
+    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = open_fs(uri, self.storage_options)
+        self.given = uri  # as the user wrote it, for messages
+        self.uri = to_uri(self.fs, self.root)
+        self.manifest_path = join(self.root, MANIFEST_NAME)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """Read the manifest, once, with the version a later commit compares against."""
+        version: str | None
+        if is_local(self.fs):
+            try:
+                with self.fs.open(self.manifest_path, "rb") as f:
+                    # The version of exactly the bytes read: a commit replaces the file.
+                    version = _local_version(os.fstat(f.fileno()))
+                    data = f.read()
+            except FileNotFoundError:
+                return Snapshot(None, None)
+        else:
+            # Version first: a commit landing between the two reads makes this run's own
+            # commit refuse (safe), never accept a manifest it did not read.
+            version = self._version()
+            if version is None:
+                return Snapshot(None, None)
+            try:
+                data = self.fs.cat_file(self.manifest_path)
+            except FileNotFoundError:
+                return Snapshot(None, None)
+        manifest = Manifest.from_json(json.loads(data), where=self.manifest_path)
+        return Snapshot(manifest, version)
+
+    def require(self, snapshot: Snapshot) -> Manifest:
+        if snapshot.manifest is None:
+            raise FileNotFoundError(
+                f"no {MANIFEST_NAME} under {self.given}: no run has committed there"
+            )
+        return snapshot.manifest
+
+    def current(
+        self,
+        snapshot: Snapshot,
+        *,
+        embeddings: Sequence[str] | None = None,
+        errors: Sequence[str] | None = None,
+    ) -> tuple[pa.Table, pa.Table]:
+        """The current embeddings and errors rows: committed files only, each image once.
+
+        After several runs an image may have rows in more than one run (it changed) or may
+        have been deleted from the input; this keeps the latest row per URI and drops deleted
+        URIs. Each table is read once.
+
+        Args:
+            snapshot: From :meth:`snapshot`.
+            embeddings: Columns of the embeddings table (``None``: all, with ``run_id``).
+            errors: Columns of the errors table (``None``: all, with ``run_id``).
+        """
+        from pipeline.incremental import resolve_current
+
+        manifest = self.require(snapshot)
+        narrow = ["uri", "run_id"]
+        emb = self._load(manifest, "embeddings", _with(embeddings, narrow))
+        err = self._load(manifest, "errors", _with(errors, narrow))
+        if len(manifest.runs) > 1:
+            emb, err = resolve_current(emb, err, self._load(manifest, "deletions", narrow))
+        return (
+            emb.select(list(embeddings)) if embeddings else emb,
+            err.select(list(errors)) if errors else err,
+        )
+
+    def iter_current(
+        self, snapshot: Snapshot, *, columns: Sequence[str], batch_size: int
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream the current embeddings in record batches (see :func:`iter_embeddings`)."""
+        import pyarrow.compute as pc
+
+        manifest = self.require(snapshot)
+        files = [join(self.root, p) for p in manifest.current.get("embeddings", [])]
+        if not files:
+            return
+        current, _ = self.current(snapshot, embeddings=["uri", "run_id"], errors=["uri"])
+        keys = pc.binary_join_element_wise(
+            current["uri"], current["run_id"].cast(pa.string()), "\x00"
+        )
+        dataset = self._dataset("embeddings", files)
+        wanted = list(dict.fromkeys([*columns, "uri", "run_id"]))
+        for batch in dataset.to_batches(columns=wanted, batch_size=batch_size):
+            batch_keys = pc.binary_join_element_wise(batch["uri"], batch["run_id"], "\x00")
+            kept = batch.filter(pc.is_in(batch_keys, value_set=keys))
+            if kept.num_rows:
+                yield kept.select(list(columns))
+
+    def _load(self, manifest: Manifest, table: str, columns: list[str] | None) -> pa.Table:
+        from pipeline.write import DELETIONS_SCHEMA, EMBEDDINGS_SCHEMA, ERRORS_SCHEMA
+
+        files = [join(self.root, p) for p in manifest.current.get(table, [])]
+        if not files:
+            schema = {"embeddings": EMBEDDINGS_SCHEMA, "errors": ERRORS_SCHEMA}.get(
+                table, DELETIONS_SCHEMA
+            )
+            empty = schema.append(pa.field("run_id", pa.string())).empty_table()
+            return empty.select(columns) if columns else empty
+        return self._dataset(table, files).to_table(columns=columns)
+
+    def _dataset(self, table: str, files: list[str]) -> pads.Dataset:
+        """The listed files of one table, with ``run_id`` (always a string) from their folders."""
+        return pads.dataset(
+            files,
+            filesystem=self.fs,
+            format="parquet",
+            partitioning=pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive"),
+            partition_base_dir=join(self.root, table),
+        )
+
+    # -- before a run -----------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Write and delete a probe, so an unwritable output fails before any work is done."""
+        probe = join(self.root, WRITE_PROBE)
+        try:
+            if is_local(self.fs):
+                self.fs.makedirs(self.root, exist_ok=True)
+            # On object stores no makedirs: s3fs would create a missing bucket.
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm(probe)
+        except (OSError, PermissionError) as exc:
+            raise PipelineError(f"cannot write to output {self.uri}: {one_line(exc)}") from None
+
+    def discard_uncommitted(self, snapshot: Snapshot) -> int:
+        """Delete what runs that never committed left behind; returns the paths removed.
+
+        A run killed after moving files but before its manifest leaves ``run_id=…`` folders
+        that no manifest lists; the plain dataset read would see them, so the next run removes
+        them, together with stale staging. One writer per output at a time is assumed.
+        """
+        committed = snapshot.manifest.committed_run_ids() if snapshot.manifest else set()
+        removed = 0
+        for table in TABLES:
+            table_root = join(self.root, table)
+            if not self.fs.exists(table_root):
+                continue
+            for entry in self.fs.ls(table_root, detail=False):
+                name = entry.rstrip("/").rsplit("/", 1)[-1]
+                if name.startswith("run_id=") and name[len("run_id=") :] not in committed:
+                    self._remove(entry)
+                    removed += 1
+        stage = join(self.root, STAGING_DIR)
+        if self.fs.exists(stage):
+            self._remove(stage)
+            removed += 1
+        return removed
+
+    def staging_uri(self, run_id: str) -> str:
+        """Where a run's writer tasks put their files (a URI the tasks can open)."""
+        return join(self.uri, STAGING_DIR, run_id)
+
+    # -- the commit -------------------------------------------------------------------------
+
+    def commit(
+        self,
+        snapshot: Snapshot,
+        run: RunRecord,
+        *,
+        staged: Mapping[str, Sequence[str]],
+        deleted_uris: pa.Array | None = None,
+        replace: bool = False,
+    ) -> Manifest:
+        """Move a run's staged files into the tables and write the manifest, last.
+
+        Args:
+            snapshot: What this run read before it started. If another run has committed
+                since, nothing is moved or written and :class:`ConcurrentCommitError` is
+                raised. On S3 the manifest PUT itself is conditional (``If-None-Match: *`` for
+                the first run, ``If-Match: ETAG`` after); on local disk the whole commit
+                (check, moves, manifest) holds ``_commit.lock``. The snapshot's manifest is
+                the one this commit extends: it is not read again.
+            run: The run's record; its ``files`` are filled in here.
+            staged: Per table, file paths relative to the run's staging folder
+                (``embeddings/part-….parquet``), exactly those the writer tasks returned.
+            deleted_uris: URIs this run found gone from the input, recorded in ``deletions/``.
+            replace: This run re-embedded everything (``--full``): earlier files stop being
+                current, and are deleted once the new manifest is in place.
+
+        Returns:
+            The manifest as written.
+        """
+        with self._lock():
+            if self._version() != snapshot.version:
+                raise ConcurrentCommitError(
+                    f"another run committed to {self.given} while run {run.run_id} was "
+                    "running; nothing of this run was committed: run again to embed what is left"
+                )
+            stage_root = join(self.root, STAGING_DIR, run.run_id)
+            if deleted_uris is not None and len(deleted_uris):
+                from pipeline.write import DELETIONS_SCHEMA
+
+                name = "deletions/part-0.parquet"
+                make_parent(self.fs, join(stage_root, name))
+                with self.fs.open(join(stage_root, name), "wb") as f:
+                    pq.write_table(pa.table([deleted_uris], schema=DELETIONS_SCHEMA), f)
+                staged = dict(staged) | {"deletions": [name]}
+            committed: dict[str, list[str]] = {}
+            for table in TABLES:
+                committed[table] = []
+                for relative in sorted(staged.get(table, ())):
+                    final = f"{table}/run_id={run.run_id}/{relative.rsplit('/', 1)[-1]}"
+                    make_parent(self.fs, join(self.root, final))
+                    self.fs.mv(join(stage_root, relative), join(self.root, final))
+                    committed[table].append(final)
+            before = snapshot.manifest or Manifest.empty()
+            manifest, superseded = before.with_run(
+                dataclasses.replace(run, files=committed), replace=replace
+            )
+            self._write_manifest(manifest.to_bytes(), snapshot.version)
+        # Staging is scratch once the manifest is in place; leftovers of retried tasks go too.
+        self._remove(stage_root)
+        for relative in superseded:
+            self._remove(join(self.root, relative))
+        staging = join(self.root, STAGING_DIR)
+        if is_local(self.fs) and self.fs.exists(staging) and not self.fs.ls(staging):
+            self.fs.rmdir(staging)
+        return manifest
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """On local disk, one commit at a time per output: check, moves and manifest together.
+
+        An exclusive ``flock`` on ``_commit.lock``, which the kernel releases when its holder
+        dies, so a killed run leaves no stale lock. Object stores need none: the manifest PUT
+        itself is conditional there.
+        """
+        if not is_local(self.fs):
+            yield
+            return
+        os.makedirs(self.root, exist_ok=True)
+        fd = os.open(os.path.join(self.root, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _version(self) -> str | None:
+        """The manifest's current version (a stat or a HEAD: its content is not read)."""
+        if is_local(self.fs):
+            try:
+                return _local_version(os.stat(self.manifest_path))
+            except FileNotFoundError:
+                return None
+        self.fs.invalidate_cache(self.manifest_path)
+        try:
+            info = self.fs.info(self.manifest_path)
+        except FileNotFoundError:
+            return None
+        etag = info.get("ETag") or info.get("etag")
+        return str(etag).strip('"') if etag else f"{info.get('size')}-{info.get('LastModified')}"
+
+    def _write_manifest(self, data: bytes, expected_version: str | None) -> None:
+        conflict = ConcurrentCommitError(
+            f"another run committed to {self.given} at the same moment; this run's manifest "
+            "was not written: run again to embed what is left"
+        )
+        path = self.manifest_path
+        if is_local(self.fs):
+            # Write beside the target and rename: readers see the old manifest or the new one.
+            directory = os.path.dirname(path)
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=directory)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if self._version() != expected_version:  # under _lock: check-and-swap
+                os.unlink(tmp)
+                raise conflict
+            os.replace(tmp, path)
+            return
+        # An object-store PUT is atomic (readers see the old manifest or the new one); on S3
+        # it is also conditional, so that two runs can never both think they committed.
+        bucket, _, key = path.partition("/")
+        try:
+            if expected_version is None:
+                self.fs.pipe_file(path, data, mode="create")  # If-None-Match: *
+            elif hasattr(self.fs, "call_s3"):
+                self.fs.call_s3(
+                    "put_object", Bucket=bucket, Key=key, Body=data, IfMatch=expected_version
+                )
+            else:
+                self.fs.pipe_file(path, data)
+        except FileExistsError:
+            raise conflict from None
+        except OSError as exc:
+            if _precondition_failed(exc):
+                raise conflict from None
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+
+    def _remove(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+
+def _local_version(st: os.stat_result) -> str:
+    return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def _with(columns: Sequence[str] | None, required: list[str]) -> list[str] | None:
+    if columns is None:
+        return None
+    return list(columns) + [c for c in required if c not in columns]
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """s3fs turns S3's 412 PreconditionFailed into an OSError; the boto error is its cause."""
+    cause = exc.__cause__ or exc.__context__
+    code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause else None
+    return code == "PreconditionFailed" or "pre-condition" in str(exc).lower()
+
+
+# -- the readers' API: each call reads the manifest once -------------------------------------
+
+
+def read_manifest(
+    output: str, *, storage_options: Mapping[str, Any] | None = None
+) -> Manifest | None:
+    """The output's manifest, or ``None`` when no run has committed there.
+
+    Example:
+        >>> read_manifest("/tmp/nowhere-yet") is None
+        True
+    """
+    return Output(output, storage_options).snapshot().manifest
+
+
+def read_embeddings(
+    output: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    columns: Sequence[str] | None = None,
+    table: str = "embeddings",
+) -> pa.Table:
+    """The current table of an output: committed rows only, each image once.
+
+    Args:
+        output: The ``--output`` of the runs.
+        storage_options: fsspec options for object stores.
+        columns: Columns to return (default: all, plus the ``run_id`` partition column).
+        table: ``embeddings`` or ``errors``.
+
+    Returns:
+        An Arrow table; empty (with the schema) when the manifest lists no file.
+
+    Example:
+        >>> t = read_embeddings("./out")  # doctest: +SKIP
+        >>> t.column("embedding").type  # doctest: +SKIP
+        FixedSizeListType(fixed_size_list<item: float>[2048])
+    """
+    out = Output(output, storage_options)
+    narrow = ["uri"]
+    if table == "embeddings":
+        return out.current(out.snapshot(), embeddings=columns, errors=narrow)[0]
+    return out.current(out.snapshot(), embeddings=narrow, errors=columns)[1]
+
+
+def iter_embeddings(
+    output: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    columns: Sequence[str] = ("uri", "original_width", "original_height", "embedding"),
+    batch_size: int = 4096,
+) -> Iterator[pa.RecordBatch]:
+    """Stream the current embeddings in record batches, never the whole table at once.
+
+    Only the narrow ``(uri, run_id)`` columns are read in full, to know which rows are
+    current; the wide columns (the vectors) are read batch by batch.
+
+    Example:
+        >>> for batch in iter_embeddings("./out", batch_size=1024):  # doctest: +SKIP
+        ...     index.add(np.stack(batch["embedding"].to_numpy(zero_copy_only=False)))
+    """
+    out = Output(output, storage_options)
+    yield from out.iter_current(out.snapshot(), columns=columns, batch_size=batch_size)

@@ -1,0 +1,240 @@
+"""One run, put together once: check what can fail fast, read the output once, diff, plan, commit.
+
+    prepare_run   input and output resolved and checked, weights loaded and checked (no Ray)
+    execute_run   snapshot -> same model? -> list_new_images -> run_plan(…, RunSink) -> RunRecord
+
+The objects built here (the ``Output``, its ``Snapshot``, the ``ModelIdentity``) are handed to
+the stages that need them; nothing downstream re-derives them from the config.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pipeline.config import EmbedConfig, PipelineError
+from pipeline.embed import ResNet50Embedder
+from pipeline.incremental import EMBEDDINGS_KEY_COLUMNS, ERRORS_KEY_COLUMNS, list_new_images
+from pipeline.listing import IMAGE_EXTENSIONS, InputError
+from pipeline.manifest import Manifest, ModelIdentity, RunRecord
+from pipeline.output import Output, Snapshot
+from pipeline.preprocessing import PreprocessSpec, preprocess_spec
+from pipeline.storage import open_fs, storage_errors, to_uri
+from pipeline.weights import ResolvedWeights, load_weights, sniff_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    """A sortable, path-safe run id, e.g. ``20261125T151307Z-3f9a1c``."""
+    now = now or dt.datetime.now(dt.UTC)
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedRun:
+    """A run checked and ready: its input, output, weights and preprocessing; no Ray needed."""
+
+    config: EmbedConfig
+    run_id: str
+    started: float
+    started_at: str
+    input_fs: Any
+    input_root: str
+    input_uri: str
+    output: Output
+    weights: ResolvedWeights
+    spec: PreprocessSpec
+
+
+def prepare_run(
+    config: EmbedConfig,
+    *,
+    run_id: str | None = None,
+    meanwhile: Callable[[], None] | None = None,
+) -> PreparedRun:
+    """Check everything that can fail fast, before any data moves.
+
+    Resolves input and output, refuses an output inside the input, checks the output is
+    writable, then loads and checks the weights (checksum, ResNet50 shape).
+
+    Args:
+        config: The run's knobs.
+        run_id: Override the generated run id.
+        meanwhile: Called in this thread once the input and output checks pass, while the
+            weights load in another (the CLI starts Ray there: the two take seconds each).
+
+    Raises:
+        PipelineError: with one line saying what to fix.
+    """
+    from pipeline.sink import utc_iso
+
+    started, started_at = time.time(), utc_iso()
+    options = config.fs_options()
+    in_fs, in_root = open_fs(config.input, options)
+    input_uri = to_uri(in_fs, in_root)
+    output = Output(config.output, options)
+    if type(in_fs) is type(output.fs) and (output.root + "/").startswith(in_root.rstrip("/") + "/"):
+        raise PipelineError(
+            f"output {output.uri} is inside input {input_uri}: its Parquet files would be "
+            "listed by later runs; choose an output outside the input"
+        )
+    with storage_errors(input_uri):
+        if not in_fs.exists(in_root):
+            raise InputError(f"input not found: {input_uri}")
+    with storage_errors(output.uri):
+        output.check_writable()
+    sniff_checkpoint(config.weights, storage_options=options)  # a missing or junk file: now
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weights") as pool:
+        loading = pool.submit(
+            load_weights,
+            config.weights,
+            sha256=config.weights_sha256,
+            seed=config.seed,
+            storage_options=options,
+        )
+        if meanwhile is not None:
+            meanwhile()
+        weights = loading.result()
+    return PreparedRun(
+        config=config,
+        run_id=run_id or new_run_id(),
+        started=started,
+        started_at=started_at,
+        input_fs=in_fs,
+        input_root=in_root,
+        input_uri=input_uri,
+        output=output,
+        weights=weights,
+        spec=preprocess_spec(config.resize, jpeg_draft=config.jpeg_draft),
+    )
+
+
+def execute_run(
+    prepared: PreparedRun,
+    *,
+    snapshot: Snapshot | None = None,
+    embedder: type[ResNet50Embedder] = ResNet50Embedder,
+) -> RunRecord:
+    """List, embed, write and commit a prepared run on the running Ray.
+
+    Args:
+        prepared: From :func:`prepare_run`.
+        snapshot: The output as the caller already read it (default: read it now). The
+            commit refuses if another run has committed since.
+        embedder: The model stage's class (a subclass may wrap it, e.g. to inject faults).
+
+    Returns:
+        The committed run's record.
+
+    Raises:
+        PipelineError: nothing is committed, or only ``errors/`` (``ErrorRateExceededError``).
+    """
+    from pipeline.plan import resolve_num_gpus, run_plan
+    from pipeline.sink import RunBooks, RunSink
+
+    config, output = prepared.config, prepared.output
+    snapshot = snapshot or output.snapshot()
+    num_gpus = resolve_num_gpus(config)
+    model = ModelIdentity(
+        weights=prepared.weights.name,
+        weights_sha256=prepared.weights.sha256,
+        normalized=config.normalize,
+        # CPU actors compute fp32, and the output says so.
+        precision=config.precision if num_gpus > 0 else "fp32",
+    )
+    preprocessing = prepared.spec.to_metadata()
+    incremental = snapshot.manifest is not None and not config.full
+    if snapshot.manifest is not None and incremental:
+        check_same_model(snapshot.manifest, model, preprocessing, output.uri)
+    listing = list_new_images(
+        prepared.input_fs,
+        prepared.input_root,
+        committed=(
+            output.current(snapshot, embeddings=EMBEDDINGS_KEY_COLUMNS, errors=ERRORS_KEY_COLUMNS)
+            if incremental
+            else None
+        ),
+        limit=config.limit,
+    )
+    counts = listing.counts
+    if counts.listed == 0:
+        raise InputError(
+            f"no images under {prepared.input_uri} ({counts.skipped_by_extension} other files "
+            f"skipped; images end in .{', .'.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    logger.info(
+        "listed %d images under %s: %d new or changed, %d unchanged, %d gone, %d skipped",
+        counts.listed,
+        prepared.input_uri,
+        listing.to_embed,
+        listing.unchanged,
+        len(listing.deleted),
+        counts.skipped_by_extension,
+    )
+    sink = RunSink(
+        RunBooks(
+            run_id=prepared.run_id,
+            input_uri=prepared.input_uri,
+            output=output,
+            snapshot=snapshot,
+            model=model,
+            preprocessing=preprocessing,
+            listed=counts.listed,
+            skipped_by_extension=counts.skipped_by_extension,
+            unchanged=listing.unchanged,
+            deleted=listing.deleted,
+            full=config.full,
+            replace=config.full and config.limit is None,
+            max_error_rate=config.max_error_rate,
+            started=prepared.started,
+            started_at=prepared.started_at,
+        ),
+        rows_per_file=config.rows_per_file,
+    )
+    if not listing.refs:
+        return sink.run_without_tasks()
+    run_plan(
+        listing.refs,
+        sink,
+        config=config,
+        spec=prepared.spec,
+        weights=prepared.weights,
+        model=model,
+        num_gpus=num_gpus,
+        embedder=embedder,
+    )
+    assert sink.record is not None  # set by on_write_complete, or it raised
+    return sink.record
+
+
+def check_same_model(
+    previous: Manifest, model: ModelIdentity, preprocessing: Mapping[str, Any], output: str
+) -> None:
+    """Refuse to mix vectors of different models or preprocessing in one table."""
+    if previous.model is not None:
+        difference = previous.model.first_difference(model)
+        if difference:
+            key, before, now = difference
+            raise PipelineError(
+                f"{output} holds embeddings with {key}={before!r}, this run would "
+                f"write {key}={now!r}: pass --full to replace them, or use another output"
+            )
+    # Only what turns pixels into inputs is compared, not descriptive keys.
+    fields = [f.name for f in dataclasses.fields(PreprocessSpec)]
+    before_spec = {k: _plain((previous.preprocessing or {}).get(k)) for k in fields}
+    if before_spec != {k: _plain(preprocessing.get(k)) for k in fields}:
+        raise PipelineError(
+            f"{output} holds embeddings made with other preprocessing "
+            f"({before_spec['mode']!r}): pass --full to replace them, or use another output"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value

@@ -1,0 +1,190 @@
+"""Stages 4 and 5 as Ray Data runs them: a ``Datasink`` whose lifecycle is the run's commit.
+
+    on_write_start       (driver) delete what runs that never committed left behind
+    write                (tasks)  write_batch: uniquely named files into OUTPUT/_staging/RUN_ID/
+    on_write_complete    (driver) every image once? error rate? then Output.commit
+
+Writer tasks are map tasks to Ray Data, so they are retried on the errors named in
+``DataContext.retried_map_errors``, like the decode tasks. A retried task's files get new
+names and only the names the driver receives are committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from ray.data import Datasink
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource.datasink import WriteResult
+
+from pipeline.config import PipelineError
+from pipeline.manifest import COMMITTED, ERROR_RATE_EXCEEDED, ModelIdentity, RunCounts, RunRecord
+from pipeline.output import Output, Snapshot
+from pipeline.write import file_metadata, write_batch
+
+# (table, path relative to the run's staging folder, rows) per file a writer task wrote.
+StagedFiles = list[tuple[str, str, int]]
+
+
+class ErrorRateExceededError(PipelineError):
+    """More images failed than ``--max-error-rate`` allows."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunBooks:
+    """What the driver knows of a run before it executes, and settles at its commit."""
+
+    run_id: str
+    input_uri: str
+    output: Output
+    snapshot: Snapshot
+    model: ModelIdentity
+    preprocessing: Mapping[str, Any]
+    listed: int
+    skipped_by_extension: int
+    unchanged: int
+    deleted: pa.Array
+    full: bool
+    replace: bool
+    max_error_rate: float
+    started: float
+    started_at: str
+
+    @property
+    def to_embed(self) -> int:
+        return self.listed - self.unchanged
+
+    def settle(self, staged: StagedFiles) -> RunRecord:
+        """Check the run's rows, decide on its error rate, commit, and return its record.
+
+        Raises:
+            PipelineError: the rows do not add up; nothing is committed.
+            ErrorRateExceededError: too many images failed; only ``errors/`` is committed.
+        """
+        from pipeline import __version__
+
+        files: dict[str, list[str]] = {"embeddings": [], "errors": []}
+        rows = {"embeddings": 0, "errors": 0}
+        for table, path, count in staged:
+            files[table].append(path)
+            rows[table] += count
+        embedded, failed = rows["embeddings"], rows["errors"]
+        if embedded + failed != self.to_embed:
+            # Every new image must come out exactly once, embedded or failed; anything else
+            # is a bug or a fault we must not commit.
+            raise PipelineError(
+                f"run {self.run_id} produced {embedded} embeddings + {failed} errors for "
+                f"{self.to_embed} images to embed; nothing committed"
+            )
+        wall = time.time() - self.started
+        error_rate = failed / self.to_embed if self.to_embed else 0.0
+        too_many_errors = error_rate > self.max_error_rate
+        record = RunRecord(
+            run_id=self.run_id,
+            status=ERROR_RATE_EXCEEDED if too_many_errors else COMMITTED,
+            input=self.input_uri,
+            full=self.full,
+            started_at=self.started_at,
+            finished_at=utc_iso(),
+            wall_seconds=round(wall, 3),
+            images_per_second=round(embedded / wall if wall > 0 else 0.0, 3),
+            counts=RunCounts(
+                listed=self.listed,
+                skipped_by_extension=self.skipped_by_extension,
+                unchanged=self.unchanged,
+                embedded=0 if too_many_errors else embedded,
+                failed=failed,
+                deleted=0 if too_many_errors else len(self.deleted),
+            ),
+            pipeline_version=__version__,
+            model=self.model,
+            preprocessing=self.preprocessing,
+        )
+        if too_many_errors:
+            # The errors are worth keeping (they say what to fix); the embeddings are not.
+            self.output.commit(self.snapshot, record, staged={"errors": files["errors"]})
+            raise ErrorRateExceededError(
+                f"{failed} of {self.to_embed} images failed ({error_rate:.1%}), above "
+                f"--max-error-rate {self.max_error_rate:.1%}: errors written to "
+                f"{self.output.uri}/errors, no embeddings committed"
+            )
+        self.output.commit(
+            self.snapshot, record, staged=files, deleted_uris=self.deleted, replace=self.replace
+        )
+        return record
+
+
+class RunSink(Datasink[StagedFiles]):
+    """One run's writes and commit (pass to ``Dataset.write_datasink``).
+
+    Args:
+        books: The run's books; they stay in the driver (write tasks get only what they
+            write with: the staging URI, storage options and file metadata).
+        rows_per_file: Ray Data bundles model batches until a writer task has at least this
+            many rows, and the task writes them as one file.
+    """
+
+    def __init__(self, books: RunBooks, *, rows_per_file: int) -> None:
+        self.books: RunBooks | None = books
+        self.rows_per_file = rows_per_file
+        self.staging_uri = books.output.staging_uri(books.run_id)
+        self.storage_options = books.output.storage_options
+        self.metadata = file_metadata(
+            model=books.model, preprocessing=books.preprocessing, run_id=books.run_id
+        )
+        self.record: RunRecord | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The books hold the snapshot and the deleted URIs: nothing a writer task needs.
+        return self.__dict__ | {"books": None, "record": None}
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def on_write_start(self, schema: pa.Schema | None = None) -> None:
+        books = self._books()
+        books.output.discard_uncommitted(books.snapshot)
+
+    def write(self, blocks: Iterable[Block], ctx: Any) -> StagedFiles:
+        batches = [BlockAccessor.for_block(block).to_numpy() for block in blocks]
+        batches = [b for b in batches if len(b["uri"])]
+        if not batches:
+            return []
+        batch = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+        out = write_batch(
+            batch,  # type: ignore[arg-type]
+            staging_uri=self.staging_uri,
+            storage_options=self.storage_options,
+            metadata=self.metadata,
+        )
+        return [
+            (str(t), str(p), int(n))
+            for t, p, n in zip(out["table"], out["path"], out["rows"], strict=True)
+        ]
+
+    def on_write_complete(self, write_result: WriteResult[StagedFiles]) -> None:
+        staged = [item for returned in write_result.write_returns for item in returned]
+        self.record = self._books().settle(staged)
+
+    def run_without_tasks(self) -> RunRecord:
+        """The same lifecycle for a run with nothing to write (every image unchanged)."""
+        self.on_write_start()
+        self.on_write_complete(WriteResult(num_rows=0, size_bytes=0, write_returns=[]))
+        assert self.record is not None
+        return self.record
+
+    def _books(self) -> RunBooks:
+        if self.books is None:
+            raise RuntimeError("RunSink's driver callbacks ran outside the driver")
+        return self.books
+
+
+def utc_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -1,0 +1,189 @@
+"""The output: staged files move into the tables, the manifest is written last, readers see it."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline.manifest import ModelIdentity, RunCounts, RunRecord
+from pipeline.output import ConcurrentCommitError, Output, read_embeddings, read_manifest
+from pipeline.write import file_metadata, write_batch
+
+MODEL = ModelIdentity(
+    weights="random:seed=0", weights_sha256="00" * 32, normalized=False, precision="fp32"
+)
+METADATA = file_metadata(model=MODEL, preprocessing={}, run_id="r")
+
+
+def _record(run_id: str) -> RunRecord:
+    return RunRecord(
+        run_id=run_id, input="/x", counts=RunCounts(listed=1), model=MODEL, preprocessing={}
+    )
+
+
+def _stage(output: str, run_id: str, uris: list[str]) -> dict[str, list[str]]:
+    n = len(uris)
+    batch = {
+        "uri": np.array(uris, dtype=object),
+        "file_size": np.ones(n, dtype=np.int64),
+        "original_width": np.ones(n, dtype=np.int32),
+        "original_height": np.ones(n, dtype=np.int32),
+        "format": np.array(["PNG"] * n, dtype=object),
+        "error_type": np.array([""] * n, dtype=object),
+        "error_message": np.array([""] * n, dtype=object),
+        "embedding": np.zeros((n, 2048), dtype=np.float32),
+        "source_version": np.array(["v1"] * n, dtype=object),
+    }
+    out = write_batch(
+        batch,
+        staging_uri=Output(output).staging_uri(run_id),
+        storage_options={},
+        metadata=METADATA,
+    )
+    return {"embeddings": list(out["path"])}
+
+
+def _commit(output: str, run_id: str, staged: dict[str, list[str]]) -> None:
+    out = Output(output)
+    out.commit(out.snapshot(), _record(run_id), staged=staged)
+
+
+def test_commit_then_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    output = str(tmp_path / "out")
+    staged = _stage(output, "run1", ["/x/1.png", "/x/2.png"])
+    # Before the commit a reader sees nothing.
+    assert read_manifest(output) is None
+    with pytest.raises(FileNotFoundError):
+        read_embeddings(output)
+    out = Output(output)
+    manifest = out.commit(out.snapshot(), _record("run1"), staged=staged)
+    assert manifest.runs[0].files["embeddings"][0].startswith("embeddings/run_id=run1/")
+    assert not (tmp_path / "out" / "_staging").exists()
+    table = read_embeddings(output)
+    assert sorted(table["uri"].to_pylist()) == ["/x/1.png", "/x/2.png"]
+    assert set(table["run_id"].to_pylist()) == {"run1"}
+    plain = pads.dataset(output + "/embeddings", format="parquet", partitioning="hive").to_table()
+    assert sorted(plain["uri"].to_pylist()) == sorted(table["uri"].to_pylist())
+    on_disk = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert on_disk == manifest.to_json()
+    assert read_manifest(output) == manifest
+
+
+def test_uncommitted_partitions_are_discarded(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    output = str(tmp_path / "out")
+    _commit(output, "good", _stage(output, "good", ["/a.png"]))
+    # A run that died after moving files but before its manifest.
+    orphan = tmp_path / "out" / "embeddings" / "run_id=dead"
+    orphan.mkdir(parents=True)
+    (orphan / "part-x.parquet").write_bytes(b"half")
+    _stage(output, "also-dead", ["/b.png"])
+    out = Output(output)
+    assert out.discard_uncommitted(out.snapshot()) == 2
+    assert not orphan.exists() and not (tmp_path / "out" / "_staging").exists()
+    assert read_embeddings(output)["uri"].to_pylist() == ["/a.png"]
+
+
+def test_second_run_appends(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    output = str(tmp_path / "out")
+    _commit(output, "r1", _stage(output, "r1", ["/a.png"]))
+    _commit(output, "r2", _stage(output, "r2", ["/b.png"]))
+    manifest = read_manifest(output)
+    assert manifest is not None and [r.run_id for r in manifest.runs] == ["r1", "r2"]
+    assert sorted(read_embeddings(output)["uri"].to_pylist()) == ["/a.png", "/b.png"]
+
+
+def test_a_commit_refuses_when_another_run_committed_meanwhile(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    output = str(tmp_path / "out")
+    out = Output(output)
+    assert out.snapshot().version is None
+    _commit(output, "r1", _stage(output, "r1", ["/a.png"]))
+    seen_by_r2 = out.snapshot()
+    # r3 starts and commits while r2 is still running.
+    out.commit(out.snapshot(), _record("r3"), staged=_stage(output, "r3", ["/c.png"]))
+    staged = _stage(output, "r2", ["/b.png"])
+    with pytest.raises(ConcurrentCommitError, match="another run committed"):
+        out.commit(seen_by_r2, _record("r2"), staged=staged)
+    manifest = read_manifest(output)
+    assert manifest is not None and [r.run_id for r in manifest.runs] == ["r1", "r3"]
+    assert not list((tmp_path / "out" / "embeddings").glob("run_id=r2*"))  # nothing moved
+
+
+def test_local_commits_are_serialized_so_a_racing_commit_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # r3 is in the middle of its commit (it has passed its version check and is about to
+    # replace the manifest) when r2, which started from the same version, tries to commit.
+    # r2 must wait for r3 and then be refused, not check the stale version and overwrite.
+    output = str(tmp_path / "out")
+    _commit(output, "r1", _stage(output, "r1", ["/a.png"]))
+    out = Output(output)
+    seen = out.snapshot()
+    staged = _stage(output, "r2", ["/b.png"])
+    outcome: list[BaseException | object] = []
+
+    def commit_r2() -> None:
+        try:
+            outcome.append(Output(output).commit(seen, _record("r2"), staged=staged))
+        except ConcurrentCommitError as exc:
+            outcome.append(exc)
+
+    with out._lock():
+        racer = threading.Thread(target=commit_r2)
+        racer.start()
+        racer.join(1.0)
+        assert racer.is_alive() and not outcome  # r2 waits for r3's commit to finish
+        assert seen.manifest is not None
+        r3, _ = seen.manifest.with_run(_record("r3"))
+        out._write_manifest(r3.to_bytes(), seen.version)
+    racer.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], ConcurrentCommitError)
+    manifest = read_manifest(output)
+    assert manifest is not None and [r.run_id for r in manifest.runs] == ["r1", "r3"]
+    assert not list((tmp_path / "out" / "embeddings").glob("run_id=r2*"))  # nothing moved
+
+
+def test_s3_manifest_puts_are_conditional(s3_bucket, s3_endpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s3, bucket = s3_bucket
+    out = Output(f"s3://{bucket}/out", {"endpoint_url": s3_endpoint})
+    out._write_manifest(b'{"v": 1}', None)  # If-None-Match: * on a new key
+    with pytest.raises(ConcurrentCommitError):
+        out._write_manifest(b'{"v": 2}', None)  # ...refused once it exists
+    etag = out._version()
+    assert etag
+    out._write_manifest(b'{"v": 3}', etag)  # If-Match: the ETag we read
+    with pytest.raises(ConcurrentCommitError):
+        out._write_manifest(b'{"v": 4}', etag)  # stale ETag: refused
+    assert s3.cat_file(f"{bucket}/out/_manifest.json") == b'{"v": 3}'
+
+
+@pytest.mark.slow
+def test_a_run_reads_the_manifest_once(tmp_path, make_image, ray_session, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The output's manifest is read once per run: its snapshot serves the model check, the
+    diff and the commit (which compares versions with a stat, and reads nothing)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.cli import main
+
+    photos, output = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"p{i}.jpg").write_bytes(make_image((40 + i, 30), seed=i))
+    reads: list[str] = []
+    counted_open = LocalFileSystem._open
+
+    def counting_open(self, path, mode="rb", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).endswith("_manifest.json") and "r" in mode:
+            reads.append(str(path))
+        return counted_open(self, path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "_open", counting_open)
+    args = ["run", "--input", str(photos), "--output", str(output), "--weights", "random"]
+    assert main(args) == 0  # a new output: one attempt, which finds no manifest
+    assert len(reads) == 1, reads
+    (photos / "p3.jpg").write_bytes(make_image((50, 30), seed=3))
+    assert main(args) == 0  # incremental: the check, the diff and the commit
+    assert len(reads) == 2, reads
+    manifest = read_manifest(output)
+    assert manifest is not None and [r.counts.embedded for r in manifest.runs] == [3, 1]
