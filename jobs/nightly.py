@@ -10,7 +10,8 @@ already holds a committed nightly run for that date (``--date``, default today i
 
 Exit status, for schedulers: 0 committed (or already done for that date); 1 failed, nothing
 committed, a retry may succeed; 2 bad command line; 3 too many images failed
-(``--max-error-rate``), errors/ committed, fix the data rather than retry.
+(``--max-error-rate``, earlier runs' lasting failures included), fix the data rather than
+retry; 130 or 143 stopped by SIGINT or SIGTERM, nothing of that run committed.
 """
 
 from __future__ import annotations
@@ -19,12 +20,20 @@ import datetime as dt
 import sys
 from collections.abc import Sequence
 
-from pipeline.cli import CommandLineParser, add_run_arguments, config_from_args, report_failure
+from pipeline.cli import (
+    PROG,
+    CommandLineParser,
+    Stopped,
+    add_run_arguments,
+    catch_stop_signals,
+    config_from_args,
+    report_failure,
+    run_and_report,
+)
 from pipeline.config import PipelineError
 from pipeline.logs import configure_logging
 from pipeline.manifest import Manifest
 from pipeline.output import Output
-from pipeline.report import PROG, print_summary
 
 
 def nightly_run_id(date: dt.date, now: dt.datetime) -> str:
@@ -59,10 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--full is not for the nightly job: run `embed-images run --full` by hand")
     now = dt.datetime.now(dt.UTC)
     date = args.date or now.date()
+    catch_stop_signals()
     try:
-        from pipeline.run import execute_run
-        from pipeline.runtime import prepare_and_start_ray
-
         config = config_from_args(args)
         # Read once: the guard and the run's diff and commit share this snapshot.
         snapshot = Output(config.output, config.fs_options()).snapshot()
@@ -70,9 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if done:
             print(f"{PROG} nightly: {date} already committed as run {done}; nothing to do")
             return 0
-        prepared = prepare_and_start_ray(config, args.address, run_id=nightly_run_id(date, now))
-        print_summary(execute_run(prepared, snapshot=snapshot), prepared.output.uri)
-        return 0
+        return run_and_report(
+            config, args.address, run_id=nightly_run_id(date, now), snapshot=snapshot
+        )
+    except Stopped as stop:
+        print(f"{PROG} nightly: stopped by {stop}; nothing was committed", file=sys.stderr)
+        return stop.exit_status
     except PipelineError as exc:
         return report_failure(exc)
 

@@ -9,12 +9,14 @@ records. ``plan`` wires the stages into one Ray Data plan, ``run`` puts a run to
 
 from pipeline.config import EmbedConfig, PipelineError
 from pipeline.output import iter_embeddings, read_embeddings, read_manifest
+from pipeline.runtime import embed_images
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EmbedConfig",
     "PipelineError",
+    "embed_images",
     "iter_embeddings",
     "read_embeddings",
     "read_manifest",

@@ -4,7 +4,8 @@
     embed-images run --input ./photos --output ./out --weights random --limit 100
 
 With no ``--address`` and no ``RAY_ADDRESS`` a local Ray starts; otherwise it joins that cluster.
-Exit status 0 only when the run committed; otherwise one line on stderr and a non-zero status.
+Exit status 0 only when the run committed; otherwise one line on stderr and a non-zero status:
+1 failed (retry may help), 2 bad command line, 3 too many bad images, 130/143 stopped by a signal.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import argparse
 import dataclasses
 import json
 import re
+import signal
 import sys
+import time
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline.config import (
     PRECISIONS,
@@ -26,6 +29,10 @@ from pipeline.config import (
     parse_concurrency,
 )
 from pipeline.report import PROG
+
+if TYPE_CHECKING:
+    from pipeline.output import Snapshot
+    from pipeline.run import PreparedRun
 
 EXIT_FAILED = 1  # the run failed and committed nothing; retrying may help
 EXIT_USAGE = 2  # the command line is wrong; retrying will not help
@@ -44,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandLineParser(
         prog=PROG, description="Embed images with ResNet50 into Parquet, on Ray."
     )
+    from pipeline import __version__
+
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandLineParser)
     run = commands.add_parser(
         "run",
@@ -305,13 +315,76 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    return run_and_report(config_from_args(args), args.address)
+
+
+def run_and_report(
+    config: EmbedConfig,
+    address: str | None,
+    *,
+    run_id: str | None = None,
+    snapshot: Snapshot | None = None,
+) -> int:
+    """Start or join Ray, run, print the summary; return the exit status.
+
+    Shared by ``embed-images run`` and ``jobs/``. ``PipelineError`` propagates (the caller
+    prints it); a stop signal during the run leaves Ray and the output clean.
+    """
     from pipeline.report import print_summary
     from pipeline.run import execute_run
     from pipeline.runtime import prepare_and_start_ray
 
-    prepared = prepare_and_start_ray(config_from_args(args), args.address)
-    print_summary(execute_run(prepared), prepared.output.uri)
+    prepared = prepare_and_start_ray(config, address, run_id=run_id)
+    catch_stop_signals()  # again: ray.init installs a SIGTERM handler of its own
+    try:
+        record = execute_run(prepared, snapshot=snapshot)
+    except Stopped as stop:
+        return stopped_run(stop, prepared)
+    print_summary(record, prepared.output.uri)
     return 0
+
+
+class Stopped(BaseException):
+    """Ctrl-C or SIGTERM: a ``BaseException``, so that no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
+def catch_stop_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
+
+
+def stopped_run(stop: Stopped, prepared: PreparedRun) -> int:
+    """Leave Ray and the output clean after a stop signal, and say so in one line."""
+    import ray
+
+    # A local Ray goes with its driver; a cluster cancels the tasks of a driver that leaves.
+    ray.shutdown()
+    output, run_id = prepared.output, prepared.run_id
+    manifest = output.snapshot().manifest
+    if manifest is not None and run_id in manifest.committed_run_ids():
+        what = f"run {run_id} had already committed"
+    else:
+        output.discard_staging(run_id)
+        what = f"nothing of run {run_id} was committed (earlier runs are intact)"
+    seconds = time.time() - prepared.started
+    print(
+        f"{PROG}: stopped by {stop} after {seconds:.0f} s: {what}; run the same command "
+        "again to embed what is left",
+        file=sys.stderr,
+    )
+    return stop.exit_status
 
 
 def status_command(args: argparse.Namespace) -> int:
@@ -396,8 +469,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(
         getattr(args, "log_level", "INFO"), storage_options=getattr(args, "storage_options", {})
     )
+    catch_stop_signals()
     try:
         return COMMANDS[args.command](args)
+    except Stopped as stop:
+        committed = "; nothing was committed" if args.command == "run" else ""
+        print(f"{PROG}: stopped by {stop}{committed}", file=sys.stderr)
+        return stop.exit_status
     except PipelineError as exc:
         return report_failure(exc)
     except OSError as exc:

@@ -7,7 +7,6 @@ The same class runs on GPU actors (optional fp16/bf16 autocast) and on CPU actor
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -15,8 +14,6 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import ConfigError, Precision
-
-logger = logging.getLogger(__name__)
 
 EMBEDDING_DIM = 2048
 

@@ -50,6 +50,21 @@ def _require(module: str, extra: str) -> Any:
         ) from None
 
 
+def check_destination(dest: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Refuse a local destination whose folder does not exist: a typo should not create one.
+
+    Example:
+        >>> check_destination("/tmp/index.faiss")  # /tmp exists: nothing to refuse
+    """
+    fs, path = open_fs(dest, storage_options)
+    if is_local(fs):
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise PipelineError(
+                f"export destination {dest}: folder {parent} does not exist; create it first"
+            )
+
+
 def export_faiss(
     output: str,
     dest: str,
@@ -85,12 +100,11 @@ def export_faiss(
         index = faiss.IndexScalarQuantizer(EMBEDDING_DIM, faiss.ScalarQuantizer.QT_fp16, metric)
     else:
         index = faiss.IndexFlat(EMBEDDING_DIM, metric)
+    check_destination(dest, storage_options)
     fs, path = open_fs(dest, storage_options)
     with tempfile.TemporaryDirectory() as scratch:
         local_index = path if is_local(fs) else os.path.join(scratch, "index.faiss")
         local_ids = local_index + ".ids.parquet"
-        if is_local(fs):
-            os.makedirs(os.path.dirname(os.path.abspath(local_index)), exist_ok=True)
         count = 0
         with pq.ParquetWriter(local_ids, IDS_SCHEMA) as ids:
             for batch in iter_embeddings(
@@ -141,6 +155,7 @@ def export_lancedb(
         The number of rows written.
     """
     lancedb = _require("lancedb", "search")
+    check_destination(dest, storage_options)
     value_type = pa.float16() if float16 else pa.float32()
     schema = pa.schema(
         [

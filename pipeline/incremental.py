@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.listing import ListingCounts, list_images
+from pipeline.manifest import Failures, failures_by_type
 
 # Failed images are retried only when the failure may be transient.
 RETRIED_ERROR_TYPES = frozenset({"unreadable"})
@@ -27,6 +28,11 @@ LISTING_BLOCK_ROWS = 256
 # The committed columns the diff needs, per table.
 EMBEDDINGS_KEY_COLUMNS = ["uri", "file_size", "source_version"]
 ERRORS_KEY_COLUMNS = ["uri", "file_size", "source_version", "error_type"]
+_KEY_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("file_size", pa.int64()), ("source_version", pa.string())]
+)
+NO_EMBEDDINGS = _KEY_SCHEMA.empty_table()
+NO_ERRORS = _KEY_SCHEMA.append(pa.field("error_type", pa.string())).empty_table()
 
 
 @dataclasses.dataclass
@@ -36,11 +42,16 @@ class NewImages:
     refs: list[Any]
     counts: ListingCounts
     unchanged: int
+    known_failures: dict[str, Failures]
     deleted: pa.Array
 
     @property
+    def known_failed(self) -> int:
+        return sum(f["count"] for f in self.known_failures.values())
+
+    @property
     def to_embed(self) -> int:
-        return self.counts.listed - self.unchanged
+        return self.counts.listed - self.unchanged - self.known_failed
 
 
 def list_new_images(
@@ -66,26 +77,80 @@ def list_new_images(
     import ray
 
     counts = ListingCounts()
-    if committed is None:
-        known = pa.array([], pa.string())
-        current_uris = pa.array([], pa.string())
-    else:
-        embeddings, errors = committed
-        known = committed_keys(embeddings, errors)
-        current_uris = pa.concat_arrays(
-            [t["uri"].combine_chunks().cast(pa.string()) for t in (embeddings, errors)]
-        )
+    known = CommittedImages(*(committed or (NO_EMBEDDINGS, NO_ERRORS)))
+    current_uris = known.uris
     seen = np.zeros(len(current_uris), dtype=bool)
-    refs, unchanged = [], 0
+    refs, unchanged, failed_rows = [], 0, []
     for chunk in list_images(fs, root, counts, chunk_rows=LISTING_BLOCK_ROWS, limit=limit):
         mark_seen(seen, current_uris, chunk)
-        new = select_new(chunk, known)
-        unchanged += chunk.num_rows - new.num_rows
-        if new.num_rows:
-            refs.append(ray.put(new))
+        diff = known.diff(chunk)
+        unchanged += diff.unchanged
+        failed_rows.append(diff.known_failed_rows)
+        if diff.new.num_rows:
+            refs.append(ray.put(diff.new))
     # Only a complete listing can tell that an image is gone.
     deleted = current_uris.filter(pa.array(~seen)) if limit is None else current_uris[:0]
-    return NewImages(refs=refs, counts=counts, unchanged=unchanged, deleted=deleted)
+    return NewImages(
+        refs=refs,
+        counts=counts,
+        unchanged=unchanged,
+        known_failures=known.failures(np.concatenate([np.zeros(0, np.int64), *failed_rows])),
+        deleted=deleted,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkDiff:
+    new: pa.Table
+    unchanged: int
+    known_failed_rows: np.ndarray  # rows of CommittedImages.lasting
+
+
+class CommittedImages:
+    """The committed images a run need not embed again, keyed once per run.
+
+    Embedded images and images that failed for a lasting reason (everything but
+    ``RETRIED_ERROR_TYPES``) are known; a listed image whose key is among them is skipped.
+
+    Example:
+        >>> known = CommittedImages(embeddings, errors)  # doctest: +SKIP
+        >>> known.diff(listing_chunk).new  # doctest: +SKIP
+    """
+
+    def __init__(self, embeddings: pa.Table, errors: pa.Table) -> None:
+        self.lasting = errors.filter(
+            pc.invert(pc.is_in(errors["error_type"], pa.array(sorted(RETRIED_ERROR_TYPES))))
+        )
+        self.n_embedded = embeddings.num_rows
+        # Embedded keys first, then the lasting failures': one lookup tells which it is.
+        parts = [
+            pa.chunked_array(image_keys(t)).combine_chunks()
+            for t in (embeddings, self.lasting)
+            if t.num_rows
+        ]
+        self.keys = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+        self.uris = pa.concat_arrays(
+            [t["uri"].combine_chunks().cast(pa.string()) for t in (embeddings, errors)]
+        )
+
+    def diff(self, chunk: pa.Table) -> ChunkDiff:
+        """Split a listing chunk: new or changed rows, unchanged ones, known failures."""
+        if len(self.keys) == 0 or chunk.num_rows == 0:
+            return ChunkDiff(chunk, 0, np.zeros(0, np.int64))
+        found = pc.index_in(image_keys(chunk), value_set=self.keys)
+        matched = found.drop_null().to_numpy(zero_copy_only=False)
+        return ChunkDiff(
+            new=chunk.filter(pc.is_null(found)),
+            unchanged=int((matched < self.n_embedded).sum()),
+            known_failed_rows=matched[matched >= self.n_embedded] - self.n_embedded,
+        )
+
+    def failures(self, rows: np.ndarray) -> dict[str, Failures]:
+        """Known failures by ``error_type``, with a count and one example URI each."""
+        return failures_by_type(
+            self.lasting["error_type"].take(pa.array(rows)).to_numpy(zero_copy_only=False),
+            self.lasting["uri"].take(pa.array(rows)).to_numpy(zero_copy_only=False),
+        )
 
 
 def image_keys(table: pa.Table) -> pa.Array:
@@ -150,25 +215,6 @@ def resolve_current(
         keep = np.sort(joined.filter(pc.fill_null(alive, True))["row"].to_numpy())
     keep = np.sort(keep)
     return embeddings.take(keep[keep < n_emb]), errors.take(keep[keep >= n_emb] - n_emb)
-
-
-def committed_keys(embeddings: pa.Table, errors: pa.Table) -> pa.Array:
-    """Keys of images that need no new work: embedded, or failed for a lasting reason."""
-    lasting = errors.filter(
-        pc.invert(pc.is_in(errors["error_type"], pa.array(sorted(RETRIED_ERROR_TYPES))))
-    )
-    parts: list[pa.Array] = []
-    for table in (embeddings, lasting):
-        if table.num_rows:
-            parts.append(pa.chunked_array(image_keys(table)).combine_chunks())
-    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
-
-
-def select_new(chunk: pa.Table, known: pa.Array) -> pa.Table:
-    """The rows of a listing chunk whose key is not among ``known``."""
-    if len(known) == 0 or chunk.num_rows == 0:
-        return chunk
-    return chunk.filter(pc.invert(pc.is_in(image_keys(chunk), value_set=known)))
 
 
 def mark_seen(seen: np.ndarray, current_uris: pa.Array, chunk: pa.Table) -> None:

@@ -90,13 +90,47 @@ class ModelIdentity:
         return None
 
 
+# Failed images of one kind: how many, and one of them to look at.
+Failures = dict[str, Any]  # {"count": int, "example_uri": str}
+
+
+def failures_by_type(error_types: Sequence[Any], uris: Sequence[Any]) -> dict[str, Failures]:
+    """``{error_type: {"count": n, "example_uri": first uri}}``, sorted by type.
+
+    Example:
+        >>> failures_by_type(["empty", "truncated", "empty"], ["/a", "/b", "/c"])["empty"]
+        {'count': 2, 'example_uri': '/a'}
+    """
+    found: dict[str, Failures] = {}
+    for error_type, uri in zip(error_types, uris, strict=True):
+        entry = found.setdefault(str(error_type), {"count": 0, "example_uri": str(uri)})
+        entry["count"] += 1
+    return dict(sorted(found.items()))
+
+
+def merge_failures(*parts: Mapping[str, Failures]) -> dict[str, Failures]:
+    merged: dict[str, Failures] = {}
+    for part in parts:
+        for error_type, entry in part.items():
+            into = merged.setdefault(error_type, {"count": 0, "example_uri": entry["example_uri"]})
+            into["count"] += int(entry["count"])
+    return dict(sorted(merged.items()))
+
+
+def describe_failures(failures: Mapping[str, Failures]) -> str:
+    """``truncated 2, empty 1`` (most first)."""
+    ordered = sorted(failures.items(), key=lambda item: (-item[1]["count"], item[0]))
+    return ", ".join(f"{error_type} {entry['count']}" for error_type, entry in ordered)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunCounts:
     """Images of one run: every listed image is unchanged, embedded or failed."""
 
     listed: int = 0
     skipped_by_extension: int = 0
-    unchanged: int = 0
+    unchanged: int = 0  # embedded by an earlier run, same bytes
+    known_failed: int = 0  # failed in an earlier run for a lasting reason: not retried
     embedded: int = 0
     failed: int = 0
     deleted: int = 0
@@ -125,7 +159,12 @@ class RunRecord:
     finished_at: str = ""
     wall_seconds: float = 0.0
     images_per_second: float = 0.0
+    # Over the embedding phase alone (the dataset's execution), start-up excluded.
+    embedding_images_per_second: float = 0.0
     pipeline_version: str = ""
+    # This run's failures and the earlier ones it skipped, by error_type.
+    failures: Mapping[str, Failures] = dataclasses.field(default_factory=dict)
+    known_failures: Mapping[str, Failures] = dataclasses.field(default_factory=dict)
     files: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -142,7 +181,10 @@ class RunRecord:
             "finished_at": self.finished_at,
             "wall_seconds": self.wall_seconds,
             "images_per_second": self.images_per_second,
+            "embedding_images_per_second": self.embedding_images_per_second,
             "counts": self.counts.to_json(),
+            "failures": {k: dict(v) for k, v in self.failures.items()},
+            "known_failures": {k: dict(v) for k, v in self.known_failures.items()},
             "pipeline_version": self.pipeline_version,
             "model": self.model.to_json() if self.model else None,
             "preprocessing": dict(self.preprocessing),
@@ -161,7 +203,10 @@ class RunRecord:
             finished_at=str(data.get("finished_at", "")),
             wall_seconds=float(data.get("wall_seconds", 0.0)),
             images_per_second=float(data.get("images_per_second", 0.0)),
+            embedding_images_per_second=float(data.get("embedding_images_per_second", 0.0)),
             counts=RunCounts.from_json(data.get("counts", {})),
+            failures=dict(data.get("failures") or {}),
+            known_failures=dict(data.get("known_failures") or {}),
             pipeline_version=str(data.get("pipeline_version", "")),
             model=ModelIdentity.from_json(model) if model else None,
             preprocessing=dict(data.get("preprocessing") or {}),

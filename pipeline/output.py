@@ -285,13 +285,17 @@ class Output:
             )
             self._write_manifest(manifest.to_bytes(), snapshot.version)
         # Staging is scratch once the manifest is in place; leftovers of retried tasks go too.
-        self._remove(stage_root)
+        self.discard_staging(run.run_id)
         for relative in superseded:
             self._remove(join(self.root, relative))
+        return manifest
+
+    def discard_staging(self, run_id: str) -> None:
+        """Delete a run's staging folder (and ``_staging`` itself once it is empty)."""
+        self._remove(join(self.root, STAGING_DIR, run_id))
         staging = join(self.root, STAGING_DIR)
         if is_local(self.fs) and self.fs.exists(staging) and not self.fs.ls(staging):
             self.fs.rmdir(staging)
-        return manifest
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:

@@ -8,6 +8,7 @@ This module uses Ray but never starts it: the entry points start or join a clust
 from __future__ import annotations
 
 import re
+import time
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import EmbedConfig, PipelineError
@@ -101,6 +102,7 @@ def run_plan(
             **model_remote_args(num_gpus),
         )
     )
+    sink.executing_since = time.time()
     try:
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": config.write_cpus})
     except ray.exceptions.RayError as exc:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from pipeline.manifest import Manifest, RunRecord
+from pipeline.manifest import Failures, Manifest, RunRecord
 
 PROG = "embed-images"
 
@@ -27,21 +27,39 @@ def print_summary(run: RunRecord, output: str, out: TextIO | None = None) -> Non
     """The lines a committed run prints: its counts, times and where the table is."""
     out = out or sys.stdout
     counts = run.counts
-    rows = [
+    rows: list[tuple[str, Any]] = [
         ("run", run.run_id),
         ("listed", counts.listed),
         ("skipped", f"{counts.skipped_by_extension} (not image extensions)"),
         ("unchanged", f"{counts.unchanged} (already embedded)"),
         ("embedded", counts.embedded),
         ("failed", f"{counts.failed}" + (f" (see {output}/errors)" if counts.failed else "")),
+        *_by_type(run.failures),
+    ]
+    if counts.known_failed:
+        rows.append(("known bad", f"{counts.known_failed} (failed in earlier runs, not retried)"))
+        rows += _by_type(run.known_failures)
+    rows += [
         ("deleted", f"{counts.deleted} (gone from the input)"),
         ("wall time", f"{run.wall_seconds:.1f} s"),
-        ("images/s", f"{run.images_per_second:.2f}"),
+        (
+            "images/s",
+            f"{run.images_per_second:.2f} over the wall time, "
+            f"{run.embedding_images_per_second:.2f} while embedding",
+        ),
         ("table", f"{output}/embeddings  (manifest: {output}/_manifest.json)"),
     ]
     print(f"{PROG}: committed", file=out)
     for key, value in rows:
         print(f"  {key:<10} {value}", file=out)
+
+
+def _by_type(failures: Mapping[str, Failures]) -> list[tuple[str, Any]]:
+    """One indented row per error_type, most first, with an example."""
+    ordered = sorted(failures.items(), key=lambda item: (-item[1]["count"], item[0]))
+    return [
+        ("", f"  {kind} {entry['count']}, e.g. {entry['example_uri']}") for kind, entry in ordered
+    ]
 
 
 def print_runs(manifest: Manifest, out: TextIO | None = None) -> None:

@@ -137,7 +137,7 @@ def execute_run(
         PipelineError: nothing is committed, or only ``errors/`` (``ErrorRateExceededError``).
     """
     from pipeline.plan import resolve_num_gpus, run_plan
-    from pipeline.sink import RunBooks, RunSink
+    from pipeline.sink import ErrorRateExceededError, RunBooks, RunSink
 
     config, output = prepared.config, prepared.output
     snapshot = snapshot or output.snapshot()
@@ -170,34 +170,42 @@ def execute_run(
             f"skipped; images end in .{', .'.join(sorted(IMAGE_EXTENSIONS))})"
         )
     logger.info(
-        "listed %d images under %s: %d new or changed, %d unchanged, %d gone, %d skipped",
+        "listed %d images under %s: %d new or changed, %d unchanged, %d known failed, "
+        "%d gone, %d skipped",
         counts.listed,
         prepared.input_uri,
         listing.to_embed,
         listing.unchanged,
+        listing.known_failed,
         len(listing.deleted),
         counts.skipped_by_extension,
     )
-    sink = RunSink(
-        RunBooks(
-            run_id=prepared.run_id,
-            input_uri=prepared.input_uri,
-            output=output,
-            snapshot=snapshot,
-            model=model,
-            preprocessing=preprocessing,
-            listed=counts.listed,
-            skipped_by_extension=counts.skipped_by_extension,
-            unchanged=listing.unchanged,
-            deleted=listing.deleted,
-            full=config.full,
-            replace=config.full and config.limit is None,
-            max_error_rate=config.max_error_rate,
-            started=prepared.started,
-            started_at=prepared.started_at,
-        ),
-        rows_per_file=config.rows_per_file,
+    books = RunBooks(
+        run_id=prepared.run_id,
+        input_uri=prepared.input_uri,
+        output=output,
+        snapshot=snapshot,
+        model=model,
+        preprocessing=preprocessing,
+        listed=counts.listed,
+        skipped_by_extension=counts.skipped_by_extension,
+        unchanged=listing.unchanged,
+        known_failures=listing.known_failures,
+        deleted=listing.deleted,
+        full=config.full,
+        replace=config.full and config.limit is None,
+        max_error_rate=config.max_error_rate,
+        started=prepared.started,
+        started_at=prepared.started_at,
     )
+    known_bad = books.error_rate_exceeded({})
+    if known_bad:
+        # Failures of earlier runs alone exceed the limit: embedding the rest cannot pass.
+        raise ErrorRateExceededError(
+            f"{known_bad}: nothing embedded; fix or remove those images (see "
+            f"{output.uri}/errors), or raise --max-error-rate"
+        )
+    sink = RunSink(books, rows_per_file=config.rows_per_file)
     if not listing.refs:
         return sink.run_without_tasks()
     run_plan(

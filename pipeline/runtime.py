@@ -1,11 +1,15 @@
-"""Start or join Ray, for the entry points (the stages and the plan never do)."""
+"""Start or join Ray, for the entry points (the stages and the plan never do), and
+:func:`embed_images`, the one call that runs the pipeline from Python."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from typing import Any
 
-from pipeline.config import EmbedConfig
+from pipeline.config import ConfigError, EmbedConfig
+from pipeline.manifest import RunRecord
 from pipeline.run import PreparedRun, prepare_run
 
 logger = logging.getLogger(__name__)
@@ -57,3 +61,44 @@ def start_ray(address: str | None, *, object_store_memory: int | None = None) ->
             "`ray start`"
         )
     ray.init(address=address, log_to_driver=True)
+
+
+def embed_images(
+    *, input: str, output: str, address: str | None = None, **options: Any
+) -> RunRecord:
+    """Embed every image under ``input`` into ``output``: ``embed-images run`` as one call.
+
+    It starts a local Ray, or joins ``address`` (or ``RAY_ADDRESS``), or uses the Ray this
+    process already runs, exactly as the command does.
+
+    Args:
+        input: Folder or prefix of images (local path, ``file://``, ``s3://``, any fsspec URL).
+        output: Where the tables and ``_manifest.json`` go.
+        address: Ray cluster to join.
+        **options: Any other ``EmbedConfig`` field, e.g. ``weights="random"``,
+            ``batch_size=256``, ``storage_options={"anon": True}``.
+
+    Returns:
+        The committed run's record: ``run.counts.embedded``, ``run.failures``, ….
+
+    Raises:
+        PipelineError: what the command would print as its one line (``ConfigError`` for a
+            bad or unknown option, ``ErrorRateExceededError`` for too many bad images).
+
+    Example:
+        >>> from pipeline import embed_images
+        >>> run = embed_images(input="photos", output="out", weights="random")  # doctest: +SKIP
+        >>> run.counts.embedded  # doctest: +SKIP
+        24
+    """
+    from pipeline.run import execute_run
+
+    fields = {f.name for f in dataclasses.fields(EmbedConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown option {unknown[0]!r}: options are EmbedConfig's fields "
+            f"({', '.join(sorted(fields - {'input', 'output'}))})"
+        )
+    config = EmbedConfig(input=input, output=output, **options)
+    return execute_run(prepare_and_start_ray(config, address))

@@ -15,7 +15,7 @@ import dataclasses
 import datetime as dt
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -24,12 +24,27 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
 from pipeline.config import PipelineError
-from pipeline.manifest import COMMITTED, ERROR_RATE_EXCEEDED, ModelIdentity, RunCounts, RunRecord
+from pipeline.manifest import (
+    COMMITTED,
+    ERROR_RATE_EXCEEDED,
+    Failures,
+    ModelIdentity,
+    RunCounts,
+    RunRecord,
+    describe_failures,
+    failures_by_type,
+    merge_failures,
+)
 from pipeline.output import Output, Snapshot
 from pipeline.write import file_metadata, write_batch
 
-# (table, path relative to the run's staging folder, rows) per file a writer task wrote.
-StagedFiles = list[tuple[str, str, int]]
+
+class Staged(TypedDict):
+    """What one writer task returns to the driver."""
+
+    # (table, path relative to the run's staging folder, rows) per file written.
+    files: list[tuple[str, str, int]]
+    failures: dict[str, Failures]
 
 
 class ErrorRateExceededError(PipelineError):
@@ -49,6 +64,7 @@ class RunBooks:
     listed: int
     skipped_by_extension: int
     unchanged: int
+    known_failures: Mapping[str, Failures]
     deleted: pa.Array
     full: bool
     replace: bool
@@ -57,11 +73,38 @@ class RunBooks:
     started_at: str
 
     @property
-    def to_embed(self) -> int:
-        return self.listed - self.unchanged
+    def known_failed(self) -> int:
+        return sum(int(f["count"]) for f in self.known_failures.values())
 
-    def settle(self, staged: StagedFiles) -> RunRecord:
+    @property
+    def to_embed(self) -> int:
+        return self.listed - self.unchanged - self.known_failed
+
+    def error_rate_exceeded(self, failures: Mapping[str, Failures]) -> str | None:
+        """What is wrong when this run's and the known failures exceed ``--max-error-rate``.
+
+        Args:
+            failures: This run's failures by type (none yet, before the run executes: then
+                the known failures alone are checked).
+        """
+        failed = sum(int(f["count"]) for f in failures.values()) + self.known_failed
+        attempted = self.to_embed + self.known_failed
+        rate = failed / attempted if attempted else 0.0
+        if rate <= self.max_error_rate:
+            return None
+        earlier = f", {self.known_failed} of them in earlier runs" if self.known_failed else ""
+        kinds = describe_failures(merge_failures(failures, self.known_failures))
+        return (
+            f"{failed} of {attempted} images failed ({rate:.1%}: {kinds}{earlier}), above "
+            f"--max-error-rate {self.max_error_rate:.1%}"
+        )
+
+    def settle(self, staged: list[Staged], *, executing_since: float | None) -> RunRecord:
         """Check the run's rows, decide on its error rate, commit, and return its record.
+
+        Images that failed in earlier runs for a lasting reason are not retried, but they still
+        count toward ``--max-error-rate``: a rerun does not turn a failing input into a
+        passing one.
 
         Raises:
             PipelineError: the rows do not add up; nothing is committed.
@@ -71,9 +114,11 @@ class RunBooks:
 
         files: dict[str, list[str]] = {"embeddings": [], "errors": []}
         rows = {"embeddings": 0, "errors": 0}
-        for table, path, count in staged:
-            files[table].append(path)
-            rows[table] += count
+        for returned in staged:
+            for table, path, count in returned["files"]:
+                files[table].append(path)
+                rows[table] += count
+        failures = merge_failures(*(returned["failures"] for returned in staged))
         embedded, failed = rows["embeddings"], rows["errors"]
         if embedded + failed != self.to_embed:
             # Every new image must come out exactly once, embedded or failed; anything else
@@ -82,9 +127,11 @@ class RunBooks:
                 f"run {self.run_id} produced {embedded} embeddings + {failed} errors for "
                 f"{self.to_embed} images to embed; nothing committed"
             )
-        wall = time.time() - self.started
-        error_rate = failed / self.to_embed if self.to_embed else 0.0
-        too_many_errors = error_rate > self.max_error_rate
+        now = time.time()
+        wall = now - self.started
+        embedding = now - executing_since if executing_since else 0.0
+        too_many = self.error_rate_exceeded(failures)
+        too_many_errors = too_many is not None
         record = RunRecord(
             run_id=self.run_id,
             status=ERROR_RATE_EXCEEDED if too_many_errors else COMMITTED,
@@ -94,10 +141,14 @@ class RunBooks:
             finished_at=utc_iso(),
             wall_seconds=round(wall, 3),
             images_per_second=round(embedded / wall if wall > 0 else 0.0, 3),
+            embedding_images_per_second=round(embedded / embedding if embedding > 0 else 0.0, 3),
+            failures=failures,
+            known_failures=dict(self.known_failures),
             counts=RunCounts(
                 listed=self.listed,
                 skipped_by_extension=self.skipped_by_extension,
                 unchanged=self.unchanged,
+                known_failed=self.known_failed,
                 embedded=0 if too_many_errors else embedded,
                 failed=failed,
                 deleted=0 if too_many_errors else len(self.deleted),
@@ -106,13 +157,11 @@ class RunBooks:
             model=self.model,
             preprocessing=self.preprocessing,
         )
-        if too_many_errors:
+        if too_many is not None:
             # The errors are worth keeping (they say what to fix); the embeddings are not.
             self.output.commit(self.snapshot, record, staged={"errors": files["errors"]})
             raise ErrorRateExceededError(
-                f"{failed} of {self.to_embed} images failed ({error_rate:.1%}), above "
-                f"--max-error-rate {self.max_error_rate:.1%}: errors written to "
-                f"{self.output.uri}/errors, no embeddings committed"
+                f"{too_many}: errors written to {self.output.uri}/errors, no embeddings committed"
             )
         self.output.commit(
             self.snapshot, record, staged=files, deleted_uris=self.deleted, replace=self.replace
@@ -120,7 +169,7 @@ class RunBooks:
         return record
 
 
-class RunSink(Datasink[StagedFiles]):
+class RunSink(Datasink[Staged]):
     """One run's writes and commit (pass to ``Dataset.write_datasink``).
 
     Args:
@@ -139,6 +188,7 @@ class RunSink(Datasink[StagedFiles]):
             model=books.model, preprocessing=books.preprocessing, run_id=books.run_id
         )
         self.record: RunRecord | None = None
+        self.executing_since: float | None = None  # set by the plan when execution starts
 
     def __getstate__(self) -> dict[str, Any]:
         # The books hold the snapshot and the deleted URIs: nothing a writer task needs.
@@ -152,26 +202,31 @@ class RunSink(Datasink[StagedFiles]):
         books = self._books()
         books.output.discard_uncommitted(books.snapshot)
 
-    def write(self, blocks: Iterable[Block], ctx: Any) -> StagedFiles:
+    def write(self, blocks: Iterable[Block], ctx: Any) -> Staged:
         batches = [BlockAccessor.for_block(block).to_numpy() for block in blocks]
         batches = [b for b in batches if len(b["uri"])]
         if not batches:
-            return []
+            return {"files": [], "failures": {}}
         batch = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+        failed = np.asarray(batch["error_type"] != "", dtype=bool)
         out = write_batch(
             batch,  # type: ignore[arg-type]
             staging_uri=self.staging_uri,
             storage_options=self.storage_options,
             metadata=self.metadata,
         )
-        return [
-            (str(t), str(p), int(n))
-            for t, p, n in zip(out["table"], out["path"], out["rows"], strict=True)
-        ]
+        return {
+            "files": [
+                (str(t), str(p), int(n))
+                for t, p, n in zip(out["table"], out["path"], out["rows"], strict=True)
+            ],
+            "failures": failures_by_type(batch["error_type"][failed], batch["uri"][failed]),
+        }
 
-    def on_write_complete(self, write_result: WriteResult[StagedFiles]) -> None:
-        staged = [item for returned in write_result.write_returns for item in returned]
-        self.record = self._books().settle(staged)
+    def on_write_complete(self, write_result: WriteResult[Staged]) -> None:
+        self.record = self._books().settle(
+            write_result.write_returns, executing_since=self.executing_since
+        )
 
     def run_without_tasks(self) -> RunRecord:
         """The same lifecycle for a run with nothing to write (every image unchanged)."""

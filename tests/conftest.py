@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -178,3 +179,13 @@ def ray_session(aws_credentials: None) -> Iterator[None]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- README
+
+
+@pytest.fixture(scope="session")
+def readme_examples() -> dict[str, str]:
+    """The README's tested examples: code blocks right after a `<!-- tested: NAME -->` line."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return dict(re.findall(r"<!-- tested: (\w+) -->\n```(?:python|sql)\n(.*?)```", text, re.S))

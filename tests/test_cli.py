@@ -227,3 +227,10 @@ def test_nightly_job_takes_the_same_flags() -> None:
     result = run("--help", module="jobs.nightly")
     assert result.returncode == 0
     assert "--decode-memory" in result.stdout and "--date" in result.stdout
+
+
+def test_version() -> None:
+    from pipeline import __version__
+
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"embed-images {__version__}"

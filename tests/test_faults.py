@@ -177,3 +177,62 @@ def test_model_actor_dying_mid_run_is_restarted_and_nothing_doubles(
     assert marker.exists()  # an actor did die
     assert summary.counts.embedded == len(names) and summary.counts.failed == 0
     _check_each_once(output, photos, names)
+
+
+def _session_processes(sid: int) -> list[int]:
+    """Live processes of a session (a driver started with start_new_session, and its Ray)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    found.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                continue
+    return found
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_signal_mid_run_says_one_line_and_leaves_nothing_behind(
+    tmp_path, make_image, signum, status
+) -> None:  # type: ignore[no-untyped-def]
+    photos, output = tmp_path / "photos", tmp_path / "out"
+    _photos(photos, make_image, [f"s{i:02d}.jpg" for i in range(24)])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = f"{ROOT}:{env.get('PYTHONPATH', '')}"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--input", str(photos), "--output"]
+        + [str(output), "--weights", "random", "--batch-size", "2", "--decode-batch-size", "2"]
+        + ["--rows-per-file", "2"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and driver.poll() is None:
+            if any((output / "_staging").glob("*/embeddings/*.parquet")):
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before it could be stopped"
+        driver.send_signal(signum)
+        _, err = driver.communicate(timeout=120)
+        assert driver.returncode == status, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"embed-images: stopped by {signal.Signals(signum).name} after")
+        assert "nothing of run" in last and "run the same command again" in last, last
+        assert not (output / "_staging").exists()  # this run's staging is gone
+        assert read_manifest(str(output)) is None  # and nothing was committed
+        deadline = time.time() + 30  # Ray's processes leave with their driver
+        while _session_processes(driver.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _session_processes(driver.pid)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

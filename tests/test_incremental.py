@@ -11,7 +11,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from pipeline.cli import main
-from pipeline.incremental import committed_keys, resolve_current, select_new
+from pipeline.incremental import CommittedImages, resolve_current
 from pipeline.manifest import MANIFEST_FORMAT, Manifest
 from pipeline.output import read_embeddings, read_manifest
 
@@ -52,9 +52,12 @@ def test_unchanged_images_are_skipped_and_transient_errors_retried() -> None:
             "error_type": ["truncated", "unreadable"],
         }
     )
-    new = select_new(listing, committed_keys(embeddings, errors))
+    diff = CommittedImages(embeddings, errors).diff(listing)
     # a unchanged; b changed (version); c failed for good; d failed transiently: retried.
-    assert new["uri"].to_pylist() == ["b", "d"]
+    assert diff.new["uri"].to_pylist() == ["b", "d"]
+    assert diff.unchanged == 1
+    known = CommittedImages(embeddings, errors).failures(diff.known_failed_rows)
+    assert known == {"truncated": {"count": 1, "example_uri": "c"}}
 
 
 def _write(root: Path, name: str, make_image, seed: int) -> None:  # type: ignore[no-untyped-def]
@@ -176,23 +179,11 @@ def test_error_rate_above_the_limit_commits_only_errors(
 ) -> None:  # type: ignore[no-untyped-def]
     root, _ = corpus  # 3 of 13 images are bad: 23%
     output = tmp_path / "out"
-    status = main(
-        [
-            "run",
-            "--input",
-            str(root),
-            "--output",
-            str(output),
-            "--weights",
-            "random",
-            "--max-error-rate",
-            "0.1",
-            "--batch-size",
-            "4",
-        ]
-    )
+    args = ["run", "--input", str(root), "--output", str(output), "--weights", "random"]
+    status = main([*args, "--max-error-rate", "0.1", "--batch-size", "4"])
     assert status == 3
     err = capsys.readouterr().err.strip().splitlines()
+    assert "3 of 13 images failed (23.1%: empty 1, not_an_image 1, truncated 1)" in err[-1]
     assert "above --max-error-rate 10.0%" in err[-1]
     assert read_embeddings(str(output)).num_rows == 0
     assert sorted(read_embeddings(str(output), table="errors")["error_type"].to_pylist()) == [
@@ -200,6 +191,25 @@ def test_error_rate_above_the_limit_commits_only_errors(
         "not_an_image",
         "truncated",
     ]
+
+    # The same command again: the bad images are known failures, not retried, and still
+    # counted, so the run fails the same way instead of committing as if all were well.
+    assert main([*args, "--batch-size", "4"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        "3 of 13 images failed (23.1%: empty 1, not_an_image 1, truncated 1, 3 of them in "
+        in (err[-1])
+    )
+    assert "nothing embedded; fix or remove those images" in err[-1]  # known alone: no work
+    assert read_embeddings(str(output)).num_rows == 0
+    # Raising the limit lets the good images in; the summary says what is known to be bad.
+    assert main([*args, "--max-error-rate", "0.5"]) == 0
+    summary = capsys.readouterr().out
+    assert "embedded   10" in summary and "known bad  3 (failed in earlier runs" in summary
+    assert f"  truncated 1, e.g. {root / 'truncated.jpg'}" in summary
+    manifest = read_manifest(str(output))
+    assert manifest is not None
+    assert (manifest.runs[-1].counts.known_failed, manifest.runs[-1].counts.failed) == (3, 0)
 
 
 def test_nightly_guard_recognises_a_committed_run_of_that_date() -> None:

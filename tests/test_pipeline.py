@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipeline.cli import main
+from pipeline.manifest import RunRecord
 from pipeline.output import read_embeddings, read_manifest
 from pipeline.write import EMBEDDINGS_SCHEMA, ERRORS_SCHEMA
 
@@ -73,6 +74,7 @@ def check_output(
         "listed": len(good) + len(bad),
         "skipped_by_extension": 1,
         "unchanged": 0,
+        "known_failed": 0,
         "embedded": len(good),
         "failed": len(bad),
         "deleted": 0,
@@ -142,6 +144,10 @@ def test_local_folder_to_local_output(
     assert status == 0
     summary = capsys.readouterr().out
     assert "embedded   10" in summary and "failed     3" in summary
+    # Failures by type, each with one example to look at.
+    for kind, name in (("empty", "empty.png"), ("not_an_image", "bad.jpg")):
+        assert f"  {kind} 1, e.g. {root / name}" in summary, summary
+    assert "while embedding" in summary
     check_output(
         str(output),
         files,
@@ -221,3 +227,31 @@ def test_limit_and_resize_mode_are_recorded(corpus, tmp_path, ray_session) -> No
     meta = pq.read_schema(Path(output) / manifest.current["embeddings"][0]).metadata
     assert json.loads(meta[b"preprocessing"])["mode"] == "letterbox"
     assert meta[b"normalized"] == b"true"
+
+
+def test_readme_python_example_runs(
+    tmp_path, make_image, ray_session, monkeypatch, readme_examples
+) -> None:  # type: ignore[no-untyped-def]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(10):  # and 1 bad of 11: under the default --max-error-rate
+        (photos / f"p{i}.jpg").write_bytes(make_image((40 + i, 30), seed=i))
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, object] = {}
+    exec(compile(readme_examples["api"], "README.md:api", "exec"), scope)  # noqa: S102
+    run = scope["run"]
+    assert isinstance(run, RunRecord)
+    assert (run.counts.embedded, run.counts.failed) == (10, 1)
+    assert run.failures == {"not_an_image": {"count": 1, "example_uri": str(photos / "broken.jpg")}}
+    assert sorted(read_embeddings("out")["uri"].to_pylist()) == [
+        str(photos / f"p{i}.jpg") for i in range(10)
+    ]
+
+
+def test_embed_images_names_an_unknown_option() -> None:
+    from pipeline import embed_images
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown option 'batchsize'"):
+        embed_images(input="photos", output="out", batchsize=8)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 from pathlib import Path
 
 import numpy as np
@@ -134,15 +133,9 @@ def test_lancedb_export_finds_the_near_duplicates(table, tmp_path) -> None:  # t
         assert {"original_width", "original_height"} <= set(hits[0])
 
 
-def _readme_examples() -> dict[str, str]:
-    """The README's tested examples: code blocks right after a `<!-- tested: NAME -->` line."""
-    text = (ROOT / "README.md").read_text()
-    return dict(re.findall(r"<!-- tested: (\w+) -->\n```(?:python|sql)\n(.*?)```", text, re.S))
-
-
-def test_readme_ingestion_examples_run(table, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_readme_ingestion_examples_run(table, tmp_path, monkeypatch, readme_examples) -> None:  # type: ignore[no-untyped-def]
     output, groups = table
-    examples = _readme_examples()
+    examples = readme_examples
     assert {"faiss", "lancedb", "duckdb"} <= set(examples)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").symlink_to(output)
@@ -153,3 +146,13 @@ def test_readme_ingestion_examples_run(table, tmp_path, monkeypatch) -> None:  #
         assert {groups[str(u)] for u in scope["neighbours"]} == {groups[str(scope["query_uri"])]}, (
             name
         )
+
+
+@pytest.mark.parametrize("to", ["faiss", "lancedb"])
+def test_export_refuses_a_destination_in_a_missing_folder(table, tmp_path, to, capsys) -> None:  # type: ignore[no-untyped-def]
+    output, _ = table
+    dest = tmp_path / "no-such-folder" / "index"
+    assert main(["export", str(output), "--to", to, str(dest)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-folder does not exist; create it first" in err[0], err
+    assert not dest.parent.exists()
