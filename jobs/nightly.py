@@ -78,7 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG} nightly: {date} already committed as run {done}; nothing to do")
             return 0
         return run_and_report(
-            config, args.address, run_id=nightly_run_id(date, now), snapshot=snapshot
+            config,
+            args.address,
+            run_id=nightly_run_id(date, now),
+            snapshot=snapshot,
+            verbose=args.log_level == "DEBUG",
         )
     except Stopped as stop:
         print(f"{PROG} nightly: stopped by {stop}; nothing was committed", file=sys.stderr)

@@ -251,7 +251,16 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--log-level",
         choices=("DEBUG", "INFO", "WARNING"),
         default="INFO",
-        help="level of this pipeline's own logs (default INFO; libraries log warnings only)",
+        help="level of this pipeline's own logs (default INFO; libraries log warnings only; "
+        "DEBUG also shows Ray's own INFO lines and progress bars)",
+    )
+    run.add_argument(
+        "-v",
+        "--verbose",
+        dest="log_level",
+        action="store_const",
+        const="DEBUG",
+        help="the same as --log-level DEBUG",
     )
     run.add_argument(
         "--address",
@@ -315,7 +324,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    return run_and_report(config_from_args(args), args.address)
+    return run_and_report(config_from_args(args), args.address, verbose=args.log_level == "DEBUG")
 
 
 def run_and_report(
@@ -324,6 +333,7 @@ def run_and_report(
     *,
     run_id: str | None = None,
     snapshot: Snapshot | None = None,
+    verbose: bool = False,
 ) -> int:
     """Start or join Ray, run, print the summary; return the exit status.
 
@@ -334,7 +344,7 @@ def run_and_report(
     from pipeline.run import execute_run
     from pipeline.runtime import prepare_and_start_ray
 
-    prepared = prepare_and_start_ray(config, address, run_id=run_id)
+    prepared = prepare_and_start_ray(config, address, run_id=run_id, verbose=verbose)
     catch_stop_signals()  # again: ray.init installs a SIGTERM handler of its own
     try:
         record = execute_run(prepared, snapshot=snapshot)

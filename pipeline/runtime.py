@@ -16,7 +16,11 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_and_start_ray(
-    config: EmbedConfig, address: str | None, *, run_id: str | None = None
+    config: EmbedConfig,
+    address: str | None,
+    *,
+    run_id: str | None = None,
+    verbose: bool = False,
 ) -> PreparedRun:
     """``prepare_run`` and ``start_ray``, overlapped where that is safe and worth it.
 
@@ -29,7 +33,7 @@ def prepare_and_start_ray(
     """
 
     def start() -> None:
-        start_ray(address, object_store_memory=config.object_store_memory)
+        start_ray(address, object_store_memory=config.object_store_memory, verbose=verbose)
 
     if joins_running_ray(address):
         prepared = prepare_run(config, run_id=run_id)
@@ -43,28 +47,68 @@ def joins_running_ray(address: str | None) -> bool:
     return address is not None or bool(os.environ.get("RAY_ADDRESS"))
 
 
-def start_ray(address: str | None, *, object_store_memory: int | None = None) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray; reuse one already up."""
+def start_ray(
+    address: str | None, *, object_store_memory: int | None = None, verbose: bool = False
+) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray; reuse one already up.
+
+    Args:
+        address: Ray cluster to join (``None``: ``RAY_ADDRESS``, else a local Ray).
+        object_store_memory: Object store of a local Ray this starts.
+        verbose: Keep Ray's and Ray Data's INFO lines and progress bars on the console;
+            otherwise they go to Ray's log folder only, which is named once.
+    """
     import ray
 
+    quiet_ray(verbose)
     if ray.is_initialized():
         return
+    level = logging.INFO if verbose else logging.WARNING
     if not joins_running_ray(address):
         # A local Ray needs no dashboard.
         ray.init(
-            include_dashboard=False, log_to_driver=True, object_store_memory=object_store_memory
+            include_dashboard=False,
+            log_to_driver=True,
+            object_store_memory=object_store_memory,
+            logging_level=level,
         )
-        return
-    if object_store_memory is not None:
-        logger.warning(
-            "--object-store-memory ignored: joining a running Ray, whose store was sized at "
-            "`ray start`"
-        )
-    ray.init(address=address, log_to_driver=True)
+    else:
+        if object_store_memory is not None:
+            logger.warning(
+                "--object-store-memory ignored: joining a running Ray, whose store was sized "
+                "at `ray start`"
+            )
+        ray.init(address=address, log_to_driver=True, logging_level=level)
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None:
+        logger.info("Ray's own logs: %s", node.get_logs_dir_path())
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Ray's INFO lines and Ray Data's progress stay off the console unless ``verbose``.
+
+    Ray Data logs to its console handler and to ``ray-data.log`` in Ray's session folder:
+    only the console handler is raised to WARNING. Token authentication is on by default
+    (README, "Security defaults"), so its notice at every start is logged at INFO only.
+    """
+    import ray.data
+    from ray.util.debug import log_once
+
+    level = logging.INFO if verbose else logging.WARNING
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.INFO if verbose else logging.ERROR
+    )
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(level)
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    if not verbose:
+        # Ray Data warns once per process that its bars are off; they are off by our choice.
+        log_once("ray_data_progress_manager_disabled")
 
 
 def embed_images(
-    *, input: str, output: str, address: str | None = None, **options: Any
+    *, input: str, output: str, address: str | None = None, verbose: bool = False, **options: Any
 ) -> RunRecord:
     """Embed every image under ``input`` into ``output``: ``embed-images run`` as one call.
 
@@ -75,6 +119,7 @@ def embed_images(
         input: Folder or prefix of images (local path, ``file://``, ``s3://``, any fsspec URL).
         output: Where the tables and ``_manifest.json`` go.
         address: Ray cluster to join.
+        verbose: Ray's own INFO lines and progress bars on the console.
         **options: Any other ``EmbedConfig`` field, e.g. ``weights="random"``,
             ``batch_size=256``, ``storage_options={"anon": True}``.
 
@@ -101,4 +146,4 @@ def embed_images(
             f"({', '.join(sorted(fields - {'input', 'output'}))})"
         )
     config = EmbedConfig(input=input, output=output, **options)
-    return execute_run(prepare_and_start_ray(config, address))
+    return execute_run(prepare_and_start_ray(config, address, verbose=verbose))

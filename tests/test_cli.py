@@ -234,3 +234,34 @@ def test_version() -> None:
 
     result = run("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"embed-images {__version__}"
+
+
+@pytest.mark.slow
+def test_a_piped_run_prints_a_few_lines_and_names_rays_log_folder(tmp_path, make_image) -> None:  # type: ignore[no-untyped-def]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(24):
+        (photos / f"p{i:02d}.jpg").write_bytes(make_image((40 + i, 30), seed=i))
+    command = ["run", "--input", str(photos), "--output", str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+    def piped(*extra: str) -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *command, "--weights", "random", *extra],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return (result.stdout + result.stderr).splitlines()
+
+    lines = piped()
+    assert len(lines) <= 15, "\n".join(lines)
+    assert any("embed-images: committed" in line for line in lines)
+    assert [line for line in lines if "Ray's own logs: " in line]  # named once
+    assert not [line for line in lines if "streaming_executor" in line or "Progress" in line]
+    # -v brings Ray's and Ray Data's own lines back.
+    verbose = piped("-v", "--full")
+    assert [line for line in verbose if "streaming_executor" in line], "\n".join(verbose)
