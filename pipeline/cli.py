@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the runs recorded in OUTPUT/_manifest.json.",
     )
     status.add_argument("output", metavar="OUTPUT", help="the --output of the runs")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print the runs as JSON (counts, failures by type, timings; no file lists)",
+    )
     query = commands.add_parser(
         "query",
         help="embed one image as OUTPUT was made and print its nearest neighbours",
@@ -350,7 +355,8 @@ def run_and_report(
         record = execute_run(prepared, snapshot=snapshot)
     except Stopped as stop:
         return stopped_run(stop, prepared)
-    print_summary(record, prepared.output.uri)
+    output = prepared.output
+    print_summary(record, output.uri, report=output.report_uri(record.run_id))
     return 0
 
 
@@ -404,7 +410,13 @@ def status_command(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.output, storage_options=_options(args))
     if manifest is None:
         raise PipelineError(f"no committed run under {args.output}")
-    print_runs(manifest)
+    if args.json:
+        runs = [run.to_json() for run in manifest.runs]
+        for run in runs:
+            run.pop("files")  # the manifest's business; large at scale
+        print(json.dumps({"output": args.output, "runs": runs}, indent=2))
+    else:
+        print_runs(manifest)
     return 0
 
 

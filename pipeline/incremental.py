@@ -27,12 +27,14 @@ LISTING_BLOCK_ROWS = 256
 
 # The committed columns the diff needs, per table.
 EMBEDDINGS_KEY_COLUMNS = ["uri", "file_size", "source_version"]
-ERRORS_KEY_COLUMNS = ["uri", "file_size", "source_version", "error_type"]
+ERRORS_KEY_COLUMNS = ["uri", "file_size", "source_version", "error_type", "error_message"]
 _KEY_SCHEMA = pa.schema(
     [("uri", pa.string()), ("file_size", pa.int64()), ("source_version", pa.string())]
 )
 NO_EMBEDDINGS = _KEY_SCHEMA.empty_table()
-NO_ERRORS = _KEY_SCHEMA.append(pa.field("error_type", pa.string())).empty_table()
+NO_ERRORS = pa.schema(
+    [*_KEY_SCHEMA, pa.field("error_type", pa.string()), pa.field("error_message", pa.string())]
+).empty_table()
 
 
 @dataclasses.dataclass
@@ -147,9 +149,14 @@ class CommittedImages:
 
     def failures(self, rows: np.ndarray) -> dict[str, Failures]:
         """Known failures by ``error_type``, with a count and one example URI each."""
+        rows_array = pa.array(rows, pa.int64())
         return failures_by_type(
-            self.lasting["error_type"].take(pa.array(rows)).to_numpy(zero_copy_only=False),
-            self.lasting["uri"].take(pa.array(rows)).to_numpy(zero_copy_only=False),
+            *(
+                self.lasting[column].take(rows_array).to_numpy(zero_copy_only=False)
+                if column in self.lasting.column_names
+                else [""] * len(rows)
+                for column in ("error_type", "uri", "error_message")
+            )
         )
 
 

@@ -91,19 +91,24 @@ class ModelIdentity:
 
 
 # Failed images of one kind: how many, and one of them to look at.
-Failures = dict[str, Any]  # {"count": int, "example_uri": str}
+Failures = dict[str, Any]  # {"count": int, "example_uri": str, "example_message": str}
 
 
-def failures_by_type(error_types: Sequence[Any], uris: Sequence[Any]) -> dict[str, Failures]:
-    """``{error_type: {"count": n, "example_uri": first uri}}``, sorted by type.
+def failures_by_type(
+    error_types: Sequence[Any], uris: Sequence[Any], messages: Sequence[Any] | None = None
+) -> dict[str, Failures]:
+    """``{error_type: {"count": n, "example_uri": …, "example_message": …}}``, by type.
 
     Example:
         >>> failures_by_type(["empty", "truncated", "empty"], ["/a", "/b", "/c"])["empty"]
-        {'count': 2, 'example_uri': '/a'}
+        {'count': 2, 'example_uri': '/a', 'example_message': ''}
     """
     found: dict[str, Failures] = {}
-    for error_type, uri in zip(error_types, uris, strict=True):
-        entry = found.setdefault(str(error_type), {"count": 0, "example_uri": str(uri)})
+    texts = messages if messages is not None else [""] * len(uris)
+    for error_type, uri, message in zip(error_types, uris, texts, strict=True):
+        entry = found.setdefault(
+            str(error_type), {"count": 0, "example_uri": str(uri), "example_message": str(message)}
+        )
         entry["count"] += 1
     return dict(sorted(found.items()))
 
@@ -112,7 +117,7 @@ def merge_failures(*parts: Mapping[str, Failures]) -> dict[str, Failures]:
     merged: dict[str, Failures] = {}
     for part in parts:
         for error_type, entry in part.items():
-            into = merged.setdefault(error_type, {"count": 0, "example_uri": entry["example_uri"]})
+            into = merged.setdefault(error_type, dict(entry) | {"count": 0})
             into["count"] += int(entry["count"])
     return dict(sorted(merged.items()))
 

@@ -31,6 +31,7 @@ from pipeline.storage import is_local, join, make_parent, one_line, open_fs, to_
 MANIFEST_NAME = "_manifest.json"
 LOCK_NAME = "_commit.lock"  # local disk only; pyarrow's dataset discovery skips "_" names
 STAGING_DIR = "_staging"
+REPORTS_DIR = "_reports"
 # Written and deleted before a run: an unwritable output fails before any work is done.
 WRITE_PROBE = "_write_probe"
 
@@ -289,6 +290,18 @@ class Output:
         for relative in superseded:
             self._remove(join(self.root, relative))
         return manifest
+
+    def write_report(self, run_id: str, report: Mapping[str, Any], html: str) -> str:
+        """Write ``_reports/RUN_ID.json`` and ``.html`` (not part of the commit: a reader
+        never needs them); returns the HTML's URI."""
+        path = join(self.root, REPORTS_DIR, run_id)
+        make_parent(self.fs, path)
+        self.fs.pipe_file(path + ".json", json.dumps(report, indent=2).encode())
+        self.fs.pipe_file(path + ".html", html.encode())
+        return self.report_uri(run_id)
+
+    def report_uri(self, run_id: str) -> str:
+        return join(self.uri, REPORTS_DIR, run_id + ".html")
 
     def discard_staging(self, run_id: str) -> None:
         """Delete a run's staging folder (and ``_staging`` itself once it is empty)."""

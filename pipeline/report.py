@@ -1,9 +1,13 @@
-"""What the commands print: a run's summary and an output's runs, as aligned text tables."""
+"""What a run tells its operator: the summary and the runs as text, and the run report
+(``OUTPUT/_reports/RUN_ID.json`` and ``.html``) as data."""
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
+from html import escape
 from typing import Any, TextIO
 
 from pipeline.manifest import Failures, Manifest, RunRecord
@@ -23,14 +27,16 @@ STATUS_COLUMNS = (
 )
 
 
-def print_summary(run: RunRecord, output: str, out: TextIO | None = None) -> None:
-    """The lines a committed run prints: its counts, times and where the table is."""
+def print_summary(
+    run: RunRecord, output: str, out: TextIO | None = None, *, report: str | None = None
+) -> None:
+    """The lines a committed run prints: its counts, times, where the table and report are."""
     out = out or sys.stdout
     counts = run.counts
-    rows: list[tuple[str, Any]] = [
-        ("run", run.run_id),
-        ("listed", counts.listed),
-        ("skipped", f"{counts.skipped_by_extension} (not image extensions)"),
+    rows: list[tuple[str, Any]] = [("run", run.run_id), ("listed", counts.listed)]
+    if counts.skipped_by_extension:
+        rows.append(("skipped", f"{counts.skipped_by_extension} (not image extensions)"))
+    rows += [
         ("unchanged", f"{counts.unchanged} (already embedded)"),
         ("embedded", counts.embedded),
         ("failed", f"{counts.failed}" + (f" (see {output}/errors)" if counts.failed else "")),
@@ -49,6 +55,8 @@ def print_summary(run: RunRecord, output: str, out: TextIO | None = None) -> Non
         ),
         ("table", f"{output}/embeddings  (manifest: {output}/_manifest.json)"),
     ]
+    if report:
+        rows.append(("report", report))
     print(f"{PROG}: committed", file=out)
     for key, value in rows:
         print(f"  {key:<10} {value}", file=out)
@@ -97,3 +105,150 @@ def print_neighbours(table: Any, out: TextIO | None = None) -> None:
             (r["rank"], f"{r['distance']:.4f}", r["uri"], r["original_width"], r["original_height"])
         )
     print_table(rows, out)
+
+
+# -- the run report: OUTPUT/_reports/RUN_ID.json and .html ----------------------------------
+
+SAMPLE_SECONDS = 10.0
+
+
+def throughput_samples(
+    written: Sequence[tuple[float, int]], seconds: float, every: float = SAMPLE_SECONDS
+) -> list[dict[str, float]]:
+    """Images written per interval of the execution, from the writer tasks' finish times.
+
+    Args:
+        written: ``(seconds since execution started, images)`` per writer task.
+        seconds: How long the execution took.
+        every: Interval length.
+
+    Example:
+        >>> [s["images_per_second"] for s in throughput_samples([(1.0, 10), (12.0, 30)], 15.0)]
+        [1.0, 6.0]
+    """
+    if not written:
+        return []
+    end = max(seconds, max(t for t, _ in written))
+    images = [0] * max(1, math.ceil(end / every))
+    for t, count in written:
+        images[min(int(t // every), len(images) - 1)] += count
+    samples = []
+    for i, count in enumerate(images):
+        until = min((i + 1) * every, end)
+        span = max(until - i * every, 1e-9)
+        samples.append(
+            {"t": round(until, 3), "images": count, "images_per_second": round(count / span, 3)}
+        )
+    return samples
+
+
+def run_report(
+    run: RunRecord,
+    *,
+    output: str,
+    config: Mapping[str, Any],
+    timings: Mapping[str, float],
+    throughput: Sequence[Mapping[str, float]],
+) -> dict[str, Any]:
+    """The run report: the run's record, and what only the report keeps (config, timings,
+    throughput over time, versions, host)."""
+    import platform
+    import socket
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("embed-images", "ray", "torch", "torchvision", "pyarrow", "pillow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    record = run.to_json()
+    record.pop("files", None)  # the manifest lists them
+    return {
+        "format": "embed-images/run-report",
+        "output": output,
+        "run": record,
+        "stage_seconds": {k: round(v, 3) for k, v in timings.items()},
+        "throughput": list(throughput),
+        "config": dict(config),
+        "versions": versions,
+        "host": {"name": socket.gethostname(), "cpus": os.cpu_count()},
+    }
+
+
+def config_for_report(config: Any) -> dict[str, Any]:
+    """The run's ``EmbedConfig`` as JSON, credentials in ``storage_options`` masked."""
+    import dataclasses
+
+    from pipeline.logs import SECRET_OPTION_KEYS
+
+    def mask(value: Any, key: str = "") -> Any:
+        if isinstance(value, Mapping):
+            return {k: mask(v, str(k).lower()) for k, v in value.items()}
+        return "***" if key in SECRET_OPTION_KEYS else value
+
+    values = dataclasses.asdict(config)
+    values["storage_options"] = mask(values.get("storage_options") or {})
+    return values
+
+
+def report_html(report: Mapping[str, Any]) -> str:
+    """One self-contained page (no scripts, no fetches): the counts, the failures, the stage
+    timings and an SVG chart of images/s over the run."""
+    run = report["run"]
+    counts = run["counts"]
+    failures = {**run.get("known_failures", {}), **run.get("failures", {})}
+    rows = "".join(
+        f"<tr><td>{escape(k)}</td><td>{escape(str(v))}</td></tr>" for k, v in counts.items()
+    )
+    failure_rows = (
+        "".join(
+            f"<tr><td>{escape(kind)}</td><td>{f['count']}</td><td>{escape(f['example_uri'])}</td>"
+            f"<td>{escape(f.get('example_message', ''))}</td></tr>"
+            for kind, f in sorted(failures.items(), key=lambda item: -item[1]["count"])
+        )
+        or "<tr><td colspan=4>none</td></tr>"
+    )
+    stages = "".join(
+        f"<tr><td>{escape(k)}</td><td>{v:.1f} s</td></tr>"
+        for k, v in report["stage_seconds"].items()
+    )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>embed-images run {escape(run["run_id"])}</title>
+<style>body{{font:14px sans-serif;margin:2em;max-width:60em}}
+td,th{{padding:2px 10px;text-align:left}}table{{border-collapse:collapse}}
+tr:nth-child(even){{background:#f3f3f3}}</style></head>
+<body><h1>Run {escape(run["run_id"])}: {escape(run["status"])}</h1>
+<p>{escape(run["input"])} &rarr; {escape(report["output"])}; {run["wall_seconds"]:.1f} s,
+{run["images_per_second"]:.2f} images/s over the wall time,
+{run.get("embedding_images_per_second", 0):.2f} while embedding.</p>
+<h2>Images per second</h2>{_chart(report["throughput"])}
+<h2>Counts</h2><table>{rows}</table>
+<h2>Failures by type</h2><table><tr><th>type</th><th>images</th><th>example</th>
+<th>message</th></tr>{failure_rows}</table>
+<h2>Stages</h2><table>{stages}</table>
+</body></html>
+"""
+
+
+def _chart(samples: Sequence[Mapping[str, float]], width: int = 640, height: int = 200) -> str:
+    """A line of images/s over the run's seconds, as inline SVG."""
+    if not samples:
+        return "<p>no images were written</p>"
+    top = max(s["images_per_second"] for s in samples) or 1.0
+    end = max(s["t"] for s in samples) or 1.0
+
+    def xy(t: float, rate: float) -> str:
+        return f"{40 + (width - 50) * t / end:.1f},{height - 20 - (height - 30) * rate / top:.1f}"
+
+    points = " ".join(xy(s["t"], s["images_per_second"]) for s in samples)
+    axis = height - 20
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
+        f'<line x1="40" y1="{axis}" x2="{width - 10}" y2="{axis}" stroke="#888"/>'
+        f'<line x1="40" y1="10" x2="40" y2="{axis}" stroke="#888"/>'
+        f'<text x="0" y="14" font-size="11">{top:.1f}</text>'
+        f'<text x="{width - 60}" y="{height - 4}" font-size="11">{end:.0f} s</text>'
+        f'<polyline fill="none" stroke="#1f6feb" stroke-width="2" points="40,{axis} {points}"/>'
+        "</svg>"
+    )

@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import EmbedConfig, PipelineError
 from pipeline.embed import ResNet50Embedder
@@ -25,8 +25,11 @@ from pipeline.listing import IMAGE_EXTENSIONS, InputError
 from pipeline.manifest import Manifest, ModelIdentity, RunRecord
 from pipeline.output import Output, Snapshot
 from pipeline.preprocessing import PreprocessSpec, preprocess_spec
-from pipeline.storage import open_fs, storage_errors, to_uri
+from pipeline.storage import one_line, open_fs, storage_errors, to_uri
 from pipeline.weights import ResolvedWeights, load_weights, sniff_checkpoint
+
+if TYPE_CHECKING:
+    from pipeline.sink import RunSink
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +143,8 @@ def execute_run(
     from pipeline.sink import ErrorRateExceededError, RunBooks, RunSink
 
     config, output = prepared.config, prepared.output
+    timings = {"start-up": time.time() - prepared.started}  # checks, weights, Ray
+    started_listing = time.time()
     snapshot = snapshot or output.snapshot()
     num_gpus = resolve_num_gpus(config)
     model = ModelIdentity(
@@ -163,6 +168,7 @@ def execute_run(
         ),
         limit=config.limit,
     )
+    timings["listing"] = time.time() - started_listing
     counts = listing.counts
     if counts.listed == 0:
         raise InputError(
@@ -206,20 +212,44 @@ def execute_run(
             f"{output.uri}/errors), or raise --max-error-rate"
         )
     sink = RunSink(books, rows_per_file=config.rows_per_file)
-    if not listing.refs:
-        return sink.run_without_tasks()
-    run_plan(
-        listing.refs,
-        sink,
-        config=config,
-        spec=prepared.spec,
-        weights=prepared.weights,
-        model=model,
-        num_gpus=num_gpus,
-        embedder=embedder,
-    )
+    try:
+        if listing.refs:
+            run_plan(
+                listing.refs,
+                sink,
+                config=config,
+                spec=prepared.spec,
+                weights=prepared.weights,
+                model=model,
+                num_gpus=num_gpus,
+                embedder=embedder,
+            )
+        else:
+            sink.run_without_tasks()
+    finally:
+        if sink.record is not None:  # committed, or only its errors were (exit 3)
+            write_run_report(prepared, sink, timings)
     assert sink.record is not None  # set by on_write_complete, or it raised
     return sink.record
+
+
+def write_run_report(prepared: PreparedRun, sink: RunSink, timings: dict[str, float]) -> None:
+    """``OUTPUT/_reports/RUN_ID.json`` and ``.html``; a report that cannot be written is a
+    warning, never a failed run (the run has committed by then)."""
+    from pipeline.report import config_for_report, report_html, run_report, throughput_samples
+
+    assert sink.record is not None
+    report = run_report(
+        sink.record,
+        output=prepared.output.uri,
+        config=config_for_report(prepared.config),
+        timings=timings | sink.timings,
+        throughput=throughput_samples(sink.written, sink.timings.get("execution", 0.0)),
+    )
+    try:
+        prepared.output.write_report(prepared.run_id, report, report_html(report))
+    except OSError as exc:
+        logger.warning("run report not written: %s", one_line(exc))
 
 
 def check_same_model(

@@ -45,10 +45,19 @@ class Staged(TypedDict):
     # (table, path relative to the run's staging folder, rows) per file written.
     files: list[tuple[str, str, int]]
     failures: dict[str, Failures]
+    finished_at: float  # when the task's files were written: the run report's throughput
 
 
 class ErrorRateExceededError(PipelineError):
-    """More images failed than ``--max-error-rate`` allows."""
+    """More images failed than ``--max-error-rate`` allows.
+
+    Attributes:
+        record: The run as recorded (only its errors committed), when it ran at all.
+    """
+
+    def __init__(self, message: str, record: RunRecord | None = None) -> None:
+        super().__init__(message)
+        self.record = record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +170,8 @@ class RunBooks:
             # The errors are worth keeping (they say what to fix); the embeddings are not.
             self.output.commit(self.snapshot, record, staged={"errors": files["errors"]})
             raise ErrorRateExceededError(
-                f"{too_many}: errors written to {self.output.uri}/errors, no embeddings committed"
+                f"{too_many}: errors written to {self.output.uri}/errors, no embeddings committed",
+                record,
             )
         self.output.commit(
             self.snapshot, record, staged=files, deleted_uris=self.deleted, replace=self.replace
@@ -189,10 +199,13 @@ class RunSink(Datasink[Staged]):
         )
         self.record: RunRecord | None = None
         self.executing_since: float | None = None  # set by the plan when execution starts
+        # For the run report: seconds per phase, and (seconds since start, images) per task.
+        self.timings: dict[str, float] = {}
+        self.written: list[tuple[float, int]] = []
 
     def __getstate__(self) -> dict[str, Any]:
         # The books hold the snapshot and the deleted URIs: nothing a writer task needs.
-        return self.__dict__ | {"books": None, "record": None}
+        return self.__dict__ | {"books": None, "record": None, "written": []}
 
     @property
     def min_rows_per_write(self) -> int:
@@ -206,7 +219,7 @@ class RunSink(Datasink[Staged]):
         batches = [BlockAccessor.for_block(block).to_numpy() for block in blocks]
         batches = [b for b in batches if len(b["uri"])]
         if not batches:
-            return {"files": [], "failures": {}}
+            return {"files": [], "failures": {}, "finished_at": time.time()}
         batch = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
         failed = np.asarray(batch["error_type"] != "", dtype=bool)
         out = write_batch(
@@ -220,13 +233,30 @@ class RunSink(Datasink[Staged]):
                 (str(t), str(p), int(n))
                 for t, p, n in zip(out["table"], out["path"], out["rows"], strict=True)
             ],
-            "failures": failures_by_type(batch["error_type"][failed], batch["uri"][failed]),
+            "failures": failures_by_type(
+                batch["error_type"][failed],
+                batch["uri"][failed],
+                batch["error_message"][failed],
+            ),
+            "finished_at": time.time(),
         }
 
     def on_write_complete(self, write_result: WriteResult[Staged]) -> None:
-        self.record = self._books().settle(
-            write_result.write_returns, executing_since=self.executing_since
+        started, settling = self.executing_since or time.time(), time.time()
+        self.timings["execution"] = settling - started
+        self.written = sorted(
+            (returned["finished_at"] - started, sum(n for _, _, n in returned["files"]))
+            for returned in write_result.write_returns
         )
+        try:
+            self.record = self._books().settle(
+                write_result.write_returns, executing_since=self.executing_since
+            )
+        except ErrorRateExceededError as exc:
+            self.record = exc.record
+            raise
+        finally:
+            self.timings["commit"] = time.time() - settling
 
     def run_without_tasks(self) -> RunRecord:
         """The same lifecycle for a run with nothing to write (every image unchanged)."""

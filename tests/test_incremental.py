@@ -57,7 +57,7 @@ def test_unchanged_images_are_skipped_and_transient_errors_retried() -> None:
     assert diff.new["uri"].to_pylist() == ["b", "d"]
     assert diff.unchanged == 1
     known = CommittedImages(embeddings, errors).failures(diff.known_failed_rows)
-    assert known == {"truncated": {"count": 1, "example_uri": "c"}}
+    assert known == {"truncated": {"count": 1, "example_uri": "c", "example_message": ""}}
 
 
 def _write(root: Path, name: str, make_image, seed: int) -> None:  # type: ignore[no-untyped-def]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,20 @@ def test_local_folder_to_local_output(
     for kind, name in (("empty", "empty.png"), ("not_an_image", "bad.jpg")):
         assert f"  {kind} 1, e.g. {root / name}" in summary, summary
     assert "while embedding" in summary
+
+    # The run report: data beside the output, and one page that fetches nothing.
+    assert main(["status", str(output), "--json"]) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    report = json.loads((output / "_reports" / f"{run['run_id']}.json").read_text())
+    assert report["run"]["counts"] == run["counts"] and report["run"]["failures"] == run["failures"]
+    assert set(report["stage_seconds"]) == {"start-up", "listing", "execution", "commit"}
+    assert sum(s["images"] for s in report["throughput"]) == 13  # every image written, once
+    assert report["config"]["weights"] == str(random_checkpoint)
+    assert {"ray", "torch", "pyarrow"} <= set(report["versions"]) and report["host"]["cpus"]
+    page = (output / "_reports" / f"{run['run_id']}.html").read_text()
+    assert "<svg" in page and "not_an_image" in page
+    assert not re.search(r"<script|<link|src=|href=|url\(", page)  # self-contained
+    assert f"report     {output}/_reports/{run['run_id']}.html" in summary
     check_output(
         str(output),
         files,
@@ -243,7 +258,14 @@ def test_readme_python_example_runs(
     run = scope["run"]
     assert isinstance(run, RunRecord)
     assert (run.counts.embedded, run.counts.failed) == (10, 1)
-    assert run.failures == {"not_an_image": {"count": 1, "example_uri": str(photos / "broken.jpg")}}
+    (kind, failure), *others = run.failures.items()
+    assert (kind, failure["count"], failure["example_uri"], others) == (
+        "not_an_image",
+        1,
+        str(photos / "broken.jpg"),
+        [],
+    )
+    assert failure["example_message"]  # what went wrong, in one line
     assert sorted(read_embeddings("out")["uri"].to_pylist()) == [
         str(photos / f"p{i}.jpg") for i in range(10)
     ]

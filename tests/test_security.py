@@ -107,6 +107,7 @@ def test_no_credential_in_anything_the_run_wrote(
                     except OSError:
                         continue
         assert len(written) > 10  # the manifest, Parquet files, Ray's logs
+        assert [where for where in written if "/_reports/" in where]  # with its config
         for name, value in secrets.items():
             leaks = [where for where, data in written.items() if value.encode() in data]
             assert not leaks, f"{name} found in {leaks}"
