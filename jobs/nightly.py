@@ -27,6 +27,7 @@ from pipeline.cli import (
     add_run_arguments,
     catch_stop_signals,
     config_from_args,
+    parse_run_args,
     report_failure,
     run_and_report,
 )
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="YYYY-MM-DD",
         help="the night this run is for (default: today, UTC)",
     )
-    args = parser.parse_args(argv)
+    args = parse_run_args(parser, parser, list(sys.argv[1:] if argv is None else argv))
     configure_logging(args.log_level, storage_options=args.storage_options)
     if args.full:
         parser.error("--full is not for the nightly job: run `embed-images run --full` by hand")

@@ -47,7 +47,31 @@ class CommandLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+RUN_EPILOG = """examples:
+  embed-images run --input s3://bucket/photos/ --output s3://bucket/embeddings/resnet50/
+  embed-images run --input ./photos --output ./out --weights random --limit 100
+  embed-images run --config run.toml --batch-size 256      # flags override the file
+
+--config FILE.toml holds the same options, named as here or as EmbedConfig's fields:
+  input = "s3://bucket/photos/"
+  batch_size = 256
+  storage_options = { anon = true }
+
+exit status:
+  0    committed
+  1    failed, nothing of this run committed (a retry may help)
+  2    bad command line or --config
+  3    too many bad images (--max-error-rate; earlier runs' lasting failures count)
+  130  stopped by Ctrl-C, 143 by SIGTERM (nothing of this run committed; a rerun resumes)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    return build_parsers()[0]
+
+
+def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The command's parser, and its ``run`` sub-parser (``--config`` sets its defaults)."""
     parser = CommandLineParser(
         prog=PROG, description="Embed images with ResNet50 into Parquet, on Ray."
     )
@@ -59,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="embed every image under --input into --output",
         description="Embed every image under --input into Parquet tables under --output.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(run)
     status = commands.add_parser(
@@ -78,28 +104,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed --image with OUTPUT's recorded model and preprocessing; print the "
         "nearest rows of OUTPUT (L2 distance).",
     )
-    query.add_argument("output", metavar="OUTPUT")
-    query.add_argument("--image", required=True, metavar="PATH_OR_URI")
+    query.add_argument("output", metavar="OUTPUT", help="an embed-images --output to search")
+    query.add_argument(
+        "--image", required=True, metavar="PATH_OR_URI", help="the image to find neighbours of"
+    )
     query.add_argument("--k", type=int, default=10, help="neighbours to print (default 10)")
     query.add_argument(
         "--weights",
         metavar="imagenet|random|PATH_OR_URL",
-        help="default: the weights recorded in OUTPUT; others are refused (sha256)",
+        help="where to load the weights from (default: as recorded in OUTPUT); weights whose "
+        "sha256 differs from the recorded one are refused",
     )
-    query.add_argument("--seed", type=int, help="seed of --weights random")
+    query.add_argument("--seed", type=int, help="seed of --weights random (default: recorded)")
     export = commands.add_parser(
         "export",
         help="stream OUTPUT's embeddings into a FAISS index or a LanceDB table",
         description="Build a FAISS index (plus DEST.ids.parquet) or a LanceDB table from the "
         "current embeddings, batch by batch.",
     )
-    export.add_argument("output", metavar="OUTPUT")
-    export.add_argument("--to", required=True, choices=("faiss", "lancedb"))
-    export.add_argument("dest", metavar="DEST", help="index file (faiss) or database (lancedb)")
+    export.add_argument("output", metavar="OUTPUT", help="an embed-images --output to export")
+    export.add_argument("--to", required=True, choices=("faiss", "lancedb"), help="index kind")
+    export.add_argument(
+        "dest",
+        metavar="DEST",
+        help="the index file (faiss; ids go to DEST.ids.parquet) or database folder (lancedb); "
+        "its folder must exist",
+    )
     export.add_argument("--normalize", action="store_true", help="L2-normalize: cosine similarity")
     export.add_argument("--float16", action="store_true", help="store float16 vectors")
     export.add_argument("--table", default="embeddings", help="LanceDB table name")
-    export.add_argument("--batch-size", type=int, default=4096, metavar="N")
+    export.add_argument(
+        "--batch-size", type=int, default=4096, metavar="N", help="rows per streamed batch"
+    )
     for sub in (status, query, export):
         sub.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint")
         sub.add_argument(
@@ -109,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="JSON",
             help="fsspec options",
         )
-    return parser
+    return parser, run
 
 
 def add_run_arguments(run: argparse.ArgumentParser) -> None:
@@ -117,149 +153,161 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
 
     Each flag is named after its ``EmbedConfig`` field and takes that field's default.
     """
-    run.add_argument(
+    io = run.add_argument_group("input and output")
+    model = run.add_argument_group("model")
+    speed = run.add_argument_group("performance")
+    cluster = run.add_argument_group("cluster, storage and logs")
+    io.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="read options from a TOML file; flags on the command line override it",
+    )
+    io.add_argument(
         "--input",
-        required=True,
         metavar="URI",
-        help="folder or prefix of images: local path, file://, s3://, any fsspec URL",
+        help="folder or prefix of images: local path, file://, s3://, any fsspec URL (required)",
     )
-    run.add_argument(
+    io.add_argument(
         "--output",
-        required=True,
         metavar="URI",
-        help="where embeddings/, errors/ and _manifest.json go",
+        help="where embeddings/, errors/ and _manifest.json go (required)",
     )
-    run.add_argument(
-        "--weights",
-        metavar="imagenet|random|PATH_OR_URL",
-        help="ResNet50 weights (default: imagenet = torchvision IMAGENET1K_V2)",
-    )
-    run.add_argument(
-        "--weights-sha256",
-        type=str.lower,
-        metavar="HEX",
-        help="expected sha256 of the weights file, checked before loading",
-    )
-    run.add_argument("--seed", type=int, help="seed of --weights random (default %(default)s)")
-    run.add_argument(
-        "--resize",
-        choices=RESIZE_MODES,
-        help="center-crop: the weights' own transform (default); squash; letterbox",
-    )
-    run.add_argument(
-        "--jpeg-draft",
-        action="store_true",
-        help="let libjpeg downscale before the exact resize (faster, pixels differ)",
-    )
-    run.add_argument(
-        "--batch-size",
-        type=int,
-        metavar="N",
-        help="images per model forward (default %(default)s)",
-    )
-    run.add_argument(
-        "--decode-batch-size",
-        type=int,
-        metavar="N",
-        help="images per decode task batch (default %(default)s)",
-    )
-    run.add_argument(
-        "--decode-cpus",
-        type=float,
-        metavar="F",
-        help="CPUs reserved per decode task, fractions allowed (default %(default)s)",
-    )
-    run.add_argument(
-        "--decode-memory",
-        type=_byte_size,
-        metavar="BYTES",
-        help="RAM reserved per decode task, e.g. 1GiB (default %(default)s bytes)",
-    )
-    run.add_argument(
-        "--write-cpus",
-        type=float,
-        metavar="F",
-        help="CPUs reserved per writer task, fractions allowed (default %(default)s)",
-    )
-    run.add_argument(
-        "--object-store-memory",
-        type=_byte_size,
-        metavar="BYTES",
-        help="object store size when this command starts a local Ray, e.g. 2GiB (default: "
-        "Ray's, 30%% of RAM; a cluster sets its own)",
-    )
-    run.add_argument(
-        "--rows-per-file",
-        type=int,
-        metavar="N",
-        help="rows per Parquet file: model batches are bundled up to at least N rows a file "
-        "(default %(default)s)",
-    )
-    run.add_argument(
-        "--concurrency",
-        type=_concurrency,
-        metavar="N|MIN,MAX",
-        help="model actors: fixed N or autoscaling MIN,MAX (default %(default)s)",
-    )
-    run.add_argument(
-        "--num-gpus",
-        type=float,
-        metavar="F",
-        help="GPUs per model actor, fractions allowed (default 1 if the cluster has GPUs, else 0)",
-    )
-    run.add_argument(
-        "--model-threads",
-        type=int,
-        metavar="N",
-        help="torch threads per CPU model actor (default: all cores; cores/actors if several "
-        "share a node)",
-    )
-    run.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="autocast dtype on GPU (default %(default)s; CPU actors compute fp32 and record it)",
-    )
-    run.add_argument("--normalize", action="store_true", help="L2-normalize each embedding")
-    run.add_argument("--limit", type=int, metavar="N", help="embed at most N listed images")
-    run.add_argument(
+    io.add_argument("--limit", type=int, metavar="N", help="embed at most N listed images")
+    io.add_argument(
         "--full",
         action="store_true",
         help="re-embed everything, replacing the output's tables (default: only "
         "images new or changed since the committed runs)",
     )
-    run.add_argument(
+    io.add_argument(
         "--max-error-rate",
         type=float,
         metavar="F",
         help="fail (committing only errors/) when more than this fraction of "
         "images fail (default %(default)s)",
     )
-    run.add_argument(
+    io.add_argument(
         "--max-image-pixels",
         type=int,
         metavar="N",
         help="refuse images whose header claims more pixels (default: Pillow's, %(default)s)",
     )
-    run.add_argument(
+    io.add_argument(
+        "--rows-per-file",
+        type=int,
+        metavar="N",
+        help="rows per Parquet file: model batches are bundled up to at least N rows a file "
+        "(default %(default)s)",
+    )
+    model.add_argument(
+        "--weights",
+        metavar="imagenet|random|PATH_OR_URL",
+        help="ResNet50 weights (default: imagenet = torchvision IMAGENET1K_V2)",
+    )
+    model.add_argument(
+        "--weights-sha256",
+        type=str.lower,
+        metavar="HEX",
+        help="expected sha256 of the weights file, checked before loading",
+    )
+    model.add_argument("--seed", type=int, help="seed of --weights random (default %(default)s)")
+    model.add_argument(
+        "--resize",
+        choices=RESIZE_MODES,
+        help="center-crop: the weights' own transform (default); squash; letterbox",
+    )
+    model.add_argument(
+        "--jpeg-draft",
+        action="store_true",
+        help="let libjpeg downscale before the exact resize (faster, pixels differ)",
+    )
+    model.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="autocast dtype on GPU (default %(default)s; CPU actors compute fp32 and record it)",
+    )
+    model.add_argument("--normalize", action="store_true", help="L2-normalize each embedding")
+    speed.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="images per model forward (default %(default)s)",
+    )
+    speed.add_argument(
+        "--concurrency",
+        type=_concurrency,
+        metavar="N|MIN,MAX",
+        help="model actors: fixed N or autoscaling MIN,MAX (default %(default)s)",
+    )
+    speed.add_argument(
+        "--num-gpus",
+        type=float,
+        metavar="F",
+        help="GPUs per model actor, fractions allowed (default 1 if the cluster has GPUs, else 0)",
+    )
+    speed.add_argument(
+        "--model-threads",
+        type=int,
+        metavar="N",
+        help="torch threads per CPU model actor (default: all cores; cores/actors if several "
+        "share a node)",
+    )
+    speed.add_argument(
+        "--decode-batch-size",
+        type=int,
+        metavar="N",
+        help="images per decode task batch (default %(default)s)",
+    )
+    speed.add_argument(
+        "--decode-cpus",
+        type=float,
+        metavar="F",
+        help="CPUs reserved per decode task, fractions allowed (default %(default)s)",
+    )
+    speed.add_argument(
+        "--decode-memory",
+        type=_byte_size,
+        metavar="BYTES",
+        help="RAM reserved per decode task, e.g. 1GiB (default %(default)s bytes)",
+    )
+    speed.add_argument(
+        "--write-cpus",
+        type=float,
+        metavar="F",
+        help="CPUs reserved per writer task, fractions allowed (default %(default)s)",
+    )
+    cluster.add_argument(
+        "--address",
+        metavar="ADDRESS",
+        help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)",
+    )
+    cluster.add_argument(
+        "--object-store-memory",
+        type=_byte_size,
+        metavar="BYTES",
+        help="object store size when this command starts a local Ray, e.g. 2GiB (default: "
+        "Ray's, 30%% of RAM; a cluster sets its own)",
+    )
+    cluster.add_argument(
         "--endpoint-url",
         metavar="URL",
         help="S3 endpoint (default: AWS_ENDPOINT_URL or the AWS chain)",
     )
-    run.add_argument(
+    cluster.add_argument(
         "--storage-options",
         type=_json_object,
         metavar="JSON",
         help="fsspec options for input and output, e.g. '{\"anon\": true}'",
     )
     run.set_defaults(**config_defaults())
-    run.add_argument(
+    cluster.add_argument(
         "--log-level",
         choices=("DEBUG", "INFO", "WARNING"),
         default="INFO",
         help="level of this pipeline's own logs (default INFO; libraries log warnings only; "
         "DEBUG also shows Ray's own INFO lines and progress bars)",
     )
-    run.add_argument(
+    cluster.add_argument(
         "-v",
         "--verbose",
         dest="log_level",
@@ -267,11 +315,50 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         const="DEBUG",
         help="the same as --log-level DEBUG",
     )
-    run.add_argument(
-        "--address",
-        metavar="ADDRESS",
-        help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)",
-    )
+
+
+def parse_run_args(
+    parser: argparse.ArgumentParser, run: argparse.ArgumentParser, argv: Sequence[str]
+) -> argparse.Namespace:
+    """Parse ``argv``; a ``--config`` file's options become ``run``'s defaults first, so that
+    flags on the command line override them. ``--input`` and ``--output`` are required from
+    one or the other."""
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config")
+    found, _ = finder.parse_known_args(argv)
+    if found.config:
+        run.set_defaults(**_read_config_file(found.config, run))
+    args = parser.parse_args(argv)
+    if getattr(args, "input", "") is None or getattr(args, "output", "") is None:
+        missing = " and ".join(f"--{n}" for n in ("input", "output") if getattr(args, n) is None)
+        run.error(f"the following arguments are required: {missing}")
+    return args
+
+
+def _read_config_file(path: str, run: argparse.ArgumentParser) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except OSError as exc:
+        run.error(f"--config {path}: {exc.strerror or exc}")
+    except tomllib.TOMLDecodeError as exc:
+        run.error(f"--config {path}: not valid TOML ({exc})")
+    known = {action.dest: action for action in run._actions}
+    settings: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known or name in ("config", "help"):
+            run.error(f"--config {path}: unknown option {key!r}")
+        convert = known[name].type
+        if isinstance(value, str) and callable(convert):
+            try:
+                value = convert(value)  # the flag's own parsing: "2GiB", "1,4", …
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                run.error(f"--config {path}: {key} {value!r}: {exc}")
+        settings[name] = value
+    return settings
 
 
 def _byte_size(text: str) -> int:
@@ -487,7 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``embed-images`` console script; returns the exit status."""
     from pipeline.logs import configure_logging
 
-    args = build_parser().parse_args(argv)
+    parser, run = build_parsers()
+    args = parse_run_args(parser, run, list(sys.argv[1:] if argv is None else argv))
     configure_logging(
         getattr(args, "log_level", "INFO"), storage_options=getattr(args, "storage_options", {})
     )

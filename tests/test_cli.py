@@ -265,3 +265,51 @@ def test_a_piped_run_prints_a_few_lines_and_names_rays_log_folder(tmp_path, make
     # -v brings Ray's and Ray Data's own lines back.
     verbose = piped("-v", "--full")
     assert [line for line in verbose if "streaming_executor" in line], "\n".join(verbose)
+
+
+def test_a_config_file_gives_the_options_and_flags_override_it(tmp_path: Path) -> None:
+    from pipeline.cli import build_parsers, config_from_args, parse_run_args
+
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(
+        'input = "s3://bucket/photos/"\n'
+        'output = "s3://bucket/out/"\n'
+        "batch-size = 256\n"
+        'concurrency = "1,4"\n'
+        'object_store_memory = "2GiB"\n'
+        "normalize = true\n"
+        "storage_options = { anon = true }\n"
+    )
+    parser, run_parser = build_parsers()
+    argv = ["run", "--config", str(config_file), "--batch-size", "64"]
+    config = config_from_args(parse_run_args(parser, run_parser, argv))
+    assert (config.input, config.output) == ("s3://bucket/photos/", "s3://bucket/out/")
+    assert config.batch_size == 64  # the flag wins
+    assert config.concurrency == (1, 4) and config.object_store_memory == 2 * 2**30
+    assert config.normalize is True and dict(config.storage_options) == {"anon": True}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("bogus = 1\n", "unknown option 'bogus'"),
+        ('concurrency = "4,1"\n', "MIN <= MAX"),
+        ("input = [\n", "not valid TOML"),
+        ('input = "a"\n', "the following arguments are required: --output"),
+    ],
+)
+def test_a_bad_config_file_exits_2_with_one_line(tmp_path: Path, text: str, message: str) -> None:
+    config_file = tmp_path / "run.toml"
+    config_file.write_text(text)
+    result = run("run", "--config", str(config_file))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_run_help_groups_options_and_explains_exit_codes() -> None:
+    result = run("run", "--help")
+    for heading in ("input and output:", "model:", "performance:", "cluster, storage and logs:"):
+        assert heading in result.stdout, heading
+    assert "exit status:" in result.stdout and "130" in result.stdout
+    assert "--config run.toml" in result.stdout
