@@ -84,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_id=nightly_run_id(date, now),
             snapshot=snapshot,
             verbose=args.log_level == "DEBUG",
+            progress=args.progress,
         )
     except Stopped as stop:
         print(f"{PROG} nightly: stopped by {stop}; nothing was committed", file=sys.stderr)

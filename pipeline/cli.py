@@ -28,6 +28,7 @@ from pipeline.config import (
     PipelineError,
     parse_concurrency,
 )
+from pipeline.progress import PROGRESS_MODES, ProgressMode
 from pipeline.report import PROG
 
 if TYPE_CHECKING:
@@ -308,6 +309,13 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         "DEBUG also shows Ray's own INFO lines and progress bars)",
     )
     cluster.add_argument(
+        "--progress",
+        choices=PROGRESS_MODES,
+        default="auto",
+        help="images done while it runs, on stderr: a bar on a terminal, a line every 30 s or "
+        "5%% when piped (default auto: by the terminal)",
+    )
+    cluster.add_argument(
         "-v",
         "--verbose",
         dest="log_level",
@@ -416,7 +424,12 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    return run_and_report(config_from_args(args), args.address, verbose=args.log_level == "DEBUG")
+    return run_and_report(
+        config_from_args(args),
+        args.address,
+        verbose=args.log_level == "DEBUG",
+        progress=args.progress,
+    )
 
 
 def run_and_report(
@@ -426,6 +439,7 @@ def run_and_report(
     run_id: str | None = None,
     snapshot: Snapshot | None = None,
     verbose: bool = False,
+    progress: ProgressMode = "auto",
 ) -> int:
     """Start or join Ray, run, print the summary; return the exit status.
 
@@ -439,7 +453,7 @@ def run_and_report(
     prepared = prepare_and_start_ray(config, address, run_id=run_id, verbose=verbose)
     catch_stop_signals()  # again: ray.init installs a SIGTERM handler of its own
     try:
-        record = execute_run(prepared, snapshot=snapshot)
+        record = execute_run(prepared, snapshot=snapshot, progress=progress)
     except Stopped as stop:
         return stopped_run(stop, prepared)
     output = prepared.output

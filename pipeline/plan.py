@@ -16,6 +16,13 @@ from pipeline.decode import TRANSIENT_READ_ERROR, decode_batch
 from pipeline.embed import CPU_ACTOR_ENV, ResNet50Embedder
 from pipeline.manifest import ModelIdentity
 from pipeline.preprocessing import PreprocessSpec
+from pipeline.progress import (
+    ProgressDisplay,
+    ProgressMode,
+    counter_actor,
+    read_counter,
+    reporting,
+)
 from pipeline.weights import ResolvedWeights
 
 if TYPE_CHECKING:
@@ -31,24 +38,28 @@ def run_plan(
     refs: list[Any],
     sink: RunSink,
     *,
+    total: int,
     config: EmbedConfig,
     spec: PreprocessSpec,
     weights: ResolvedWeights,
     model: ModelIdentity,
     num_gpus: float,
     embedder: type[ResNet50Embedder] = ResNet50Embedder,
+    progress: ProgressMode = "none",
 ) -> None:
     """Decode, embed and write the listed images into ``sink``, which commits at the end.
 
     Args:
         refs: Listing chunks (Arrow tables) in the object store.
         sink: The run's writes and commit.
+        total: Images to embed (for the progress display).
         config: The run's knobs.
         spec: The resize spec (decode) and normalization (model).
         weights: The checked weights, shipped to each model actor.
         model: The model's identity; its ``precision`` is what the actors compute in.
         num_gpus: GPUs per model actor (0: CPU actors).
         embedder: The model stage's class (a subclass may wrap it, e.g. to inject faults).
+        progress: How to show the images done while it runs (see :mod:`pipeline.progress`).
 
     Raises:
         PipelineError: a stage failed beyond Ray's retries; nothing is committed.
@@ -64,6 +75,17 @@ def run_plan(
     # new names and are never committed.
     context.retried_map_errors = [*RETRIED_IO_ERRORS, TRANSIENT_READ_ERROR]
     context.max_map_retries = MAX_MAP_RETRIES
+    counter = counter_actor() if progress != "none" else None
+    model_kwargs: dict[str, Any] = {
+        "state_dict": weights.as_numpy(),
+        "mean": spec.mean,
+        "std": spec.std,
+        "precision": model.precision,
+        "normalize": model.normalized,
+        "num_threads": config.model_threads,
+    }
+    if counter is not None:
+        embedder, model_kwargs = reporting(embedder), model_kwargs | {"progress": counter}
     dataset = (
         # Ray's annotations reject keyword-only UDFs and plain ObjectRef lists: hence the ignores.
         ray.data.from_arrow_refs(refs)  # type: ignore[arg-type]
@@ -90,21 +112,18 @@ def run_plan(
             embedder,
             batch_size=config.batch_size,
             batch_format="numpy",
-            fn_constructor_kwargs={
-                "state_dict": weights.as_numpy(),
-                "mean": spec.mean,
-                "std": spec.std,
-                "precision": model.precision,
-                "normalize": model.normalized,
-                "num_threads": config.model_threads,
-            },
+            fn_constructor_kwargs=model_kwargs,
             compute=_actor_pool(config.concurrency),
             **model_remote_args(num_gpus),
         )
     )
     sink.executing_since = time.time()
     try:
-        dataset.write_datasink(sink, ray_remote_args={"num_cpus": config.write_cpus})
+        if counter is None:
+            dataset.write_datasink(sink, ray_remote_args={"num_cpus": config.write_cpus})
+        else:
+            with ProgressDisplay(lambda: read_counter(counter), total=total, mode=progress):
+                dataset.write_datasink(sink, ray_remote_args={"num_cpus": config.write_cpus})
     except ray.exceptions.RayError as exc:
         # A stage failed beyond Ray's retries (e.g. the output store is down): the staging
         # files are not committed; the next run discards them.

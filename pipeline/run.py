@@ -25,6 +25,7 @@ from pipeline.listing import IMAGE_EXTENSIONS, InputError
 from pipeline.manifest import Manifest, ModelIdentity, RunRecord
 from pipeline.output import Output, Snapshot
 from pipeline.preprocessing import PreprocessSpec, preprocess_spec
+from pipeline.progress import ProgressMode
 from pipeline.storage import one_line, open_fs, storage_errors, to_uri
 from pipeline.weights import ResolvedWeights, load_weights, sniff_checkpoint
 
@@ -124,6 +125,7 @@ def execute_run(
     *,
     snapshot: Snapshot | None = None,
     embedder: type[ResNet50Embedder] = ResNet50Embedder,
+    progress: ProgressMode = "none",
 ) -> RunRecord:
     """List, embed, write and commit a prepared run on the running Ray.
 
@@ -132,6 +134,7 @@ def execute_run(
         snapshot: The output as the caller already read it (default: read it now). The
             commit refuses if another run has committed since.
         embedder: The model stage's class (a subclass may wrap it, e.g. to inject faults).
+        progress: Show the images done while it runs: ``auto``, ``bar``, ``log`` or ``none``.
 
     Returns:
         The committed run's record.
@@ -175,7 +178,8 @@ def execute_run(
             f"no images under {prepared.input_uri} ({counts.skipped_by_extension} other files "
             f"skipped; images end in .{', .'.join(sorted(IMAGE_EXTENSIONS))})"
         )
-    logger.info(
+    # DEBUG: the progress display and the summary say the same.
+    logger.debug(
         "listed %d images under %s: %d new or changed, %d unchanged, %d known failed, "
         "%d gone, %d skipped",
         counts.listed,
@@ -217,6 +221,8 @@ def execute_run(
             run_plan(
                 listing.refs,
                 sink,
+                total=listing.to_embed,
+                progress=progress,
                 config=config,
                 spec=prepared.spec,
                 weights=prepared.weights,
