@@ -21,11 +21,8 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.cli import (
-    PROG,
     CommandLineParser,
-    Stopped,
     add_run_arguments,
-    catch_stop_signals,
     config_from_args,
     parse_run_args,
     report_failure,
@@ -35,6 +32,8 @@ from pipeline.config import PipelineError
 from pipeline.logs import configure_logging
 from pipeline.manifest import Manifest
 from pipeline.output import Output
+from pipeline.report import PROG
+from pipeline.runtime import Stopped, catch_stop_signals
 
 
 def nightly_run_id(date: dt.date, now: dt.datetime) -> str:

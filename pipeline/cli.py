@@ -14,9 +14,7 @@ import argparse
 import dataclasses
 import json
 import re
-import signal
 import sys
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -33,7 +31,6 @@ from pipeline.report import PROG
 
 if TYPE_CHECKING:
     from pipeline.output import Snapshot
-    from pipeline.run import PreparedRun
 
 EXIT_FAILED = 1  # the run failed and committed nothing; retrying may help
 EXIT_USAGE = 2  # the command line is wrong; retrying will not help
@@ -448,7 +445,7 @@ def run_and_report(
     """
     from pipeline.report import print_summary
     from pipeline.run import execute_run
-    from pipeline.runtime import prepare_and_start_ray
+    from pipeline.runtime import Stopped, catch_stop_signals, prepare_and_start_ray, stopped_run
 
     prepared = prepare_and_start_ray(config, address, run_id=run_id, verbose=verbose)
     catch_stop_signals()  # again: ray.init installs a SIGTERM handler of its own
@@ -459,49 +456,6 @@ def run_and_report(
     output = prepared.output
     print_summary(record, output.uri, report=output.report_uri(record.run_id))
     return 0
-
-
-class Stopped(BaseException):
-    """Ctrl-C or SIGTERM: a ``BaseException``, so that no ``except Exception`` swallows it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-    @property
-    def exit_status(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
-
-def _stop(signum: int, frame: Any) -> None:
-    raise Stopped(signum)
-
-
-def catch_stop_signals() -> None:
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _stop)
-
-
-def stopped_run(stop: Stopped, prepared: PreparedRun) -> int:
-    """Leave Ray and the output clean after a stop signal, and say so in one line."""
-    import ray
-
-    # A local Ray goes with its driver; a cluster cancels the tasks of a driver that leaves.
-    ray.shutdown()
-    output, run_id = prepared.output, prepared.run_id
-    manifest = output.snapshot().manifest
-    if manifest is not None and run_id in manifest.committed_run_ids():
-        what = f"run {run_id} had already committed"
-    else:
-        output.discard_staging(run_id)
-        what = f"nothing of run {run_id} was committed (earlier runs are intact)"
-    seconds = time.time() - prepared.started
-    print(
-        f"{PROG}: stopped by {stop} after {seconds:.0f} s: {what}; run the same command "
-        "again to embed what is left",
-        file=sys.stderr,
-    )
-    return stop.exit_status
 
 
 def status_command(args: argparse.Namespace) -> int:
@@ -587,6 +541,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``embed-images`` console script; returns the exit status."""
     from pipeline.logs import configure_logging
+    from pipeline.runtime import Stopped, catch_stop_signals
 
     parser, run = build_parsers()
     args = parse_run_args(parser, run, list(sys.argv[1:] if argv is None else argv))

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.listing import ListingCounts, list_images
-from pipeline.manifest import Failures, failures_by_type
+from pipeline.manifest import Failures, count_failures, failures_by_type
 
 # Failed images are retried only when the failure may be transient.
 RETRIED_ERROR_TYPES = frozenset({"unreadable"})
@@ -49,7 +49,7 @@ class NewImages:
 
     @property
     def known_failed(self) -> int:
-        return sum(f["count"] for f in self.known_failures.values())
+        return count_failures(self.known_failures)
 
     @property
     def to_embed(self) -> int:

@@ -122,6 +122,10 @@ def merge_failures(*parts: Mapping[str, Failures]) -> dict[str, Failures]:
     return dict(sorted(merged.items()))
 
 
+def count_failures(failures: Mapping[str, Failures]) -> int:
+    return sum(int(entry["count"]) for entry in failures.values())
+
+
 def describe_failures(failures: Mapping[str, Failures]) -> str:
     """``truncated 2, empty 1`` (most first)."""
     ordered = sorted(failures.items(), key=lambda item: (-item[1]["count"], item[0]))

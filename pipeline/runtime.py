@@ -1,15 +1,20 @@
-"""Start or join Ray, for the entry points (the stages and the plan never do), and
-:func:`embed_images`, the one call that runs the pipeline from Python."""
+"""The entry points' side of a run: start or join Ray (the stages and the plan never do), stop
+cleanly on Ctrl-C or SIGTERM, and :func:`embed_images`, the one call that runs the pipeline from
+Python."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import signal
+import sys
+import time
 from typing import Any
 
 from pipeline.config import ConfigError, EmbedConfig
 from pipeline.manifest import RunRecord
+from pipeline.report import PROG
 from pipeline.run import PreparedRun, prepare_run
 
 logger = logging.getLogger(__name__)
@@ -147,3 +152,47 @@ def embed_images(
         )
     config = EmbedConfig(input=input, output=output, **options)
     return execute_run(prepare_and_start_ray(config, address, verbose=verbose))
+
+
+class Stopped(BaseException):
+    """Ctrl-C or SIGTERM: a ``BaseException``, so that no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped(signum)
+
+
+def catch_stop_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
+
+
+def stopped_run(stop: Stopped, prepared: PreparedRun) -> int:
+    """Leave Ray and the output clean after a stop signal, say so in one line on stderr, and
+    return the exit status."""
+    import ray
+
+    # A local Ray goes with its driver; a cluster cancels the tasks of a driver that leaves.
+    ray.shutdown()
+    output, run_id = prepared.output, prepared.run_id
+    manifest = output.snapshot().manifest
+    if manifest is not None and run_id in manifest.committed_run_ids():
+        what = f"run {run_id} had already committed"
+    else:
+        output.discard_staging(run_id)
+        what = f"nothing of run {run_id} was committed (earlier runs are intact)"
+    seconds = time.time() - prepared.started
+    print(
+        f"{PROG}: stopped by {stop} after {seconds:.0f} s: {what}; run the same command "
+        "again to embed what is left",
+        file=sys.stderr,
+    )
+    return stop.exit_status

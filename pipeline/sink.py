@@ -24,6 +24,7 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
 from pipeline.config import PipelineError
+from pipeline.incremental import NewImages
 from pipeline.manifest import (
     COMMITTED,
     ERROR_RATE_EXCEEDED,
@@ -31,6 +32,7 @@ from pipeline.manifest import (
     ModelIdentity,
     RunCounts,
     RunRecord,
+    count_failures,
     describe_failures,
     failures_by_type,
     merge_failures,
@@ -62,7 +64,11 @@ class ErrorRateExceededError(PipelineError):
 
 @dataclasses.dataclass(frozen=True)
 class RunBooks:
-    """What the driver knows of a run before it executes, and settles at its commit."""
+    """What the driver knows of a run before it executes, and settles at its commit.
+
+    ``listing`` holds the books on every listed image (unchanged, known failed, gone); its
+    chunks' references stay in the driver with it.
+    """
 
     run_id: str
     input_uri: str
@@ -70,11 +76,7 @@ class RunBooks:
     snapshot: Snapshot
     model: ModelIdentity
     preprocessing: Mapping[str, Any]
-    listed: int
-    skipped_by_extension: int
-    unchanged: int
-    known_failures: Mapping[str, Failures]
-    deleted: pa.Array
+    listing: NewImages
     full: bool
     replace: bool
     max_error_rate: float
@@ -83,11 +85,11 @@ class RunBooks:
 
     @property
     def known_failed(self) -> int:
-        return sum(int(f["count"]) for f in self.known_failures.values())
+        return self.listing.known_failed
 
     @property
     def to_embed(self) -> int:
-        return self.listed - self.unchanged - self.known_failed
+        return self.listing.to_embed
 
     def error_rate_exceeded(self, failures: Mapping[str, Failures]) -> str | None:
         """What is wrong when this run's and the known failures exceed ``--max-error-rate``.
@@ -96,13 +98,13 @@ class RunBooks:
             failures: This run's failures by type (none yet, before the run executes: then
                 the known failures alone are checked).
         """
-        failed = sum(int(f["count"]) for f in failures.values()) + self.known_failed
+        failed = count_failures(failures) + self.known_failed
         attempted = self.to_embed + self.known_failed
         rate = failed / attempted if attempted else 0.0
         if rate <= self.max_error_rate:
             return None
         earlier = f", {self.known_failed} of them in earlier runs" if self.known_failed else ""
-        kinds = describe_failures(merge_failures(failures, self.known_failures))
+        kinds = describe_failures(merge_failures(failures, self.listing.known_failures))
         return (
             f"{failed} of {attempted} images failed ({rate:.1%}: {kinds}{earlier}), above "
             f"--max-error-rate {self.max_error_rate:.1%}"
@@ -152,15 +154,15 @@ class RunBooks:
             images_per_second=round(embedded / wall if wall > 0 else 0.0, 3),
             embedding_images_per_second=round(embedded / embedding if embedding > 0 else 0.0, 3),
             failures=failures,
-            known_failures=dict(self.known_failures),
+            known_failures=dict(self.listing.known_failures),
             counts=RunCounts(
-                listed=self.listed,
-                skipped_by_extension=self.skipped_by_extension,
-                unchanged=self.unchanged,
+                listed=self.listing.counts.listed,
+                skipped_by_extension=self.listing.counts.skipped_by_extension,
+                unchanged=self.listing.unchanged,
                 known_failed=self.known_failed,
                 embedded=0 if too_many_errors else embedded,
                 failed=failed,
-                deleted=0 if too_many_errors else len(self.deleted),
+                deleted=0 if too_many_errors else len(self.listing.deleted),
             ),
             pipeline_version=__version__,
             model=self.model,
@@ -174,7 +176,11 @@ class RunBooks:
                 record,
             )
         self.output.commit(
-            self.snapshot, record, staged=files, deleted_uris=self.deleted, replace=self.replace
+            self.snapshot,
+            record,
+            staged=files,
+            deleted_uris=self.listing.deleted,
+            replace=self.replace,
         )
         return record
 
