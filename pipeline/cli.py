@@ -172,6 +172,12 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     )
     io.add_argument("--limit", type=int, metavar="N", help="embed at most N listed images")
     io.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the input, diff it against the output, print what a run would do; "
+        "starts no Ray, loads no weights, writes nothing",
+    )
+    io.add_argument(
         "--full",
         action="store_true",
         help="re-embed everything, replacing the output's tables (default: only "
@@ -421,6 +427,12 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from pipeline.report import print_dry_run
+        from pipeline.run import dry_run
+
+        print_dry_run(dry_run(config_from_args(args)))
+        return 0
     return run_and_report(
         config_from_args(args),
         args.address,

@@ -9,6 +9,7 @@ row per URI (:func:`resolve_current`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,7 @@ def list_new_images(
     root: str,
     *,
     committed: tuple[pa.Table, pa.Table] | None,
+    keep: Callable[[pa.Table], Any] | None,
     limit: int | None = None,
 ) -> NewImages:
     """List the input and keep what the committed tables do not already hold.
@@ -74,10 +76,10 @@ def list_new_images(
         committed: The current embeddings (``EMBEDDINGS_KEY_COLUMNS``) and errors
             (``ERRORS_KEY_COLUMNS``) rows, or ``None`` to embed everything (``--full``, or a
             new output).
+        keep: Where each chunk of new images goes as it is listed (``ray.put``: the run's
+            refs); ``None`` counts them only (a dry run).
         limit: List at most this many images; a limited listing records no deletions.
     """
-    import ray
-
     counts = ListingCounts()
     known = CommittedImages(*(committed or (NO_EMBEDDINGS, NO_ERRORS)))
     current_uris = known.uris
@@ -88,8 +90,8 @@ def list_new_images(
         diff = known.diff(chunk)
         unchanged += diff.unchanged
         failed_rows.append(diff.known_failed_rows)
-        if diff.new.num_rows:
-            refs.append(ray.put(diff.new))
+        if diff.new.num_rows and keep is not None:
+            refs.append(keep(diff.new))
     # Only a complete listing can tell that an image is gone.
     deleted = current_uris.filter(pa.array(~seen)) if limit is None else current_uris[:0]
     return NewImages(

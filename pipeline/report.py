@@ -8,9 +8,12 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from html import escape
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from pipeline.manifest import Failures, Manifest, RunRecord
+
+if TYPE_CHECKING:
+    from pipeline.run import DryRun
 
 PROG = "embed-images"
 
@@ -58,6 +61,34 @@ def print_summary(
     if report:
         rows.append(("report", report))
     print(f"{PROG}: committed", file=out)
+    for key, value in rows:
+        print(f"  {key:<10} {value}", file=out)
+
+
+def print_dry_run(dry: DryRun, out: TextIO | None = None) -> None:
+    """What a run would do, from :func:`pipeline.run.dry_run`."""
+    from pipeline.progress import format_seconds
+
+    out = out or sys.stdout
+    listing = dry.listing
+    rows: list[tuple[str, Any]] = [
+        ("listed", listing.counts.listed),
+        ("to embed", f"{listing.to_embed} (new or changed)"),
+        ("unchanged", f"{listing.unchanged} (already embedded)"),
+        ("known bad", f"{listing.known_failed} (failed in earlier runs, not retried)"),
+        *_by_type(listing.known_failures),
+        ("deleted", f"{len(listing.deleted)} (gone from the input)"),
+    ]
+    if listing.counts.skipped_by_extension:
+        rows.insert(1, ("skipped", f"{listing.counts.skipped_by_extension} (not image extensions)"))
+    if dry.seconds_per_image is not None:
+        eta = listing.to_embed * dry.seconds_per_image
+        rows.append(
+            ("eta", f"{format_seconds(eta)} of embedding at the last run's rate, plus start-up")
+        )
+    if dry.refusal:
+        rows.append(("would stop", dry.refusal))
+    print(f"{PROG}: dry run: nothing was embedded or written", file=out)
     for key, value in rows:
         print(f"  {key:<10} {value}", file=out)
 

@@ -20,14 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import EmbedConfig, PipelineError
 from pipeline.embed import ResNet50Embedder
-from pipeline.incremental import EMBEDDINGS_KEY_COLUMNS, ERRORS_KEY_COLUMNS, list_new_images
+from pipeline.incremental import (
+    EMBEDDINGS_KEY_COLUMNS,
+    ERRORS_KEY_COLUMNS,
+    NewImages,
+    list_new_images,
+)
 from pipeline.listing import IMAGE_EXTENSIONS, InputError
 from pipeline.manifest import Manifest, ModelIdentity, RunRecord
 from pipeline.output import Output, Snapshot
 from pipeline.preprocessing import PreprocessSpec, preprocess_spec
 from pipeline.progress import ProgressMode
 from pipeline.storage import one_line, open_fs, storage_errors, to_uri
-from pipeline.weights import ResolvedWeights, load_weights, sniff_checkpoint
+from pipeline.weights import ResolvedWeights, load_weights, sniff_checkpoint, weights_name
 
 if TYPE_CHECKING:
     from pipeline.sink import RunSink
@@ -161,23 +166,19 @@ def execute_run(
     incremental = snapshot.manifest is not None and not config.full
     if snapshot.manifest is not None and incremental:
         check_same_model(snapshot.manifest, model, preprocessing, output.uri)
-    listing = list_new_images(
+    import ray
+
+    listing = list_work(
         prepared.input_fs,
         prepared.input_root,
-        committed=(
-            output.current(snapshot, embeddings=EMBEDDINGS_KEY_COLUMNS, errors=ERRORS_KEY_COLUMNS)
-            if incremental
-            else None
-        ),
-        limit=config.limit,
+        prepared.input_uri,
+        output,
+        snapshot if incremental else None,
+        config,
+        keep=ray.put,
     )
     timings["listing"] = time.time() - started_listing
     counts = listing.counts
-    if counts.listed == 0:
-        raise InputError(
-            f"no images under {prepared.input_uri} ({counts.skipped_by_extension} other files "
-            f"skipped; images end in .{', .'.join(sorted(IMAGE_EXTENSIONS))})"
-        )
     # DEBUG: the progress display and the summary say the same.
     logger.debug(
         "listed %d images under %s: %d new or changed, %d unchanged, %d known failed, "
@@ -252,6 +253,90 @@ def write_run_report(prepared: PreparedRun, sink: RunSink, timings: dict[str, fl
         prepared.output.write_report(prepared.run_id, report, report_html(report))
     except OSError as exc:
         logger.warning("run report not written: %s", one_line(exc))
+
+
+def list_work(
+    fs: Any,
+    root: str,
+    input_uri: str,
+    output: Output,
+    snapshot: Snapshot | None,
+    config: EmbedConfig,
+    *,
+    keep: Callable[[Any], Any] | None,
+) -> NewImages:
+    """List the input against ``snapshot``'s current tables (``None``: embed everything)."""
+    listing = list_new_images(
+        fs,
+        root,
+        committed=(
+            output.current(snapshot, embeddings=EMBEDDINGS_KEY_COLUMNS, errors=ERRORS_KEY_COLUMNS)
+            if snapshot is not None
+            else None
+        ),
+        keep=keep,
+        limit=config.limit,
+    )
+    if listing.counts.listed == 0:
+        raise InputError(
+            f"no images under {input_uri} ({listing.counts.skipped_by_extension} other files "
+            f"skipped; images end in .{', .'.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    return listing
+
+
+@dataclasses.dataclass(frozen=True)
+class DryRun:
+    """What a run would do: counts, an estimate, and what it would refuse."""
+
+    listing: NewImages
+    seconds_per_image: float | None  # the last committed run's, while embedding
+    refusal: str | None  # the run would stop here, with this line
+
+
+def dry_run(config: EmbedConfig) -> DryRun:
+    """List the input and diff it against the committed tables; start no Ray, load no weights.
+
+    The model check compares what is known without loading weights: their name (an ImageNet
+    or random source, or the file's path: a file is not hashed), normalization and the
+    preprocessing; a real run also compares the file's sha256.
+    """
+    options = config.fs_options()
+    in_fs, in_root = open_fs(config.input, options)
+    input_uri = to_uri(in_fs, in_root)
+    with storage_errors(input_uri):
+        if not in_fs.exists(in_root):
+            raise InputError(f"input not found: {input_uri}")
+    output = Output(config.output, options)
+    snapshot = output.snapshot()
+    manifest = snapshot.manifest
+    refusal = None
+    if manifest is not None and not config.full and manifest.model is not None:
+        preprocessing = preprocess_spec(config.resize, jpeg_draft=config.jpeg_draft).to_metadata()
+        model = dataclasses.replace(
+            manifest.model, weights=weights_name(config), normalized=config.normalize
+        )
+        try:
+            if model.weights != manifest.model.weights:
+                raise PipelineError(
+                    f"{output.uri} holds embeddings of weights {manifest.model.weights!r}, this "
+                    f"run would use {model.weights!r}: pass --full to replace them, or use "
+                    "another output"
+                )
+            check_same_model(manifest, model, preprocessing, output.uri)
+        except PipelineError as exc:
+            refusal = str(exc)
+    incremental = manifest is not None and not config.full
+    listing = list_work(
+        in_fs, in_root, input_uri, output, snapshot if incremental else None, config, keep=None
+    )
+    rates = [r.embedding_images_per_second for r in (manifest.runs if manifest else ())]
+    rates = [r for r in rates if r > 0]
+    return DryRun(
+        listing=listing,
+        seconds_per_image=1 / rates[-1] if rates else None,
+        refusal=refusal,
+    )
 
 
 def check_same_model(

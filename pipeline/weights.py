@@ -58,6 +58,22 @@ class ResolvedWeights:
         return {"weights": self.name, "weights_sha256": self.sha256}
 
 
+IMAGENET_NAME = "imagenet:IMAGENET1K_V2"
+
+
+def weights_name(config: Any) -> str:
+    """The name a run records for ``--weights``, known without loading them.
+
+    Example:
+        >>> from pipeline.config import EmbedConfig
+        >>> weights_name(EmbedConfig(input="a", output="b", weights="random", seed=3))
+        'random:seed=3'
+    """
+    if config.weights == RANDOM:
+        return f"random:seed={config.seed}"
+    return IMAGENET_NAME if config.weights == IMAGENET else str(config.weights)
+
+
 def load_weights(
     source: str,
     *,
@@ -89,7 +105,7 @@ def load_weights(
     if source == IMAGENET:
         path = _imagenet_checkpoint()
         data = _read_file(path, {})
-        name = "imagenet:IMAGENET1K_V2"
+        name = IMAGENET_NAME
         prefix = os.path.basename(path).rsplit("-", 1)[-1].split(".")[0]
         digest = hashlib.sha256(data).hexdigest()
         # torchvision names the file after the first hex digits of its sha256.

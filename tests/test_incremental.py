@@ -257,3 +257,45 @@ def test_nightly_job_twice_for_one_date_runs_once(
     with pytest.raises(SystemExit) as info:
         nightly(["--input", str(photos), "--output", str(output), "--full"])
     assert info.value.code == 2
+
+
+@pytest.mark.slow
+def test_a_dry_run_diffs_without_ray_or_weights_and_writes_nothing(
+    tmp_path, make_image, ray_session
+) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    photos, output = tmp_path / "photos", tmp_path / "out"
+    for i in range(3):
+        _write(photos, f"img{i}.jpg", make_image, seed=i)
+    base = ["run", "--input", str(photos), "--output", str(output), "--weights", "random"]
+    assert main(base) == 0
+    _write(photos, "new.jpg", make_image, seed=9)
+    os.remove(photos / "img2.jpg")
+    manifest_before = (output / "_manifest.json").read_bytes()
+    ray_tmp = tmp_path / "ray-tmp"
+    ray_tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
+
+    def dry(*extra: str) -> list[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *base, "--dry-run", *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+        return result.stdout.splitlines()
+
+    lines = dry()
+    assert lines[0] == "embed-images: dry run: nothing was embedded or written"
+    rows = {line[2:12].strip(): line[13:].split()[0] for line in lines[1:]}
+    assert [rows[k] for k in ("listed", "to embed", "unchanged", "deleted")] == ["3", "1", "2", "1"]
+    assert any(line.startswith("  eta ") for line in lines)  # from the first run's rate
+    assert not [line for line in lines if "would stop" in line]
+    assert any("would stop" in line and "random:seed=0" in line for line in dry("--seed", "5"))
+    assert not any(ray_tmp.iterdir())  # no Ray session was created
+    assert (output / "_manifest.json").read_bytes() == manifest_before
+    assert not (output / "_staging").exists()
