@@ -450,22 +450,35 @@ def run_and_report(
     verbose: bool = False,
     progress: ProgressMode = "auto",
 ) -> int:
-    """Start or join Ray, run, print the summary; return the exit status.
+    """Probe the input; if there is work, start or join Ray and run; print the summary;
+    return the exit status.
 
     Shared by ``embed-images run`` and ``jobs/``. ``PipelineError`` propagates (the caller
-    prints it); a stop signal during the run leaves Ray and the output clean.
+    prints it); a stop signal during the run leaves Ray and the output clean. An input of at
+    most ``PROBE_LISTED`` images is listed before anything starts, so that a run with nothing
+    to embed commits (its deletions) in seconds, with no Ray and no weights.
     """
     from pipeline.report import print_summary
-    from pipeline.run import execute_run
+    from pipeline.run import commit_without_work, execute_run, probe_run
     from pipeline.runtime import Stopped, catch_stop_signals, prepare_and_start_ray, stopped_run
 
-    prepared = prepare_and_start_ray(config, address, run_id=run_id, verbose=verbose)
-    catch_stop_signals()  # again: ray.init installs a SIGTERM handler of its own
-    try:
-        record = execute_run(prepared, snapshot=snapshot, progress=progress)
-    except Stopped as stop:
-        return stopped_run(stop, prepared)
-    output = prepared.output
+    probe = probe_run(config, snapshot=snapshot)
+    if probe is not None and probe.listing.to_embed == 0:
+        record = commit_without_work(config, probe, run_id=run_id)
+        output = probe.output
+    else:
+        prepared = prepare_and_start_ray(config, address, run_id=run_id, verbose=verbose)
+        catch_stop_signals()  # again: ray.init installs a SIGTERM handler of its own
+        try:
+            record = execute_run(
+                prepared,
+                snapshot=probe.snapshot if probe else snapshot,
+                listing=probe.listing if probe else None,
+                progress=progress,
+            )
+        except Stopped as stop:
+            return stopped_run(stop, prepared)
+        output = prepared.output
     print_summary(record, output.uri, report=output.report_uri(record.run_id))
     return 0
 

@@ -47,6 +47,7 @@ class NewImages:
     unchanged: int
     known_failures: dict[str, Failures]
     deleted: pa.Array
+    complete: bool = True  # False: stopped at max_listed, the rest not listed
 
     @property
     def known_failed(self) -> int:
@@ -64,6 +65,7 @@ def list_new_images(
     committed: tuple[pa.Table, pa.Table] | None,
     keep: Callable[[pa.Table], Any] | None,
     limit: int | None = None,
+    max_listed: int | None = None,
 ) -> NewImages:
     """List the input and keep what the committed tables do not already hold.
 
@@ -79,13 +81,18 @@ def list_new_images(
         keep: Where each chunk of new images goes as it is listed (``ray.put``: the run's
             refs); ``None`` counts them only (a dry run).
         limit: List at most this many images; a limited listing records no deletions.
+        max_listed: Give up once this many images are listed and more may follow
+            (``complete`` is then False).
     """
     counts = ListingCounts()
     known = CommittedImages(*(committed or (NO_EMBEDDINGS, NO_ERRORS)))
     current_uris = known.uris
     seen = np.zeros(len(current_uris), dtype=bool)
-    refs, unchanged, failed_rows = [], 0, []
+    refs, unchanged, failed_rows, complete = [], 0, [], True
     for chunk in list_images(fs, root, counts, chunk_rows=LISTING_BLOCK_ROWS, limit=limit):
+        if max_listed is not None and counts.listed > max_listed:
+            complete = False
+            break
         mark_seen(seen, current_uris, chunk)
         diff = known.diff(chunk)
         unchanged += diff.unchanged
@@ -93,13 +100,15 @@ def list_new_images(
         if diff.new.num_rows and keep is not None:
             refs.append(keep(diff.new))
     # Only a complete listing can tell that an image is gone.
-    deleted = current_uris.filter(pa.array(~seen)) if limit is None else current_uris[:0]
+    full_listing = limit is None and complete
+    deleted = current_uris.filter(pa.array(~seen)) if full_listing else current_uris[:0]
     return NewImages(
         refs=refs,
         counts=counts,
         unchanged=unchanged,
         known_failures=known.failures(np.concatenate([np.zeros(0, np.int64), *failed_rows])),
         deleted=deleted,
+        complete=complete,
     )
 
 

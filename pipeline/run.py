@@ -86,20 +86,7 @@ def prepare_run(
 
     started, started_at = time.time(), utc_iso()
     options = config.fs_options()
-    in_fs, in_root = open_fs(config.input, options)
-    input_uri = to_uri(in_fs, in_root)
-    output = Output(config.output, options)
-    if type(in_fs) is type(output.fs) and (output.root + "/").startswith(in_root.rstrip("/") + "/"):
-        raise PipelineError(
-            f"output {output.uri} is inside input {input_uri}: its Parquet files would be "
-            "listed by later runs; choose an output outside the input"
-        )
-    with storage_errors(input_uri):
-        if not in_fs.exists(in_root):
-            raise InputError(f"input not found: {input_uri}")
-    with storage_errors(output.uri):
-        output.check_writable()
-    sniff_checkpoint(config.weights, storage_options=options)  # a missing or junk file: now
+    in_fs, in_root, input_uri, output = check_run(config)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weights") as pool:
         loading = pool.submit(
             load_weights,
@@ -125,10 +112,39 @@ def prepare_run(
     )
 
 
+def check_run(config: EmbedConfig) -> tuple[Any, str, str, Output]:
+    """:func:`check_paths`, then a writable output and a weights file that can be a checkpoint
+    (from its first bytes): what fails in a second, before anything is listed or loaded."""
+    in_fs, in_root, input_uri, output = check_paths(config)
+    with storage_errors(output.uri):
+        output.check_writable()
+    sniff_checkpoint(config.weights, storage_options=config.fs_options())
+    return in_fs, in_root, input_uri, output
+
+
+def check_paths(config: EmbedConfig) -> tuple[Any, str, str, Output]:
+    """The input's filesystem, root and URI, and the output; refuses a missing input and an
+    output inside the input."""
+    options = config.fs_options()
+    in_fs, in_root = open_fs(config.input, options)
+    input_uri = to_uri(in_fs, in_root)
+    output = Output(config.output, options)
+    if type(in_fs) is type(output.fs) and (output.root + "/").startswith(in_root.rstrip("/") + "/"):
+        raise PipelineError(
+            f"output {output.uri} is inside input {input_uri}: its Parquet files would be "
+            "listed by later runs; choose an output outside the input"
+        )
+    with storage_errors(input_uri):
+        if not in_fs.exists(in_root):
+            raise InputError(f"input not found: {input_uri}")
+    return in_fs, in_root, input_uri, output
+
+
 def execute_run(
     prepared: PreparedRun,
     *,
     snapshot: Snapshot | None = None,
+    listing: NewImages | None = None,
     embedder: type[ResNet50Embedder] = ResNet50Embedder,
     progress: ProgressMode = "none",
 ) -> RunRecord:
@@ -138,6 +154,8 @@ def execute_run(
         prepared: From :func:`prepare_run`.
         snapshot: The output as the caller already read it (default: read it now). The
             commit refuses if another run has committed since.
+        listing: The input as a :func:`probe_run` listed it against ``snapshot``, its new
+            images held in the driver (default: list it now).
         embedder: The model stage's class (a subclass may wrap it, e.g. to inject faults).
         progress: Show the images done while it runs: ``auto``, ``bar``, ``log`` or ``none``.
 
@@ -168,15 +186,18 @@ def execute_run(
         check_same_model(snapshot.manifest, model, preprocessing, output.uri)
     import ray
 
-    listing = list_work(
-        prepared.input_fs,
-        prepared.input_root,
-        prepared.input_uri,
-        output,
-        snapshot if incremental else None,
-        config,
-        keep=ray.put,
-    )
+    if listing is None:
+        listing = list_work(
+            prepared.input_fs,
+            prepared.input_root,
+            prepared.input_uri,
+            output,
+            snapshot if incremental else None,
+            config,
+            keep=ray.put,
+        )
+    else:  # a probe's: its chunks go to the object store now
+        listing = dataclasses.replace(listing, refs=[ray.put(chunk) for chunk in listing.refs])
     timings["listing"] = time.time() - started_listing
     counts = listing.counts
     # DEBUG: the progress display and the summary say the same.
@@ -231,12 +252,14 @@ def execute_run(
             sink.run_without_tasks()
     finally:
         if sink.record is not None:  # committed, or only its errors were (exit 3)
-            write_run_report(prepared, sink, timings)
+            write_run_report(output, config, sink, timings)
     assert sink.record is not None  # set by on_write_complete, or it raised
     return sink.record
 
 
-def write_run_report(prepared: PreparedRun, sink: RunSink, timings: dict[str, float]) -> None:
+def write_run_report(
+    output: Output, config: EmbedConfig, sink: RunSink, timings: dict[str, float]
+) -> None:
     """``OUTPUT/_reports/RUN_ID.json`` and ``.html``; a report that cannot be written is a
     warning, never a failed run (the run has committed by then)."""
     from pipeline.report import config_for_report, report_html, run_report, throughput_samples
@@ -244,13 +267,13 @@ def write_run_report(prepared: PreparedRun, sink: RunSink, timings: dict[str, fl
     assert sink.record is not None
     report = run_report(
         sink.record,
-        output=prepared.output.uri,
-        config=config_for_report(prepared.config),
+        output=output.uri,
+        config=config_for_report(config),
         timings=timings | sink.timings,
         throughput=throughput_samples(sink.written, sink.timings.get("execution", 0.0)),
     )
     try:
-        prepared.output.write_report(prepared.run_id, report, report_html(report))
+        output.write_report(sink.record.run_id, report, report_html(report))
     except OSError as exc:
         logger.warning("run report not written: %s", one_line(exc))
 
@@ -264,6 +287,7 @@ def list_work(
     config: EmbedConfig,
     *,
     keep: Callable[[Any], Any] | None,
+    max_listed: int | None = None,
 ) -> NewImages:
     """List the input against ``snapshot``'s current tables (``None``: embed everything)."""
     listing = list_new_images(
@@ -276,6 +300,7 @@ def list_work(
         ),
         keep=keep,
         limit=config.limit,
+        max_listed=max_listed,
     )
     if listing.counts.listed == 0:
         raise InputError(
@@ -299,34 +324,13 @@ def dry_run(config: EmbedConfig) -> DryRun:
 
     The model check compares what is known without loading weights: their name (an ImageNet
     or random source, or the file's path: a file is not hashed), normalization and the
-    preprocessing; a real run also compares the file's sha256.
+    preprocessing; a real run compares the weights' sha256 instead of their name.
     """
-    options = config.fs_options()
-    in_fs, in_root = open_fs(config.input, options)
-    input_uri = to_uri(in_fs, in_root)
-    with storage_errors(input_uri):
-        if not in_fs.exists(in_root):
-            raise InputError(f"input not found: {input_uri}")
-    output = Output(config.output, options)
+    in_fs, in_root, input_uri, output = check_paths(config)
     snapshot = output.snapshot()
     manifest = snapshot.manifest
-    refusal = None
-    if manifest is not None and not config.full and manifest.model is not None:
-        preprocessing = preprocess_spec(config.resize, jpeg_draft=config.jpeg_draft).to_metadata()
-        model = dataclasses.replace(
-            manifest.model, weights=weights_name(config), normalized=config.normalize
-        )
-        try:
-            if model.weights != manifest.model.weights:
-                raise PipelineError(
-                    f"{output.uri} holds embeddings of weights {manifest.model.weights!r}, this "
-                    f"run would use {model.weights!r}: pass --full to replace them, or use "
-                    "another output"
-                )
-            check_same_model(manifest, model, preprocessing, output.uri)
-        except PipelineError as exc:
-            refusal = str(exc)
     incremental = manifest is not None and not config.full
+    refusal = _model_difference(config, snapshot, output) if incremental else None
     listing = list_work(
         in_fs, in_root, input_uri, output, snapshot if incremental else None, config, keep=None
     )
@@ -337,6 +341,115 @@ def dry_run(config: EmbedConfig) -> DryRun:
         seconds_per_image=1 / rates[-1] if rates else None,
         refusal=refusal,
     )
+
+
+def _model_difference(config: EmbedConfig, snapshot: Snapshot, output: Output) -> str | None:
+    """Why the table's model differs from the one ``config`` names, as far as is known
+    without loading the weights (their name stands for their sha256)."""
+    manifest = snapshot.manifest
+    if manifest is None or manifest.model is None:
+        return None
+    preprocessing = preprocess_spec(config.resize, jpeg_draft=config.jpeg_draft).to_metadata()
+    model = dataclasses.replace(
+        manifest.model, weights=weights_name(config), normalized=config.normalize
+    )
+    if model.weights != manifest.model.weights:
+        return (
+            f"{output.uri} holds embeddings of weights {manifest.model.weights!r}, this run "
+            f"names {model.weights!r}: it refuses them unless their sha256 is the recorded one "
+            "(--full replaces the table)"
+        )
+    try:
+        check_same_model(manifest, model, preprocessing, output.uri)
+    except PipelineError as exc:
+        return str(exc)
+    return None
+
+
+# Listed keys a run holds in the driver before it starts Ray: a run whose input fits finds out
+# first whether there is anything to embed; a larger one lists again, under Ray.
+PROBE_LISTED = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """The input listed and diffed before Ray starts; its new images held in the driver."""
+
+    input_uri: str
+    output: Output
+    snapshot: Snapshot
+    listing: NewImages
+    started: float
+    started_at: str
+
+
+def probe_run(
+    config: EmbedConfig, *, snapshot: Snapshot | None = None, max_listed: int = PROBE_LISTED
+) -> Probe | None:
+    """List and diff an input of at most ``max_listed`` images without Ray or weights.
+
+    Returns:
+        The probe; ``None`` when the input is larger, or when the table's model may differ
+        (then the run loads the weights and compares sha256s, as before).
+    """
+    from pipeline.sink import utc_iso
+
+    started, started_at = time.time(), utc_iso()
+    in_fs, in_root, input_uri, output = check_run(config)
+    snapshot = snapshot or output.snapshot()
+    incremental = snapshot.manifest is not None and not config.full
+    if incremental and _model_difference(config, snapshot, output) is not None:
+        return None
+    listing = list_work(
+        in_fs,
+        in_root,
+        input_uri,
+        output,
+        snapshot if incremental else None,
+        config,
+        keep=lambda chunk: chunk,
+        max_listed=max_listed,
+    )
+    if not listing.complete:
+        return None
+    return Probe(input_uri, output, snapshot, listing, started, started_at)
+
+
+def commit_without_work(
+    config: EmbedConfig, probe: Probe, *, run_id: str | None = None
+) -> RunRecord:
+    """Commit a run that has nothing to embed (deletions are still recorded), without Ray or
+    weights: its model is the table's, which it adds no vector to."""
+    from pipeline.sink import ErrorRateExceededError, RunBooks, RunSink
+
+    manifest = probe.snapshot.manifest
+    assert manifest is not None and manifest.model is not None  # nothing new: a table exists
+    books = RunBooks(
+        run_id=run_id or new_run_id(),
+        input_uri=probe.input_uri,
+        output=probe.output,
+        snapshot=probe.snapshot,
+        model=manifest.model,
+        preprocessing=manifest.preprocessing or {},
+        listing=probe.listing,
+        full=config.full,
+        replace=config.full and config.limit is None,
+        max_error_rate=config.max_error_rate,
+        started=probe.started,
+        started_at=probe.started_at,
+    )
+    known_bad = books.error_rate_exceeded({})
+    if known_bad:
+        raise ErrorRateExceededError(
+            f"{known_bad}: nothing embedded; fix or remove those images (see "
+            f"{probe.output.uri}/errors), or raise --max-error-rate"
+        )
+    sink = RunSink(books, rows_per_file=config.rows_per_file)
+    try:
+        return sink.run_without_tasks()
+    finally:
+        if sink.record is not None:
+            write_run_report(probe.output, config, sink, {"start-up": 0.0})
 
 
 def check_same_model(

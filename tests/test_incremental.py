@@ -299,3 +299,21 @@ def test_a_dry_run_diffs_without_ray_or_weights_and_writes_nothing(
     assert not any(ray_tmp.iterdir())  # no Ray session was created
     assert (output / "_manifest.json").read_bytes() == manifest_before
     assert not (output / "_staging").exists()
+
+    # With nothing new, the real run commits in seconds, without Ray or weights, and still
+    # records that img2.jpg is gone.
+    os.remove(photos / "new.jpg")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *base],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "embedded   0" in result.stdout and "deleted    1" in result.stdout
+    assert not any(ray_tmp.iterdir())
+    assert sorted(read_embeddings(str(output))["uri"].to_pylist()) == [
+        str(photos / "img0.jpg"),
+        str(photos / "img1.jpg"),
+    ]
