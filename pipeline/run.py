@@ -165,8 +165,10 @@ def execute_run(
     Raises:
         PipelineError: nothing is committed, or only ``errors/`` (``ErrorRateExceededError``).
     """
+    import ray
+
     from pipeline.plan import resolve_num_gpus, run_plan
-    from pipeline.sink import ErrorRateExceededError, RunBooks, RunSink
+    from pipeline.sink import RunBooks, RunSink
 
     config, output = prepared.config, prepared.output
     timings = {"start-up": time.time() - prepared.started}  # checks, weights, Ray
@@ -184,8 +186,6 @@ def execute_run(
     incremental = snapshot.manifest is not None and not config.full
     if snapshot.manifest is not None and incremental:
         check_same_model(snapshot.manifest, model, preprocessing, output.uri)
-    import ray
-
     if listing is None:
         listing = list_work(
             prepared.input_fs,
@@ -226,13 +226,7 @@ def execute_run(
         started=prepared.started,
         started_at=prepared.started_at,
     )
-    known_bad = books.error_rate_exceeded({})
-    if known_bad:
-        # Failures of earlier runs alone exceed the limit: embedding the rest cannot pass.
-        raise ErrorRateExceededError(
-            f"{known_bad}: nothing embedded; fix or remove those images (see "
-            f"{output.uri}/errors), or raise --max-error-rate"
-        )
+    books.refuse_known_failures()
     sink = RunSink(books, rows_per_file=config.rows_per_file)
     try:
         if listing.refs:
@@ -420,7 +414,7 @@ def commit_without_work(
 ) -> RunRecord:
     """Commit a run that has nothing to embed (deletions are still recorded), without Ray or
     weights: its model is the table's, which it adds no vector to."""
-    from pipeline.sink import ErrorRateExceededError, RunBooks, RunSink
+    from pipeline.sink import RunBooks, RunSink
 
     manifest = probe.snapshot.manifest
     assert manifest is not None and manifest.model is not None  # nothing new: a table exists
@@ -438,12 +432,7 @@ def commit_without_work(
         started=probe.started,
         started_at=probe.started_at,
     )
-    known_bad = books.error_rate_exceeded({})
-    if known_bad:
-        raise ErrorRateExceededError(
-            f"{known_bad}: nothing embedded; fix or remove those images (see "
-            f"{probe.output.uri}/errors), or raise --max-error-rate"
-        )
+    books.refuse_known_failures()
     sink = RunSink(books, rows_per_file=config.rows_per_file)
     try:
         return sink.run_without_tasks()

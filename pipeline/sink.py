@@ -110,6 +110,16 @@ class RunBooks:
             f"--max-error-rate {self.max_error_rate:.1%}"
         )
 
+    def refuse_known_failures(self) -> None:
+        """Raise when earlier runs' lasting failures alone exceed ``--max-error-rate``:
+        embedding the rest could not pass, so nothing is embedded."""
+        known_bad = self.error_rate_exceeded({})
+        if known_bad:
+            raise ErrorRateExceededError(
+                f"{known_bad}: nothing embedded; fix or remove those images (see "
+                f"{self.output.uri}/errors), or raise --max-error-rate"
+            )
+
     def settle(self, staged: list[Staged], *, executing_since: float | None) -> RunRecord:
         """Check the run's rows, decide on its error rate, commit, and return its record.
 
