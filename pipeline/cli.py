@@ -459,15 +459,18 @@ def run_and_report(
     to embed commits (its deletions) in seconds, with no Ray and no weights.
     """
     from pipeline.report import print_summary
-    from pipeline.run import commit_without_work, execute_run, probe_run
+    from pipeline.run import check_run, commit_without_work, execute_run, probe_run
     from pipeline.runtime import Stopped, catch_stop_signals, prepare_and_start_ray, stopped_run
 
-    probe = probe_run(config, snapshot=snapshot)
+    paths = check_run(config)  # once: the probe and the run share it
+    probe = probe_run(config, paths, snapshot=snapshot)
     if probe is not None and probe.listing.to_embed == 0:
         record = commit_without_work(config, probe, run_id=run_id)
         output = probe.output
     else:
-        prepared = prepare_and_start_ray(config, address, run_id=run_id, verbose=verbose)
+        prepared = prepare_and_start_ray(
+            config, address, paths=paths, run_id=run_id, verbose=verbose
+        )
         catch_stop_signals()  # again: ray.init installs a SIGTERM handler of its own
         try:
             record = execute_run(

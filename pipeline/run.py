@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pipeline.config import EmbedConfig, PipelineError
 from pipeline.embed import ResNet50Embedder
@@ -62,9 +62,19 @@ class PreparedRun:
     spec: PreprocessSpec
 
 
+class Paths(NamedTuple):
+    """A run's input and output, resolved and checked once (:func:`check_run`)."""
+
+    input_fs: Any
+    input_root: str
+    input_uri: str
+    output: Output
+
+
 def prepare_run(
     config: EmbedConfig,
     *,
+    paths: Paths | None = None,
     run_id: str | None = None,
     meanwhile: Callable[[], None] | None = None,
 ) -> PreparedRun:
@@ -75,6 +85,7 @@ def prepare_run(
 
     Args:
         config: The run's knobs.
+        paths: What :func:`check_run` returned, when the caller has checked already.
         run_id: Override the generated run id.
         meanwhile: Called in this thread once the input and output checks pass, while the
             weights load in another (the CLI starts Ray there: the two take seconds each).
@@ -86,7 +97,7 @@ def prepare_run(
 
     started, started_at = time.time(), utc_iso()
     options = config.fs_options()
-    in_fs, in_root, input_uri, output = check_run(config)
+    in_fs, in_root, input_uri, output = paths or check_run(config)
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weights") as pool:
         loading = pool.submit(
             load_weights,
@@ -112,17 +123,17 @@ def prepare_run(
     )
 
 
-def check_run(config: EmbedConfig) -> tuple[Any, str, str, Output]:
+def check_run(config: EmbedConfig) -> Paths:
     """:func:`check_paths`, then a writable output and a weights file that can be a checkpoint
     (from its first bytes): what fails in a second, before anything is listed or loaded."""
-    in_fs, in_root, input_uri, output = check_paths(config)
-    with storage_errors(output.uri):
-        output.check_writable()
+    paths = check_paths(config)
+    with storage_errors(paths.output.uri):
+        paths.output.check_writable()
     sniff_checkpoint(config.weights, storage_options=config.fs_options())
-    return in_fs, in_root, input_uri, output
+    return paths
 
 
-def check_paths(config: EmbedConfig) -> tuple[Any, str, str, Output]:
+def check_paths(config: EmbedConfig) -> Paths:
     """The input's filesystem, root and URI, and the output; refuses a missing input and an
     output inside the input."""
     options = config.fs_options()
@@ -137,7 +148,7 @@ def check_paths(config: EmbedConfig) -> tuple[Any, str, str, Output]:
     with storage_errors(input_uri):
         if not in_fs.exists(in_root):
             raise InputError(f"input not found: {input_uri}")
-    return in_fs, in_root, input_uri, output
+    return Paths(in_fs, in_root, input_uri, output)
 
 
 def execute_run(
@@ -220,14 +231,12 @@ def execute_run(
         model=model,
         preprocessing=preprocessing,
         listing=listing,
-        full=config.full,
-        replace=config.full and config.limit is None,
-        max_error_rate=config.max_error_rate,
+        config=config,
         started=prepared.started,
         started_at=prepared.started_at,
     )
     books.refuse_known_failures()
-    sink = RunSink(books, rows_per_file=config.rows_per_file)
+    sink = RunSink(books)
     try:
         if listing.refs:
             run_plan(
@@ -378,22 +387,30 @@ class Probe:
 
 
 def probe_run(
-    config: EmbedConfig, *, snapshot: Snapshot | None = None, max_listed: int = PROBE_LISTED
+    config: EmbedConfig,
+    paths: Paths,
+    *,
+    snapshot: Snapshot | None = None,
+    max_listed: int = PROBE_LISTED,
 ) -> Probe | None:
     """List and diff an input of at most ``max_listed`` images without Ray or weights.
 
+    Args:
+        config: The run's knobs.
+        paths: From :func:`check_run`.
+        snapshot: The output as the caller already read it (default: read it now).
+        max_listed: Give up on larger inputs.
+
     Returns:
-        The probe; ``None`` when the input is larger, or when the table's model may differ
-        (then the run loads the weights and compares sha256s, as before).
+        The probe; ``None`` when the input is larger, or when there is nothing to embed but
+        the table's model may differ (then the run loads the weights and compares sha256s).
     """
     from pipeline.sink import utc_iso
 
     started, started_at = time.time(), utc_iso()
-    in_fs, in_root, input_uri, output = check_run(config)
+    in_fs, in_root, input_uri, output = paths
     snapshot = snapshot or output.snapshot()
     incremental = snapshot.manifest is not None and not config.full
-    if incremental and _model_difference(config, snapshot, output) is not None:
-        return None
     listing = list_work(
         in_fs,
         in_root,
@@ -406,6 +423,11 @@ def probe_run(
     )
     if not listing.complete:
         return None
+    # Only a run with nothing to embed is decided here; one with work checks the model with
+    # its weights loaded (and the import of torchvision overlaps Ray's start there).
+    if listing.to_embed == 0 and incremental:
+        if _model_difference(config, snapshot, output) is not None:
+            return None
     return Probe(input_uri, output, snapshot, listing, started, started_at)
 
 
@@ -426,14 +448,12 @@ def commit_without_work(
         model=manifest.model,
         preprocessing=manifest.preprocessing or {},
         listing=probe.listing,
-        full=config.full,
-        replace=config.full and config.limit is None,
-        max_error_rate=config.max_error_rate,
+        config=config,
         started=probe.started,
         started_at=probe.started_at,
     )
     books.refuse_known_failures()
-    sink = RunSink(books, rows_per_file=config.rows_per_file)
+    sink = RunSink(books)
     try:
         return sink.run_without_tasks()
     finally:

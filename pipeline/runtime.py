@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.config import ConfigError, EmbedConfig
 from pipeline.manifest import RunRecord
 from pipeline.report import PROG
-from pipeline.run import PreparedRun, prepare_run
+from pipeline.run import Paths, PreparedRun, prepare_run
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ def prepare_and_start_ray(
     config: EmbedConfig,
     address: str | None,
     *,
+    paths: Paths | None = None,
     run_id: str | None = None,
     verbose: bool = False,
 ) -> PreparedRun:
@@ -41,10 +42,10 @@ def prepare_and_start_ray(
         start_ray(address, object_store_memory=config.object_store_memory, verbose=verbose)
 
     if joins_running_ray(address):
-        prepared = prepare_run(config, run_id=run_id)
+        prepared = prepare_run(config, paths=paths, run_id=run_id)
         start()
         return prepared
-    return prepare_run(config, run_id=run_id, meanwhile=start)
+    return prepare_run(config, paths=paths, run_id=run_id, meanwhile=start)
 
 
 def joins_running_ray(address: str | None) -> bool:

@@ -23,7 +23,7 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
-from pipeline.config import PipelineError
+from pipeline.config import EmbedConfig, PipelineError
 from pipeline.incremental import NewImages
 from pipeline.manifest import (
     COMMITTED,
@@ -77,11 +77,14 @@ class RunBooks:
     model: ModelIdentity
     preprocessing: Mapping[str, Any]
     listing: NewImages
-    full: bool
-    replace: bool
-    max_error_rate: float
+    config: EmbedConfig
     started: float
     started_at: str
+
+    @property
+    def replace(self) -> bool:
+        """A complete ``--full`` run: earlier files stop being current."""
+        return self.config.full and self.config.limit is None
 
     @property
     def known_failed(self) -> int:
@@ -101,13 +104,13 @@ class RunBooks:
         failed = count_failures(failures) + self.known_failed
         attempted = self.to_embed + self.known_failed
         rate = failed / attempted if attempted else 0.0
-        if rate <= self.max_error_rate:
+        if rate <= self.config.max_error_rate:
             return None
         earlier = f", {self.known_failed} of them in earlier runs" if self.known_failed else ""
         kinds = describe_failures(merge_failures(failures, self.listing.known_failures))
         return (
             f"{failed} of {attempted} images failed ({rate:.1%}: {kinds}{earlier}), above "
-            f"--max-error-rate {self.max_error_rate:.1%}"
+            f"--max-error-rate {self.config.max_error_rate:.1%}"
         )
 
     def refuse_known_failures(self) -> None:
@@ -157,7 +160,7 @@ class RunBooks:
             run_id=self.run_id,
             status=ERROR_RATE_EXCEEDED if too_many_errors else COMMITTED,
             input=self.input_uri,
-            full=self.full,
+            full=self.config.full,
             started_at=self.started_at,
             finished_at=utc_iso(),
             wall_seconds=round(wall, 3),
@@ -198,16 +201,17 @@ class RunBooks:
 class RunSink(Datasink[Staged]):
     """One run's writes and commit (pass to ``Dataset.write_datasink``).
 
+    Ray Data bundles model batches until a writer task has at least ``--rows-per-file`` rows,
+    and the task writes them as one file.
+
     Args:
         books: The run's books; they stay in the driver (write tasks get only what they
             write with: the staging URI, storage options and file metadata).
-        rows_per_file: Ray Data bundles model batches until a writer task has at least this
-            many rows, and the task writes them as one file.
     """
 
-    def __init__(self, books: RunBooks, *, rows_per_file: int) -> None:
+    def __init__(self, books: RunBooks) -> None:
         self.books: RunBooks | None = books
-        self.rows_per_file = rows_per_file
+        self.rows_per_file = books.config.rows_per_file
         self.staging_uri = books.output.staging_uri(books.run_id)
         self.storage_options = books.output.storage_options
         self.metadata = file_metadata(
