@@ -41,7 +41,13 @@ def _free_ports(n: int) -> list[int]:
 def cluster() -> Iterator[dict[str, str]]:
     """A head (2 CPUs, no GPU) and a worker node (0 CPUs, 1 declared GPU), token auth on."""
     port, dashboard, client, agent_head, agent_worker = _free_ports(5)
-    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths are limited
+    # Short paths: Ray's socket paths are limited. Each node gets its own temp dir, as on
+    # separate machines: two raylets sharing one would share runtime_resources/, and the GPU
+    # node's runtime-env agent, setting up the job's working_dir for the model actor, deletes
+    # and re-extracts the very folder the driver is importing from (Ray unpacks with
+    # overwrite=True), which made the job fail now and then with "No such file or directory".
+    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    worker_temp = tempfile.mkdtemp(prefix="rw", dir="/tmp")
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env |= {
@@ -84,6 +90,7 @@ def cluster() -> Iterator[dict[str, str]]:
                 "--num-cpus=0",
                 "--num-gpus=1",
                 f"--dashboard-agent-listen-port={agent_worker}",
+                f"--temp-dir={worker_temp}",
             ],
             env=env,
             stdout=subprocess.DEVNULL,
@@ -104,6 +111,7 @@ def cluster() -> Iterator[dict[str, str]]:
                 pass
             process.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(worker_temp, ignore_errors=True)
 
 
 def _wait_for(check, what: str, timeout: float = 90) -> None:  # type: ignore[no-untyped-def]
