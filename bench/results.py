@@ -30,8 +30,9 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def append(title: str, lines: list[str]) -> None:
-    """Append one result block (title, date, machine, command, figures) to bench/RESULTS.md."""
+def append(title: str, lines: list[str], path: Path = RESULTS) -> None:
+    """Append one result block (title, date, machine, command, figures) to bench/RESULTS.md
+    (or ``path``: a benchmark run elsewhere brings its block back in a file of its own)."""
     module = f"bench.{Path(sys.argv[0]).stem}"
     command = " ".join(shlex.quote(a) for a in ["python", "-m", module, *sys.argv[1:]])
     block = [
@@ -44,11 +45,9 @@ def append(title: str, lines: list[str]) -> None:
         *lines,
         "",
     ]
-    if not RESULTS.exists():
-        RESULTS.write_text(
-            "# Benchmark results\n\nAppended by the `bench/` scripts; newest last.\n\n"
-        )
-    with RESULTS.open("a") as f:
+    if not path.exists():
+        path.write_text("# Benchmark results\n\nAppended by the `bench/` scripts; newest last.\n\n")
+    with path.open("a") as f:
         f.write("\n".join(block) + "\n")
     print("\n".join(block))
 

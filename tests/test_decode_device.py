@@ -1,0 +1,161 @@
+"""Decode on the model's device: the same pixels, sizes and error rows as the CPU path.
+
+On a machine without CUDA the device is the CPU (torchvision's libjpeg decoder): the batching,
+the header checks, the fallbacks and the resize are the same code. The CUDA tests run where
+torch sees a GPU (they import no Ray, so they also run on a bare GPU machine).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.decode import ImageRejectedError, decode_image
+from pipeline.decode_device import decode_on_device, device_decodable
+from pipeline.embed import ResNet50Embedder
+from pipeline.preprocessing import preprocess_spec
+from pipeline.weights import load_weights
+from tests.conftest import corpus_files, image_bytes
+
+LIMIT = 10**8
+CPU = torch.device("cpu")
+SIZES = [(500, 375), (375, 500), (224, 224), (300, 200), (64, 48), (1031, 17)]
+
+
+def _cpu_path(data: bytes, mode: str = "center-crop") -> np.ndarray:
+    return decode_image(data, preprocess_spec(mode), max_image_pixels=LIMIT).pixels
+
+
+@pytest.mark.parametrize("mode", ["center-crop", "squash", "letterbox"])
+def test_device_pixels_match_the_cpu_path_within_one_level(mode: str) -> None:
+    files = [image_bytes(size, seed=i) for i, size in enumerate(SIZES)]
+    files.append(files[0])  # two images of one size are resized together
+    batch = decode_on_device(list(files), preprocess_spec(mode), max_image_pixels=LIMIT, device=CPU)
+    assert batch.on_device.all()
+    assert batch.error_type == [""] * len(files)
+    assert batch.pixels.shape == (len(files), 3, 224, 224)
+    for i, data in enumerate(files):
+        got = batch.pixels[i].permute(1, 2, 0).numpy().astype(int)
+        diff = np.abs(got - _cpu_path(data, mode).astype(int))
+        assert diff.max() <= 1, (i, mode)
+        assert diff.mean() < 0.5
+        width, height = SIZES[i % len(SIZES)]
+        assert (batch.original_width[i], batch.original_height[i]) == (width, height)
+        assert batch.format[i] == "JPEG"
+
+
+def test_what_the_device_decoder_should_not_see_takes_the_cpu_path() -> None:
+    spec = preprocess_spec("center-crop")
+    files = corpus_files()
+    names = sorted(files)
+    contents: list[bytes | BaseException] = [files[n][0] for n in names]
+    contents.append(b"")
+    contents.append(FileNotFoundError("gone"))
+    batch = decode_on_device(contents, spec, max_image_pixels=LIMIT, device=CPU)
+    by_name = dict(zip([*names, "empty", "missing"], range(len(contents)), strict=True))
+    # Plain RGB and grayscale JPEGs go to the device decoder; the rest, to Pillow.
+    assert batch.on_device[by_name["rgb.jpg"]]
+    assert batch.on_device[by_name["UPPER CASE é.JPG"]]
+    for name in ("rotated.jpg", "cmyk.jpg", "sub/dir/plain.png", "photo.webp", "bad.jpg"):
+        assert not batch.on_device[by_name[name]], name
+    for name in names:
+        data, upright, _ = files[name]
+        i = by_name[name]
+        try:
+            want = decode_image(data, spec, max_image_pixels=LIMIT)
+        except ImageRejectedError as rejected:  # the CPU path's own error row
+            assert batch.error_type[i] == rejected.error_type, name
+            assert not batch.pixels[i].any()
+            continue
+        assert batch.error_type[i] == "", name
+        # Upright sizes, EXIF rotation included, as the CPU path records them.
+        assert (batch.original_width[i], batch.original_height[i]) == upright, name
+        assert batch.format[i] == want.format
+        got = batch.pixels[i].permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(got - want.pixels.astype(int)).max() <= 1, name
+    assert batch.error_type[by_name["empty"]] == "empty"
+    assert batch.error_type[by_name["missing"]] == "unreadable"
+    assert "gone" in batch.error_message[by_name["missing"]]
+
+
+def test_a_jpeg_the_decoder_refuses_fails_alone_with_the_cpu_paths_error() -> None:
+    good = image_bytes((64, 48), seed=1)
+    # A valid header and a cut scan: the header check passes, the decoder refuses it.
+    cut = image_bytes((300, 200), seed=2)
+    cut = cut[: len(cut) // 2]
+    assert device_decodable(cut, LIMIT, preprocess_spec("center-crop"))
+    batch = decode_on_device(
+        [good, cut, good], preprocess_spec("center-crop"), max_image_pixels=LIMIT, device=CPU
+    )
+    assert batch.error_type == ["", "truncated", ""]
+    assert batch.on_device.tolist() == [True, False, True]
+    assert not batch.pixels[1].any()
+    assert batch.pixels[0].any() and torch.equal(batch.pixels[0], batch.pixels[2])
+
+
+def test_images_over_the_pixel_limit_are_refused_before_any_decode() -> None:
+    spec = preprocess_spec("center-crop")
+    big, strip = image_bytes((200, 150), seed=1), image_bytes((4000, 2), seed=2)
+    assert not device_decodable(big, 200 * 150 - 1, spec)
+    batch = decode_on_device([big, strip], spec, max_image_pixels=200 * 150 - 1, device=CPU)
+    assert batch.error_type == ["decompression_bomb", "extreme_aspect_ratio"]
+    assert not batch.on_device.any()
+
+
+def test_multi_picture_and_progressive_files() -> None:
+    spec = preprocess_spec("center-crop")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), np.uint8))
+    progressive = io.BytesIO()
+    image.save(progressive, "JPEG", progressive=True)
+    multi = io.BytesIO()
+    image.save(multi, "MPO", save_all=True, append_images=[image])
+    assert device_decodable(progressive.getvalue(), LIMIT, spec)
+    assert not device_decodable(multi.getvalue(), LIMIT, spec)
+    batch = decode_on_device(
+        [progressive.getvalue(), multi.getvalue()], spec, max_image_pixels=LIMIT, device=CPU
+    )
+    assert batch.error_type == ["", ""]
+    assert batch.format == ["JPEG", "MPO"]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_nvjpeg_embeddings_within_one_percent_of_the_cpu_path() -> None:
+    spec = preprocess_spec("center-crop")
+    files = [image_bytes(size, seed=i) for i, size in enumerate(SIZES)]
+    cuda = torch.device("cuda")
+    batch = decode_on_device(list(files), spec, max_image_pixels=LIMIT, device=cuda)
+    assert batch.on_device.all() and batch.pixels.device.type == "cuda"
+    weights = load_weights("random", seed=0)
+    model = ResNet50Embedder(
+        state_dict=weights.state_dict, mean=spec.mean, std=spec.std, device="cuda"
+    )
+    got = model.embed_on_device(batch.pixels)
+    want = model.embed(np.stack([_cpu_path(d) for d in files]))
+    relative = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert relative.max() < 0.01
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_pinned_host_buffer_is_allocated_once() -> None:
+    spec = preprocess_spec("center-crop")
+    weights = load_weights("random", seed=0)
+    model = ResNet50Embedder(
+        state_dict=weights.state_dict, mean=spec.mean, std=spec.std, device="cuda", batch_hint=8
+    )
+    pixels = np.random.default_rng(0).integers(0, 255, (8, 224, 224, 3), dtype=np.uint8)
+    first = model.embed(pixels)
+    assert model._pinned is not None and model._pinned.is_pinned()
+    pointer = model._pinned.data_ptr()
+    model.embed(pixels[:5])
+    again = model.embed(pixels)
+    assert model._pinned.data_ptr() == pointer
+    np.testing.assert_allclose(again, first, rtol=1e-4, atol=1e-4)
