@@ -47,6 +47,7 @@ MAX_PIXELS = 178_956_970  # the pipeline's default limit (Pillow's)
 # Sizes common in ImageNet's validation set (mean about 400 x 350 after its 500-pixel cap).
 IMAGENET_SIZES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (640, 480)]
 PHONE_SIZES = [(4032, 3024), (3024, 4032)]
+DECODE_TASK = 64  # images a CPU decode task takes, as a Ray decode task would
 
 
 class Deadline:
@@ -195,7 +196,12 @@ def main() -> None:  # noqa: C901 - one script, one section after another
         import torch
 
         from pipeline.decode import decode_image
-        from pipeline.decode_device import decode_jpegs, decode_on_device, resize_on_device
+        from pipeline.decode_device import (
+            decode_jpegs,
+            decode_on_device,
+            device_decodable,
+            resize_on_device,
+        )
         from pipeline.embed import ResNet50Embedder
         from pipeline.weights import load_weights
 
@@ -340,28 +346,31 @@ def main() -> None:  # noqa: C901 - one script, one section after another
         best_rate, best_batch = ceiling.get(best_precision, (float("nan"), batches[-1]))
         say("")
         compile_for = ([] if quick else ["bf16", "fp16"]) if cuda else []
+        compiled_rates: dict[str, float] = {}
         for precision in compile_for:
             if deadline.left() < 200:
                 say(f"torch.compile, {precision}: skipped (budget).")
                 continue
             t0 = time.perf_counter()
             try:
-                compiled = ResNet50Embedder(
+                compiled_model = ResNet50Embedder(
                     state_dict=weights.state_dict,
                     mean=spec.mean,
                     std=spec.std,
                     precision=precision,  # type: ignore[arg-type]
                     device=device.type,
                     compile=True,
+                    batch_hint=best_batch,
                 )
-                compiled.embed_on_device(on_gpu[:best_batch])
+                compiled_model.embed_on_device(on_gpu[:best_batch])
                 sync()
                 compile_s = time.perf_counter() - t0
-                compiled.embed_on_device(on_gpu[:best_batch])
+                compiled_model.embed_on_device(on_gpu[:best_batch])
                 rate = throughput(
-                    partial(compiled.embed_on_device, on_gpu[:best_batch]), best_batch
+                    partial(compiled_model.embed_on_device, on_gpu[:best_batch]), best_batch
                 )
                 eager = ceiling.get(precision, (0.0, 0))[0]
+                compiled_rates[precision] = rate
                 say(
                     f"torch.compile, {precision}, batch {best_batch}: {rate:,.0f} images/s "
                     f"({rate / eager:.2f}x eager at that batch's best), first call {compile_s:.0f} s."
@@ -415,51 +424,72 @@ def main() -> None:  # noqa: C901 - one script, one section after another
                 ),
                 nv_batch,
             )
+            header_rate = throughput(
+                lambda: [device_decodable(d, MAX_PIXELS, spec) for d in stream], nv_batch
+            )
             phone_stream: list[bytes] = [phone[i % len(phone)] for i in range(16)]
             rate_phone = throughput(partial(decode_jpegs, phone_stream, device), len(phone_stream))
             say("| step | ImageNet-size | 12 MP |")
             say("| --- | --- | --- |")
             say(f"| `decode_jpegs` alone | {rate_decode:,.0f} | {rate_phone:,.0f} |")
             say(f"| `resize_on_device` alone | {rate_resize:,.0f} | |")
+            say(
+                f"| `device_decodable` alone (the header walk, on the host) | {header_rate:,.0f} | |"
+            )
             say(f"| `decode_on_device` (header checks + decode + resize) | {rate_full:,.0f} | |")
 
         # --- 5. end to end ------------------------------------------------------------------------
         say("")
         say(f"### End to end, one {device.type}, {best_precision}, batch {best_batch}")
         say("")
-        e2e_images = (2048 if quick else 8192) if cuda else 64
-        m = model(best_precision)
+        e2e_images = (4096 if quick else 16384) if cuda else 64
+        use_compile = [False] + ([True] if best_precision in compiled_rates else [])
         rows: list[str] = []
 
-        def gpu_decode_path(threads: int) -> tuple[float, float]:
-            """``threads`` > 1: each thread its own model and CUDA stream, as actors sharing
-            a GPU (``--num-gpus 1/threads``) would have, but under one GIL."""
-            batch_contents: list[list[bytes | BaseException]] = [
-                [imagenet[(j * best_batch + i) % len(imagenet)] for i in range(best_batch)]
-                for j in range(max(threads, e2e_images // best_batch))
-            ]
-            embedders = [m] + [
+        def embedders(n: int, compiled: bool) -> list[ResNet50Embedder]:
+            return [
                 ResNet50Embedder(
                     state_dict=weights.state_dict,
                     mean=spec.mean,
                     std=spec.std,
                     precision=best_precision,  # type: ignore[arg-type]
                     device=device.type,
+                    compile=compiled,
+                    batch_hint=best_batch,
                 )
-                for _ in range(threads - 1)
+                for _ in range(n)
             ]
+
+        def gpu_decode_path(threads: int, pipelined: bool, compiled: bool) -> tuple[float, float]:
+            """``threads`` > 1: each thread its own model and CUDA stream, as actors sharing
+            a GPU (``--num-gpus 1/threads``) would have, but under one GIL. ``pipelined``: the
+            host decodes batch N+1 while the device still runs batch N's forward pass."""
+            batch_contents: list[list[bytes | BaseException]] = [
+                [imagenet[(j * best_batch + i) % len(imagenet)] for i in range(best_batch)]
+                for j in range(max(threads, e2e_images // best_batch))
+            ]
+            models_ = embedders(threads, compiled)
             streams = [torch.cuda.Stream() if cuda else None for _ in range(threads)]
 
             def work(k: int, batches: list[list[bytes | BaseException]]) -> None:
                 with torch.cuda.stream(streams[k]) if cuda else contextlib.nullcontext():
+                    pending = None
                     for batch in batches:
                         out = decode_on_device(
                             batch, spec, max_image_pixels=MAX_PIXELS, device=device
                         )
-                        embedders[k].embed_on_device(out.pixels)
+                        if not pipelined:
+                            models_[k].embed_on_device(out.pixels)
+                            continue
+                        features = models_[k].features_on_device(out.pixels)
+                        if pending is not None:
+                            pending.cpu()
+                        pending = features
+                    if pending is not None:
+                        pending.cpu()
 
             with ThreadPoolExecutor(threads) as executor:
-                list(executor.map(work, range(threads), [batch_contents[:1]] * threads))
+                list(executor.map(work, range(threads), [batch_contents[:2]] * threads))
                 sync()
                 cpu0, t0 = time.process_time(), time.perf_counter()
                 shares = [batch_contents[k::threads] for k in range(threads)]
@@ -469,20 +499,25 @@ def main() -> None:  # noqa: C901 - one script, one section after another
             n = len(batch_contents) * best_batch
             return n / wall, (time.process_time() - cpu0) / wall
 
-        def cpu_decode_path(draft: bool) -> tuple[float, float]:
-            task = best_batch
-            slots = 2 * args.workers
+        def cpu_decode_path(draft: bool, compiled: bool) -> tuple[float, float]:
+            """Decode tasks of DECODE_TASK images (as Ray's decode tasks), their pixels
+            gathered into model batches of ``best_batch``."""
+            task = min(DECODE_TASK, best_batch)
+            slots = 4 * args.workers
             memory = shared_memory.SharedMemory(create=True, size=slots * task * crop * crop * 3)
             try:
                 view = np.ndarray((slots, task, crop, crop, 3), dtype=np.uint8, buffer=memory.buf)
                 init = (memory.name, (task, crop, crop, 3), draft_spec if draft else spec)
                 n_tasks = max(1, e2e_images // task)
+                embedder = embedders(1, compiled)[0]
+                embedder.embed(host[:best_batch])
+                gathered = np.empty((best_batch, crop, crop, 3), dtype=np.uint8)
                 with context.Pool(args.workers, _worker_init, init) as decode_pool:
                     # warm the workers (imports) before the clock starts
                     decode_pool.starmap(_decode_into, [(s, paths[:1]) for s in range(args.workers)])
                     free = list(range(slots))
                     pending: list[Any] = []
-                    submitted = done = 0
+                    submitted = done = filled = 0
                     worker_cpu = 0.0
                     cpu0, t0 = time.process_time(), time.perf_counter()
 
@@ -498,11 +533,15 @@ def main() -> None:  # noqa: C901 - one script, one section after another
                     while pending:
                         slot, n, _, cpu = pending.pop(0).get()
                         worker_cpu += cpu
-                        m.embed(view[slot][:n])
-                        done += n
+                        gathered[filled : filled + n] = view[slot][:n]
+                        filled += n
                         free.append(slot)
                         if submitted < n_tasks:
                             submit()
+                        if filled == best_batch or not pending:
+                            embedder.embed(gathered[:filled])
+                            done += filled
+                            filled = 0
                     wall = time.perf_counter() - t0
                     driver_cpu = time.process_time() - cpu0
                 return done / wall, (worker_cpu + driver_cpu) / wall
@@ -511,41 +550,52 @@ def main() -> None:  # noqa: C901 - one script, one section after another
                 memory.unlink()
 
         gpu_rate = cpu_rate = gpu_cores = 0.0
-        for threads in (1, 2):
+        variants = [(1, False, False), (1, True, False), (2, True, False)]
+        variants += [(2, True, True)] if True in use_compile else []
+        for threads, pipelined, compiled in variants:
+            what = (
+                ("one thread" if threads == 1 else f"{threads} threads, a model and stream each")
+                + (", pipelined" if pipelined else ", in turn")
+                + (", compiled" if compiled else "")
+            )
             if deadline.left() < 30:
-                rows.append(f"| {device.type} decode, {threads} thread(s) | skipped (budget) | | |")
+                rows.append(f"| {device.type} decode, {what} | skipped (budget) | | |")
                 continue
-            with guard(f"{device.type} decode path, {threads} thread(s)"):
-                rate, cores = gpu_decode_path(threads)
+            with guard(f"{device.type} decode path, {what}"):
+                rate, cores = gpu_decode_path(threads, pipelined, compiled)
                 if rate > gpu_rate:
                     gpu_rate, gpu_cores = rate, cores
-                what = (
-                    "one thread"
-                    if threads == 1
-                    else f"{threads} threads, a model and CUDA stream each (two actors a GPU)"
-                )
                 rows.append(
-                    f"| {device.type} decode (`decode_on_device` + `embed_on_device`, {what}) | "
+                    f"| {device.type} decode (`decode_on_device` + the model), {what} | "
                     f"{rate:,.0f} | {rate / best_rate:.2f} | {cores:.1f} |"
                 )
-        for draft in (False, True):
+        for draft, compiled in [(False, False), (True, False)] + (
+            [(True, True)] if True in use_compile else []
+        ):
+            what = ("draft" if draft else "exact") + (", compiled model" if compiled else "")
             if deadline.left() < 30:
-                rows.append(f"| CPU decode{' (draft)' if draft else ''} | skipped (budget) | | |")
+                rows.append(f"| CPU decode, {what} | skipped (budget) | | |")
                 continue
-            with guard(f"CPU decode path{', draft' if draft else ''}"):
-                rate, cores = cpu_decode_path(draft)
+            with guard(f"CPU decode path, {what}"):
+                rate, cores = cpu_decode_path(draft, compiled)
                 cpu_rate = max(cpu_rate, rate)
                 rows.append(
-                    f"| CPU decode{', draft' if draft else ', exact'} (`decode_batch` in {args.workers} "
-                    f"processes, pixels via shared memory, `embed`) | {rate:,.0f} | "
-                    f"{rate / best_rate:.2f} | {cores:.1f} |"
+                    f"| CPU decode, {what} (`decode_batch` tasks of {min(DECODE_TASK, best_batch)} in "
+                    f"{args.workers} processes, pixels via shared memory, `embed`) | "
+                    f"{rate:,.0f} | {rate / best_rate:.2f} | {cores:.1f} |"
                 )
         say(
             f"{e2e_images} images a path (the corpus repeated); model-only ceiling at this "
-            f"setting: {best_rate:,.0f} images/s."
+            f"setting: {best_rate:,.0f} images/s eager"
+            + (
+                f", {compiled_rates[best_precision]:,.0f} compiled"
+                if best_precision in compiled_rates
+                else ""
+            )
+            + "."
         )
         say("")
-        say("| path | images/s | of the ceiling | CPU cores busy (all processes) |")
+        say("| path | images/s | of the eager ceiling | CPU cores busy (all processes) |")
         say("| --- | --- | --- | --- |")
         for row in rows:
             say(row)

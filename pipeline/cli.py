@@ -19,6 +19,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline.config import (
+    COMPILE_MODES,
+    CPU_BATCH_SIZE,
+    DECODE_DEVICES,
+    GPU_BATCH_SIZE,
     PRECISIONS,
     RESIZE_MODES,
     ConfigError,
@@ -235,7 +239,19 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         metavar="N",
-        help="images per model forward (default %(default)s)",
+        help=f"images per model forward (default {GPU_BATCH_SIZE} on GPU actors, "
+        f"{CPU_BATCH_SIZE} on CPU)",
+    )
+    speed.add_argument(
+        "--decode-device",
+        choices=DECODE_DEVICES,
+        help="cpu: decode tasks send pixels to the model; cuda: they send the files' bytes and "
+        "GPU model actors decode JPEGs with nvJPEG (default %(default)s)",
+    )
+    speed.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        help="torch.compile the model; auto: on GPU actors only (default %(default)s)",
     )
     speed.add_argument(
         "--concurrency",

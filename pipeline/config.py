@@ -9,9 +9,18 @@ from typing import Any, Literal
 
 ResizeMode = Literal["center-crop", "squash", "letterbox"]
 Precision = Literal["fp32", "fp16", "bf16"]
+DecodeDevice = Literal["cpu", "cuda"]
+Compile = Literal["auto", "on", "off"]
 
 RESIZE_MODES: tuple[str, ...] = ("center-crop", "squash", "letterbox")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+DECODE_DEVICES: tuple[str, ...] = ("cpu", "cuda")
+COMPILE_MODES: tuple[str, ...] = ("auto", "on", "off")
+# Images per model forward when --batch-size is not given. On a GPU the forward pass is
+# faster with bigger batches up to 512 (bench/RESULTS.md, "GPU bench"); 256 keeps a block's
+# memory moderate. On CPU, 16-32 is the measured best.
+GPU_BATCH_SIZE = 256
+CPU_BATCH_SIZE = 32
 
 # Pillow's own default (Image.MAX_IMAGE_PIXELS): about 89.5 megapixels.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
@@ -38,8 +47,13 @@ class EmbedConfig:
         resize: ``center-crop`` (the weights' own transform), ``squash`` or ``letterbox``.
         jpeg_draft: Let libjpeg downscale in the DCT domain (``Image.draft``) before the exact
             resize. Faster on large JPEGs; pixels differ slightly, so it is off by default.
-        batch_size: Images per model forward.
+        batch_size: Images per model forward (``None``: 256 on GPU actors, 32 on CPU).
         decode_batch_size: Images per decode task batch.
+        decode_device: ``cpu``: decode tasks send pixels to the model actors; ``cuda``: they
+            send the files' bytes, and the GPU model actors decode JPEGs with nvJPEG (other
+            files, and JPEGs it should not take, on the actor's CPU, one at a time).
+        compile: ``torch.compile`` the model: ``auto`` does on GPU actors (measured 1.5x the
+            eager forward on an H200) and not on CPU actors.
         decode_memory: Bytes of RAM reserved per decode task.
         decode_cpus: Logical CPUs reserved per decode task; fractions let more decode tasks
             share a core, for a node that also runs model actors.
@@ -76,8 +90,10 @@ class EmbedConfig:
     seed: int = 0
     resize: ResizeMode = "center-crop"
     jpeg_draft: bool = False
-    batch_size: int = 32
+    batch_size: int | None = None
     decode_batch_size: int = 16
+    decode_device: DecodeDevice = "cpu"
+    compile: Compile = "auto"
     decode_memory: int = 512 * 1024 * 1024
     decode_cpus: float = 1.0
     write_cpus: float = 1.0
@@ -106,8 +122,19 @@ class EmbedConfig:
             raise ConfigError(
                 f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"
             )
+        if self.decode_device not in DECODE_DEVICES:
+            raise ConfigError(
+                f"--decode-device {self.decode_device!r}: choose one of {', '.join(DECODE_DEVICES)}"
+            )
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(
+                f"--compile {self.compile!r}: choose one of {', '.join(COMPILE_MODES)}"
+            )
+        if self.batch_size is not None and (
+            not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
+            raise ConfigError(f"--batch-size {self.batch_size!r}: must be an integer >= 1")
         for name in (
-            "batch_size",
             "decode_batch_size",
             "decode_memory",
             "rows_per_file",
@@ -140,6 +167,16 @@ class EmbedConfig:
             )
         if self.weights_sha256 is not None and self.weights == "random":
             raise ConfigError("--weights-sha256 applies to a weights file or imagenet, not random")
+
+    def model_batch_size(self, num_gpus: float) -> int:
+        """Images per model forward: ``batch_size``, else the default for the actors' device."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return GPU_BATCH_SIZE if num_gpus > 0 else CPU_BATCH_SIZE
+
+    def compiles(self, num_gpus: float) -> bool:
+        """Whether the model actors ``torch.compile`` their model."""
+        return self.compile == "on" or (self.compile == "auto" and num_gpus > 0)
 
     def fs_options(self) -> dict[str, Any]:
         """The fsspec options for S3-like stores: ``storage_options`` plus the endpoint."""

@@ -18,6 +18,8 @@ from pipeline.config import ConfigError, Precision
 if TYPE_CHECKING:
     import torch
 
+    from pipeline.preprocessing import PreprocessSpec
+
 EMBEDDING_DIM = 2048
 
 
@@ -61,9 +63,14 @@ class ResNet50Embedder:
         num_threads: torch intra-op threads (``None``: every core the process may use, on
             CPU; torch's own setting on GPU).
         device: ``"cuda"``, ``"cpu"`` or ``None`` for CUDA when torch sees it.
-        compile: Wrap the model in ``torch.compile`` (compiled on the first batch of each
-            shape).
-        batch_hint: Rows the pinned host buffer of a GPU model is first sized for.
+        compile: Wrap the model in ``torch.compile``, compiled on the first batch; shorter
+            batches are padded to ``batch_hint`` rows.
+        batch_hint: The usual batch size: the rows the pinned host buffer of a GPU model is
+            first sized for, and those a compiled model is compiled for.
+        decode_spec: Batches carry file bytes (``data``, from ``fetch_batch``) to decode on
+            this model's device with this spec, instead of decoded pixels (``image``).
+            Refused where torch sees no CUDA, unless ``device`` is given.
+        max_image_pixels: The header pixel limit of the images decoded here.
 
     Example:
         >>> weights = load_weights("random")  # doctest: +SKIP
@@ -86,11 +93,20 @@ class ResNet50Embedder:
         device: str | None = None,
         compile: bool = False,
         batch_hint: int = 0,
+        decode_spec: PreprocessSpec | None = None,
+        max_image_pixels: int = 0,
     ) -> None:
         import torch
         from torchvision.models import resnet50
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if decode_spec is not None and device is None and self.device.type != "cuda":
+            raise ConfigError(
+                "--decode-device cuda needs a CUDA device, and torch sees none on this actor's "
+                "node: use --decode-device cpu"
+            )
+        self.decode_spec = decode_spec
+        self.max_image_pixels = max_image_pixels
         if num_threads is None and self.device.type == "cpu":
             # Ray sets OMP_NUM_THREADS to the actor's CPU reservation (1), which leaves a CPU
             # node's other cores idle while decode tasks need only a sliver of them: use every
@@ -127,6 +143,7 @@ class ResNet50Embedder:
         if self.device.type == "cuda":
             # Fixed input shapes: let cuDNN time its algorithms once per shape and keep the best.
             torch.backends.cudnn.benchmark = True
+        self.compiled = compile
         if compile:
             self.model = torch.compile(self.model, dynamic=False)
         self.batch_hint = batch_hint
@@ -166,9 +183,19 @@ class ResNet50Embedder:
 
     def embed_on_device(self, x: torch.Tensor) -> np.ndarray:
         """uint8 ``(N, 3, H, W)`` pixels on the model's device -> float32 ``(N, 2048)``."""
+        return self.features_on_device(x).cpu().numpy()
+
+    def features_on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`embed_on_device`, but the features stay on the device and nothing waits
+        for it: the host may prepare the next batch while this one runs."""
         import torch
 
         with torch.inference_mode():
+            n = x.shape[0]
+            if self.compiled and 0 < n < self.batch_hint:
+                # A compiled model is specialised to its input shape: pad a short batch (the
+                # last of a block) to the usual size rather than compile again for it.
+                x = torch.cat([x, x.new_zeros((self.batch_hint - n, *x.shape[1:]))])
             x = x.float().div_(255.0)
             x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
             if self.autocast_dtype is not None:
@@ -176,12 +203,14 @@ class ResNet50Embedder:
                     features = self.model(x)
             else:
                 features = self.model(x)
-            features = features.float()
+            features = features[:n].float()
             if self.normalize:
                 features = torch.nn.functional.normalize(features, dim=1)
-            return features.cpu().numpy()
+            return features
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.decode_spec is not None:
+            return self._decode_and_embed(batch)
         ok = np.asarray(batch["error_type"] == "", dtype=bool)
         embeddings = np.zeros((len(ok), EMBEDDING_DIM), dtype=np.float32)
         if ok.any():
@@ -189,3 +218,42 @@ class ResNet50Embedder:
         out = {key: value for key, value in batch.items() if key != "image"}
         out["embedding"] = embeddings
         return out
+
+    def _decode_and_embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A ``fetch_batch`` batch -> the columns ``decode_batch`` + ``__call__`` give."""
+        from pipeline.decode_device import decode_on_device
+
+        assert self.decode_spec is not None
+        n = len(batch["uri"])
+        error_type = np.asarray(batch["error_type"], dtype=object).copy()
+        error_message = np.asarray(batch["error_message"], dtype=object).copy()
+        widths = np.zeros(n, dtype=np.int32)
+        heights = np.zeros(n, dtype=np.int32)
+        formats = np.asarray([""] * n, dtype=object)
+        embeddings = np.zeros((n, EMBEDDING_DIM), dtype=np.float32)
+        read = np.flatnonzero(error_type == "")
+        if len(read):
+            decoded = decode_on_device(
+                [bytes(batch["data"][i]) for i in read],
+                self.decode_spec,
+                max_image_pixels=self.max_image_pixels,
+                device=self.device,
+            )
+            features = self.embed_on_device(decoded.pixels)
+            ok = np.asarray([e == "" for e in decoded.error_type], dtype=bool)
+            embeddings[read[ok]] = features[ok]
+            widths[read], heights[read] = decoded.original_width, decoded.original_height
+            formats[read] = decoded.format
+            error_type[read] = decoded.error_type
+            error_message[read] = decoded.error_message
+        return {
+            "uri": batch["uri"],
+            "file_size": batch["file_size"],
+            "source_version": batch["source_version"],
+            "original_width": widths,
+            "original_height": heights,
+            "format": formats,
+            "error_type": error_type,
+            "error_message": error_message,
+            "embedding": embeddings,
+        }

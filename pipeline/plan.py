@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import EmbedConfig, PipelineError
-from pipeline.decode import TRANSIENT_READ_ERROR, decode_batch
+from pipeline.decode import TRANSIENT_READ_ERROR, decode_batch, fetch_batch
 from pipeline.embed import CPU_ACTOR_ENV, ResNet50Embedder
 from pipeline.manifest import ModelIdentity
 from pipeline.preprocessing import PreprocessSpec
@@ -76,6 +76,7 @@ def run_plan(
     context.retried_map_errors = [*RETRIED_IO_ERRORS, TRANSIENT_READ_ERROR]
     context.max_map_retries = MAX_MAP_RETRIES
     counter = counter_actor() if progress != "none" else None
+    batch_size = config.model_batch_size(num_gpus)
     model_kwargs: dict[str, Any] = {
         "state_dict": weights.as_numpy(),
         "mean": spec.mean,
@@ -83,7 +84,24 @@ def run_plan(
         "precision": model.precision,
         "normalize": model.normalized,
         "num_threads": config.model_threads,
+        "compile": config.compiles(num_gpus),
+        "batch_hint": batch_size,
     }
+    first_stage: Any
+    first_kwargs: dict[str, Any]
+    if config.decode_device == "cuda":
+        # The first stage only reads the files; the model actors decode on their GPU.
+        first_stage, first_kwargs = fetch_batch, {"storage_options": config.fs_options()}
+        model_kwargs |= {"decode_spec": spec, "max_image_pixels": config.max_image_pixels}
+    else:
+        first_stage, first_kwargs = (
+            decode_batch,
+            {
+                "spec": spec,
+                "storage_options": config.fs_options(),
+                "max_image_pixels": config.max_image_pixels,
+            },
+        )
     if counter is not None:
         embedder, model_kwargs = reporting(embedder), model_kwargs | {"progress": counter}
     dataset = (
@@ -94,14 +112,10 @@ def run_plan(
         # instead of moving in listing-chunk steps.
         .repartition(target_num_rows_per_block=config.decode_batch_size)
         .map_batches(
-            decode_batch,  # type: ignore[arg-type]
+            first_stage,  # type: ignore[arg-type]
             batch_size=config.decode_batch_size,
             batch_format="numpy",
-            fn_kwargs={
-                "spec": spec,
-                "storage_options": config.fs_options(),
-                "max_image_pixels": config.max_image_pixels,
-            },
+            fn_kwargs=first_kwargs,
             num_cpus=config.decode_cpus,
             # A memory reservation bounds concurrent decodes by RAM, and, being a remote arg
             # the model stage lacks, it also stops Ray from fusing decode into the model actor,
@@ -110,7 +124,7 @@ def run_plan(
         )
         .map_batches(
             embedder,
-            batch_size=config.batch_size,
+            batch_size=batch_size,
             batch_format="numpy",
             fn_constructor_kwargs=model_kwargs,
             compute=_actor_pool(config.concurrency),

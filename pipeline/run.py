@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pipeline.config import EmbedConfig, PipelineError
+from pipeline.config import ConfigError, EmbedConfig, PipelineError
 from pipeline.embed import ResNet50Embedder
 from pipeline.incremental import (
     EMBEDDINGS_KEY_COLUMNS,
@@ -151,6 +151,15 @@ def check_paths(config: EmbedConfig) -> Paths:
     return Paths(in_fs, in_root, input_uri, output)
 
 
+def check_decode_device(config: EmbedConfig, num_gpus: float) -> None:
+    """``--decode-device cuda`` needs GPU model actors: refuse it, in one line, elsewhere."""
+    if config.decode_device == "cuda" and num_gpus <= 0:
+        raise ConfigError(
+            "--decode-device cuda needs GPU model actors, and this cluster has no GPU "
+            "(or --num-gpus is 0): use --decode-device cpu"
+        )
+
+
 def execute_run(
     prepared: PreparedRun,
     *,
@@ -186,6 +195,7 @@ def execute_run(
     started_listing = time.time()
     snapshot = snapshot or output.snapshot()
     num_gpus = resolve_num_gpus(config)
+    check_decode_device(config, num_gpus)
     model = ModelIdentity(
         weights=prepared.weights.name,
         weights_sha256=prepared.weights.sha256,

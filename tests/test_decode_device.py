@@ -159,3 +159,110 @@ def test_the_pinned_host_buffer_is_allocated_once() -> None:
     again = model.embed(pixels)
     assert model._pinned.data_ptr() == pointer
     np.testing.assert_allclose(again, first, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("orientation", [None, 1, 2, 3, 6, 8])
+def test_the_marker_walk_reads_exif_orientation(orientation: int | None) -> None:
+    data = image_bytes((60, 40), seed=3, orientation=orientation)
+    assert device_decodable(data, LIMIT, preprocess_spec("center-crop")) == (
+        orientation in (None, 1)
+    )
+
+
+def test_an_xmp_orientation_takes_the_cpu_path_and_is_applied() -> None:
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+        b'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes((60, 40), seed=4))).save(buffer, "JPEG", xmp=xmp)
+    spec = preprocess_spec("center-crop")
+    batch = decode_on_device([buffer.getvalue()], spec, max_image_pixels=LIMIT, device=CPU)
+    assert not batch.on_device[0]
+    assert (batch.original_width[0], batch.original_height[0]) == (40, 60)  # upright
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for nodes without CUDA")
+def test_a_model_actor_without_cuda_refuses_to_decode_on_device() -> None:
+    from pipeline.config import ConfigError
+
+    spec = preprocess_spec("center-crop")
+    with pytest.raises(ConfigError, match="^--decode-device cuda needs a CUDA device"):
+        ResNet50Embedder(
+            state_dict=load_weights("random", seed=0).state_dict,
+            mean=spec.mean,
+            std=spec.std,
+            decode_spec=spec,
+        )
+
+
+def test_a_compiled_model_sees_one_batch_shape() -> None:
+    """Short batches are padded to the usual size (and cut back), so nothing recompiles."""
+    spec = preprocess_spec("center-crop")
+    model = ResNet50Embedder(
+        state_dict=load_weights("random", seed=0).state_dict,
+        mean=spec.mean,
+        std=spec.std,
+        device="cpu",
+        batch_hint=4,
+    )
+    pixels = np.random.default_rng(0).integers(0, 255, (4, 224, 224, 3), dtype=np.uint8)
+    eager = model.embed(pixels[:3])
+    shapes: list[tuple[int, ...]] = []
+    forward = model.model
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(x.shape))
+        return forward(x)
+
+    model.model, model.compiled = recording, True  # as torch.compile(model) would be called
+    padded = model.embed(pixels[:3])
+    assert shapes == [(4, 3, 224, 224)]
+    assert padded.shape == (3, 2048)
+    np.testing.assert_allclose(padded, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_gpu_model_stage_decodes_fetched_bytes_like_the_cpu_path(
+    tmp_path, compile: bool
+) -> None:  # type: ignore[no-untyped-def]
+    """The actor's stage code on a GPU, without Ray: ``fetch_batch`` -> the model actor with
+    ``decode_spec`` gives the columns of ``decode_batch`` -> the model, compiled or not."""
+    from pipeline.decode import decode_batch, fetch_batch
+
+    names = sorted(corpus_files())
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(corpus_files()[name][0])
+    paths = [str(tmp_path / n) for n in names] + [str(tmp_path / "gone.jpg")]
+    listing = {
+        "uri": np.asarray(paths, dtype=object),
+        "path": np.asarray(paths, dtype=object),
+        "file_size": np.zeros(len(paths), dtype=np.int64),
+        "source_version": np.asarray([""] * len(paths), dtype=object),
+    }
+    spec = preprocess_spec("center-crop")
+    weights = load_weights("random", seed=0)
+    common = {"state_dict": weights.state_dict, "mean": spec.mean, "std": spec.std}
+    on_gpu = ResNet50Embedder(
+        **common,
+        precision="bf16",
+        decode_spec=spec,
+        max_image_pixels=LIMIT,
+        compile=compile,
+        batch_hint=16,
+    )
+    got = on_gpu(fetch_batch(listing, storage_options={}))
+    want = ResNet50Embedder(**common, device="cpu")(
+        decode_batch(listing, spec=spec, storage_options={}, max_image_pixels=LIMIT)
+    )
+    assert set(got) == set(want)
+    for column in ("uri", "original_width", "original_height", "format", "error_type"):
+        assert list(got[column]) == list(want[column]), column
+    ok = want["error_type"] == ""
+    assert ok.sum() == 10 and not got["embedding"][~ok].any()
+    relative = np.linalg.norm(got["embedding"][ok] - want["embedding"][ok], axis=1)
+    assert (relative / np.linalg.norm(want["embedding"][ok], axis=1)).max() < 0.02

@@ -277,3 +277,56 @@ def test_embed_images_names_an_unknown_option() -> None:
 
     with pytest.raises(ConfigError, match="unknown option 'batchsize'"):
         embed_images(input="photos", output="out", batchsize=8)
+
+
+def test_decoding_on_the_model_device_gives_the_cpu_paths_rows(
+    corpus, tmp_path, ray_session, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """``--decode-device cuda`` with the actors' device forced to this machine's CPU: the
+    fetch stage, the actor's decode and the sink give the rows the CPU path gives."""
+    from pipeline import run as run_module
+    from pipeline.config import EmbedConfig
+    from pipeline.embed import ResNet50Embedder
+    from pipeline.run import execute_run, prepare_run
+
+    class OnThisCpu(ResNet50Embedder):
+        def __init__(self, **kwargs: Any) -> None:
+            assert kwargs["decode_spec"] is not None  # the plan sends bytes
+            super().__init__(**kwargs, device="cpu")
+
+    monkeypatch.setattr(run_module, "check_decode_device", lambda config, num_gpus: None)
+    root, _ = corpus
+    options = {"input": str(root), "weights": "random", "batch_size": 4, "max_error_rate": 1.0}
+    execute_run(prepare_run(EmbedConfig(output=str(tmp_path / "cpu"), **options)))
+    run = execute_run(
+        prepare_run(EmbedConfig(output=str(tmp_path / "dev"), decode_device="cuda", **options)),
+        embedder=OnThisCpu,
+    )
+    assert run.counts.embedded == 10 and run.counts.failed == 3
+    for table in ("embeddings", "errors"):
+        want = read_embeddings(str(tmp_path / "cpu"), table=table).sort_by("uri")
+        got = read_embeddings(str(tmp_path / "dev"), table=table).sort_by("uri")
+        assert got.column("uri").to_pylist() == want.column("uri").to_pylist()
+        for column in want.column_names:
+            if column not in ("embedding", "run_id", "error_message"):
+                assert got.column(column).to_pylist() == want.column(column).to_pylist(), column
+    want_vectors, got_vectors = (
+        np.array(read_embeddings(str(tmp_path / out)).sort_by("uri")["embedding"].to_pylist())
+        for out in ("cpu", "dev")
+    )
+    relative = np.linalg.norm(got_vectors - want_vectors, axis=1) / np.linalg.norm(
+        want_vectors, axis=1
+    )
+    assert relative.max() < 0.01
+
+
+def test_decode_device_cuda_is_refused_in_one_line_without_gpus() -> None:
+    from pipeline.config import ConfigError, EmbedConfig
+    from pipeline.run import check_decode_device
+
+    config = EmbedConfig(input="in", output="out", decode_device="cuda")
+    with pytest.raises(ConfigError, match=r"^--decode-device cuda needs GPU model actors"):
+        check_decode_device(config, 0.0)
+    check_decode_device(config, 1.0)
+    with pytest.raises(ConfigError, match="--decode-device 'tpu'"):
+        EmbedConfig(input="in", output="out", decode_device="tpu")  # type: ignore[arg-type]
