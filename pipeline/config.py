@@ -63,8 +63,8 @@ class EmbedConfig:
         num_gpus: GPUs per model actor; ``None`` means 1 where the cluster has GPUs, else 0.
         model_threads: torch intra-op threads per CPU model actor (``None``: every core of
             the node; with several CPU actors per node, give cores / actors).
-        precision: Autocast dtype on GPU actors; CPU actors compute in fp32 (and the output
-            records fp32).
+        precision: Autocast dtype. GPU actors: fp16 or bf16. CPU actors: bf16 on CPUs with
+            AVX512-BF16 or AMX (refused on others); fp16 is computed, and recorded, as fp32.
         normalize: L2-normalize each embedding.
         limit: Embed at most this many listed images.
         full: Re-embed everything, replacing what the output holds (default: only images that

@@ -31,6 +31,22 @@ EMBEDDING_DIM = 2048
 CPU_ACTOR_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16, Linux's cpu flags).
+
+    Elsewhere oneDNN emulates bf16, slower than fp32, so a CPU model refuses it there.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
 def keep_freed_memory() -> None:
     """Keep the forward pass's large buffers in the heap between batches (glibc only).
 
@@ -58,7 +74,8 @@ class ResNet50Embedder:
             by :func:`pipeline.weights.load_weights`.
         mean: Per-channel normalization mean (0..1 scale).
         std: Per-channel normalization std.
-        precision: Autocast dtype on CUDA; a CPU model computes fp32 and refuses others.
+        precision: Autocast dtype: fp16 or bf16 on CUDA, bf16 on a CPU with AVX512-BF16 or
+            AMX (refused on other CPUs, as is fp16 on any CPU).
         normalize: L2-normalize each embedding.
         num_threads: torch intra-op threads (``None``: every core the process may use, on
             CPU; torch's own setting on GPU).
@@ -118,10 +135,16 @@ class ResNet50Embedder:
         if self.device.type == "cpu" and precision != "fp32":
             # The precision is decided once, in the driver, and written into the output's
             # metadata: computing in another one here would make the files lie.
-            raise ConfigError(
-                f"--precision {precision} needs a CUDA device, and torch sees none on this "
-                "actor's node: use --precision fp32"
-            )
+            if precision != "bf16":
+                raise ConfigError(
+                    f"--precision {precision} needs a CUDA device, and torch sees none on this "
+                    "actor's node: use --precision bf16 (on CPUs with AVX512-BF16 or AMX) or fp32"
+                )
+            if not cpu_has_bf16():
+                raise ConfigError(
+                    "--precision bf16 on CPU needs AVX512-BF16 or AMX-BF16, and this actor's CPU "
+                    "has neither (see the flags in /proc/cpuinfo): use --precision fp32"
+                )
         self.precision: Precision = precision
         self.normalize = normalize
         if self.device.type == "cpu":

@@ -200,8 +200,9 @@ def execute_run(
         weights=prepared.weights.name,
         weights_sha256=prepared.weights.sha256,
         normalized=config.normalize,
-        # CPU actors compute fp32, and the output says so.
-        precision=config.precision if num_gpus > 0 else "fp32",
+        # CPU actors compute fp32, or bf16 where asked for (they refuse it on CPUs without
+        # native bf16), and the output says so.
+        precision=config.precision if num_gpus > 0 or config.precision == "bf16" else "fp32",
     )
     preprocessing = prepared.spec.to_metadata()
     incremental = snapshot.manifest is not None and not config.full

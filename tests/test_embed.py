@@ -115,10 +115,23 @@ def test_normalize_gives_unit_vectors_and_failed_rows_stay_zero(weights, make_im
     assert set(out) == {"uri", "error_type", "embedding"}  # no per-row precision: files hold it
 
 
-def test_half_precision_on_cpu_is_refused_not_downgraded(weights) -> None:  # type: ignore[no-untyped-def]
+def test_fp16_on_cpu_is_refused_not_downgraded(weights) -> None:  # type: ignore[no-untyped-def]
     # The driver records the precision in the output; an actor computing another would lie.
     spec = preprocess_spec("center-crop")
-    with pytest.raises(ConfigError, match="--precision bf16 needs a CUDA device"):
+    with pytest.raises(ConfigError, match="--precision fp16 needs a CUDA device"):
+        ResNet50Embedder(
+            state_dict=weights.state_dict,
+            mean=spec.mean,
+            std=spec.std,
+            precision="fp16",
+            device="cpu",
+        )
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_refused_in_one_line(weights, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    spec = preprocess_spec("center-crop")
+    monkeypatch.setattr(embed_module, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="^--precision bf16 on CPU needs AVX512-BF16 or AMX"):
         ResNet50Embedder(
             state_dict=weights.state_dict,
             mean=spec.mean,
@@ -126,6 +139,26 @@ def test_half_precision_on_cpu_is_refused_not_downgraded(weights) -> None:  # ty
             precision="bf16",
             device="cpu",
         )
+
+
+@pytest.mark.skipif(not embed_module.cpu_has_bf16(), reason="needs AVX512-BF16 or AMX")
+def test_bf16_on_a_cpu_with_native_bf16_computes_in_bf16(weights, make_image) -> None:  # type: ignore[no-untyped-def]
+    spec = preprocess_spec("center-crop")
+    pixels = np.stack(
+        [
+            decode_image(make_image((80, 60), seed=s), spec, max_image_pixels=LIMIT).pixels
+            for s in range(4)
+        ]
+    )
+    common = {"state_dict": weights.state_dict, "mean": spec.mean, "std": spec.std}
+    fp32 = ResNet50Embedder(**common, device="cpu").embed(pixels)
+    bf16_model = ResNet50Embedder(**common, precision="bf16", device="cpu")
+    seen = []
+    bf16_model.model.layer4.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    bf16 = bf16_model.embed(pixels)
+    assert seen == [torch.bfloat16]  # autocast did run the convolutions in bf16
+    relative = np.linalg.norm(bf16 - fp32, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert 0 < relative.max() < 0.02
 
 
 def test_a_cpu_model_keeps_its_freed_buffers(weights, monkeypatch) -> None:  # type: ignore[no-untyped-def]
