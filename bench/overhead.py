@@ -1,6 +1,6 @@
 """Per-image overhead of the plan: the real plan, with the model stage replaced by an identity.
 
-    python -m bench.overhead --empty 4000 --small 1000 --decode-batch-sizes 16,64,256
+    python -m bench.overhead --empty 2000 --small 500 --decode-batch-sizes 16,128,256
 
 It runs `execute_run` (listing, decode tasks, the model stage's actor, the writer tasks, the
 commit) in one local Ray with 2 CPUs, on zero-byte `.jpg` files (each an `empty` error row: no
@@ -39,26 +39,15 @@ class Identity(ResNet50Embedder):
         return out
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and all its live descendants (Ray's workers included)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    children: dict[int, list[int]] = {}
-    times: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks
-    total, stack = 0.0, [pid]
-    while stack:
-        current = stack.pop()
-        total += times.get(current, 0.0)
-        stack.extend(children.get(current, []))
-    return total
+def machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (``/proc/stat``: all but idle and iowait).
+
+    The bench runs on an otherwise idle machine, so the difference around a run is the run's
+    CPU: the driver, Ray's own processes and its workers, those that exit included.
+    """
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # idle, iowait
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def decode_cpu_ms(folder: Path) -> float:
@@ -83,9 +72,10 @@ def decode_cpu_ms(folder: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--empty", type=int, default=4000, help="zero-byte files")
-    parser.add_argument("--small", type=int, default=1000, help="small JPEGs")
-    parser.add_argument("--decode-batch-sizes", default="16,64,256")
+    parser.add_argument("--empty", type=int, default=2000, help="zero-byte files")
+    parser.add_argument("--small", type=int, default=500, help="small JPEGs")
+    parser.add_argument("--decode-batch-sizes", default="16,128,256")
+    parser.add_argument("--scale", type=int, default=4, help="the second run: SCALE x the files")
     parser.add_argument("--run-args", default="", help="EmbedConfig fields, e.g. batch_size=64")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
@@ -104,45 +94,57 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        empty = work / "empty"
-        empty.mkdir()
-        for i in range(args.empty):
-            (empty / f"{i:06d}.jpg").write_bytes(b"")
-        small = work / "small"
-        make_corpus("small", small, count=args.small)
+        corpora = []
+        for name, count in (("zero-byte", args.empty), ("small JPEG", args.small)):
+            pair = []
+            for n in (count, args.scale * count):  # a run and a run SCALE x as long
+                folder = work / f"{name.replace(' ', '-')}-{n}"
+                if name == "zero-byte":
+                    folder.mkdir()
+                    for i in range(n):
+                        (folder / f"{i:06d}.jpg").write_bytes(b"")
+                else:
+                    make_corpus("small", folder, count=n)
+                pair.append((folder, n))
+            corpora.append((name, pair))
         rows = []
-        for name, folder, count in (
-            ("zero-byte", empty, args.empty),
-            ("small JPEG", small, args.small),
-        ):
-            decode_ms = decode_cpu_ms(folder)
+        for name, pair in corpora:
+            decode_ms = decode_cpu_ms(pair[0][0])
             for size in [int(s) for s in args.decode_batch_sizes.split(",")]:
-                output = work / f"out-{name}-{size}".replace(" ", "-")
-                config = EmbedConfig(
-                    input=str(folder),
-                    output=str(output),
-                    weights="random",
-                    decode_batch_size=size,
-                    max_error_rate=1.0,
-                    **extra,
-                )
-                cpu0 = tree_cpu_seconds(os.getpid())
-                record = execute_run(prepare_run(config), embedder=Identity)
-                cpu = tree_cpu_seconds(os.getpid()) - cpu0
-                report = json.loads((output / "_reports" / f"{record.run_id}.json").read_text())
-                execution = report["stage_seconds"]["execution"]
-                per_image = 1000 * cpu / count
+                measured = []
+                for folder, n in pair:
+                    output = work / f"out-{folder.name}-{size}"
+                    config = EmbedConfig(
+                        input=str(folder),
+                        output=str(output),
+                        weights="random",
+                        decode_batch_size=size,
+                        max_error_rate=1.0,
+                        **extra,
+                    )
+                    cpu0 = machine_cpu_seconds()
+                    record = execute_run(prepare_run(config), embedder=Identity)
+                    cpu = machine_cpu_seconds() - cpu0
+                    report = json.loads((output / "_reports" / f"{record.run_id}.json").read_text())
+                    measured.append((n, report["stage_seconds"]["execution"], cpu))
+                (n1, exec1, cpu1), (n2, exec2, cpu2) = measured
+                # The difference of the two runs: per-image cost, free of each run's fixed cost.
+                rate = (n2 - n1) / (exec2 - exec1)
+                per_image = 1000 * (cpu2 - cpu1) / (n2 - n1)
                 rows.append(
-                    f"| {name} | {count} | {size} | {execution:.1f} s | {count / execution:,.0f} | "
-                    f"{per_image:.2f} | {decode_ms:.2f} | {per_image - decode_ms:.2f} |"
+                    f"| {name} | {n1} / {n2} | {size} | {exec1:.1f} s / {exec2:.1f} s | "
+                    f"{rate:,.0f} | {per_image:.2f} | {decode_ms:.2f} | "
+                    f"{per_image - decode_ms:.2f} |"
                 )
                 print(rows[-1], flush=True)
         lines = [
-            "One local Ray, 2 CPUs; the model stage is an identity (no forward pass). CPU ms: "
-            "every process of the run (driver and Ray's workers), whole run (listing, start of "
-            "the actors, execution, commit), per image.",
+            "One local Ray, 2 CPUs; the model stage is an identity (no forward pass). Each "
+            f"setting runs on N and {args.scale} x N files; the difference of the two runs gives "
+            "the steady rate (rows/s of the execution stage) and the CPU per image, free of a "
+            "run's fixed cost. CPU: the machine's busy time (/proc/stat, all processes: driver, "
+            "Ray and its workers); the machine runs nothing else.",
             "",
-            "| files | images | --decode-batch-size | execution | rows/s | CPU ms / image | "
+            "| files | images | --decode-batch-size | execution | steady rows/s | CPU ms / image | "
             "of which decode_batch alone | overhead ms / image |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
             *rows,

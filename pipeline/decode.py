@@ -27,6 +27,10 @@ from pipeline.storage import is_local, one_line, open_fs
 # The JPEG plugin also opens the multi-picture JPEGs many phones write (format "MPO").
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 
+# Bytes a decode task reads at once (by the listing's file sizes): its memory follows this
+# bound, not its row count, so tasks can take many small images and few large ones.
+FETCH_BYTES = 64 * 2**20
+
 # Longest ``error_message`` kept in the errors table.
 MESSAGE_CHARS = 300
 
@@ -226,22 +230,26 @@ def decode_batch(
     formats = [""] * n
     error_types = [""] * n
     messages = [""] * n
-    contents = _fetch(uris, paths, storage_options)
-    for i, content in enumerate(contents):
-        try:
-            if isinstance(content, BaseException):
-                raise ImageRejectedError(
-                    UNREADABLE, f"cannot read: {one_line(content, MESSAGE_CHARS)}"
-                )
-            decoded = decode_image(content, spec, max_image_pixels=max_image_pixels)
-        except ImageRejectedError as rejected:
-            error_types[i] = rejected.error_type
-            messages[i] = str(rejected)
-            continue
-        images[i] = decoded.pixels
-        widths[i] = decoded.original_width
-        heights[i] = decoded.original_height
-        formats[i] = decoded.format
+    # The files are read a group at a time, each group at most FETCH_BYTES (by the listing's
+    # sizes), so a task's memory follows FETCH_BYTES, not its row count times the file size.
+    for group in byte_groups([int(s) for s in batch["file_size"]], FETCH_BYTES):
+        contents = _fetch(uris[group], paths[group], storage_options)
+        for i, content in zip(range(group.start, group.stop), contents, strict=True):
+            try:
+                if isinstance(content, BaseException):
+                    raise ImageRejectedError(
+                        UNREADABLE, f"cannot read: {one_line(content, MESSAGE_CHARS)}"
+                    )
+                decoded = decode_image(content, spec, max_image_pixels=max_image_pixels)
+            except ImageRejectedError as rejected:
+                error_types[i] = rejected.error_type
+                messages[i] = str(rejected)
+                continue
+            images[i] = decoded.pixels
+            widths[i] = decoded.original_width
+            heights[i] = decoded.original_height
+            formats[i] = decoded.format
+        del contents
     return {
         "uri": np.asarray(uris, dtype=object),
         "file_size": np.asarray(batch["file_size"], dtype=np.int64),
@@ -253,6 +261,24 @@ def decode_batch(
         "error_type": np.asarray(error_types, dtype=object),
         "error_message": np.asarray(messages, dtype=object),
     }
+
+
+def byte_groups(sizes: list[int], limit: int) -> list[slice]:
+    """Consecutive groups of rows whose sizes add up to at most ``limit`` (one row at least).
+
+    Example:
+        >>> byte_groups([5, 5, 5, 20, 1], 10)
+        [slice(0, 2, None), slice(2, 3, None), slice(3, 4, None), slice(4, 5, None)]
+    """
+    groups, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
+            groups.append(slice(start, i))
+            start, total = i, 0
+        total += size
+    if sizes:
+        groups.append(slice(start, len(sizes)))
+    return groups
 
 
 def fetch_batch(

@@ -161,3 +161,37 @@ def test_on_s3_a_gone_object_is_a_row_and_a_throttled_read_fails_the_task(
     }
     with pytest.raises(TransientReadError, match=f"{TRANSIENT_READ_ERROR} reading s3://"):
         decode_batch(batch, spec=SPEC, storage_options=dead, max_image_pixels=LIMIT)
+
+
+def test_a_task_reads_its_files_a_bounded_number_of_bytes_at_a_time(corpus, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A decode task of many rows holds at most FETCH_BYTES of files (by the listing's sizes)
+    at once, and decodes each group before reading the next: the rows come out the same."""
+    from pipeline import decode as decode_module
+
+    root, _ = corpus
+    fs, path = open_fs(str(root))
+    (table,) = list_images(fs, path, ListingCounts(), chunk_rows=100)
+    batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.schema.names}
+    whole = decode_batch(batch, spec=SPEC, storage_options={}, max_image_pixels=LIMIT)
+    largest = int(max(batch["file_size"]))
+    reads: list[int] = []
+    fetch = decode_module._fetch
+
+    def counting(uris, paths, options):  # type: ignore[no-untyped-def]
+        reads.append(sum(Path(p).stat().st_size for p in paths))
+        return fetch(uris, paths, options)
+
+    monkeypatch.setattr(decode_module, "_fetch", counting)
+    monkeypatch.setattr(decode_module, "FETCH_BYTES", largest)
+    grouped = decode_batch(batch, spec=SPEC, storage_options={}, max_image_pixels=LIMIT)
+    assert len(reads) > 1 and max(reads) <= largest
+    for key, value in whole.items():
+        np.testing.assert_array_equal(grouped[key], value)
+
+
+def test_byte_groups() -> None:
+    from pipeline.decode import byte_groups
+
+    assert byte_groups([5, 5, 5, 20, 1], 10) == [slice(0, 2), slice(2, 3), slice(3, 4), slice(4, 5)]
+    assert byte_groups([], 10) == []
+    assert byte_groups([1] * 5, 100) == [slice(0, 5)]
