@@ -1,0 +1,44 @@
+"""The prepared GPU bench stays runnable: its quick mode, on this machine's CPU (smoke test)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_bench_quick_runs_to_the_end_on_cpu(tmp_path: Path) -> None:
+    results = tmp_path / "results.md"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.gpu",
+            "--quick",
+            "--device",
+            "cpu",
+            "--results",
+            str(results),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    text = results.read_text()
+    assert "failed:" not in text, text
+    for section in ("### Agreement", "### Model-only ceiling", "### End to end", "cores"):
+        assert section in text
+    # Every end-to-end path measured a rate (none skipped for want of time).
+    rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| cpu decode (") or line.startswith("| CPU decode, ")
+    ]
+    assert len(rows) == 5 and not any("skipped" in row for row in rows), rows
