@@ -549,7 +549,54 @@ def main() -> None:  # noqa: C901 - one script, one section after another
                 memory.close()
                 memory.unlink()
 
+        def model_stage_path(compiled: bool) -> tuple[float, float]:
+            """The pipeline's own model stage, as a Ray actor runs it: ``ResNet50Embedder``
+            with ``decode_spec`` called on ``fetch_batch``'s batches (the files' bytes)."""
+            from pipeline.decode import fetch_batch
+
+            stage = ResNet50Embedder(
+                state_dict=weights.state_dict,
+                mean=spec.mean,
+                std=spec.std,
+                precision=best_precision,  # type: ignore[arg-type]
+                device=device.type,
+                compile=compiled,
+                batch_hint=best_batch,
+                decode_spec=spec,
+                max_image_pixels=MAX_PIXELS,
+            )
+            listing = {
+                "uri": np.asarray(paths, dtype=object),
+                "path": np.asarray(paths, dtype=object),
+                "file_size": np.zeros(len(paths), dtype=np.int64),
+                "source_version": np.asarray([""] * len(paths), dtype=object),
+            }
+            fetched = fetch_batch(listing, storage_options={})
+            index = np.arange(best_batch) % len(paths)
+            batch = {key: value[index] for key, value in fetched.items()}
+            stage(batch)
+            stage(batch)
+            n_batches = max(1, e2e_images // best_batch)
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(n_batches):
+                out = stage(batch)
+            wall = time.perf_counter() - t0
+            assert not any(out["error_type"]), set(out["error_type"])
+            return n_batches * best_batch / wall, (time.process_time() - cpu0) / wall
+
         gpu_rate = cpu_rate = gpu_cores = 0.0
+        for compiled in use_compile:
+            what = "compiled" if compiled else "eager"
+            if deadline.left() < 30:
+                rows.append(f"| the model stage, {what} | skipped (budget) | | |")
+                continue
+            with guard(f"the model stage, {what}"):
+                rate, cores = model_stage_path(compiled)
+                rows.append(
+                    f"| the pipeline's model stage (`ResNet50Embedder` with `decode_spec` on "
+                    f"`fetch_batch` batches, as a `--decode-device cuda` actor), {what} | "
+                    f"{rate:,.0f} | {rate / best_rate:.2f} | {cores:.1f} |"
+                )
         variants = [(1, False, False), (1, True, False), (2, True, False)]
         variants += [(2, True, True)] if True in use_compile else []
         for threads, pipelined, compiled in variants:
