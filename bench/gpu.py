@@ -233,16 +233,20 @@ def main() -> None:  # noqa: C901 - one script, one section after another
             batches = [16] if quick else [16, 32]
         models: dict[str, ResNet50Embedder] = {}
 
+        def new_model(precision: str, **options: Any) -> ResNet50Embedder:
+            """The model stage with the bench's weights, on the bench's device."""
+            return ResNet50Embedder(
+                state_dict=weights.state_dict,
+                mean=spec.mean,
+                std=spec.std,
+                precision=precision,  # type: ignore[arg-type]
+                device=device.type,
+                **options,
+            )
+
         def model(precision: str) -> ResNet50Embedder:
             if precision not in models:
-                models[precision] = ResNet50Embedder(
-                    state_dict=weights.state_dict,
-                    mean=spec.mean,
-                    std=spec.std,
-                    precision=precision,  # type: ignore[arg-type]
-                    device=device.type,
-                    batch_hint=max(batches),
-                )
+                models[precision] = new_model(precision, batch_hint=max(batches))
             return models[precision]
 
         say(
@@ -353,15 +357,7 @@ def main() -> None:  # noqa: C901 - one script, one section after another
                 continue
             t0 = time.perf_counter()
             try:
-                compiled_model = ResNet50Embedder(
-                    state_dict=weights.state_dict,
-                    mean=spec.mean,
-                    std=spec.std,
-                    precision=precision,  # type: ignore[arg-type]
-                    device=device.type,
-                    compile=True,
-                    batch_hint=best_batch,
-                )
+                compiled_model = new_model(precision, compile=True, batch_hint=best_batch)
                 compiled_model.embed_on_device(on_gpu[:best_batch])
                 sync()
                 compile_s = time.perf_counter() - t0
@@ -448,16 +444,7 @@ def main() -> None:  # noqa: C901 - one script, one section after another
 
         def embedders(n: int, compiled: bool) -> list[ResNet50Embedder]:
             return [
-                ResNet50Embedder(
-                    state_dict=weights.state_dict,
-                    mean=spec.mean,
-                    std=spec.std,
-                    precision=best_precision,  # type: ignore[arg-type]
-                    device=device.type,
-                    compile=compiled,
-                    batch_hint=best_batch,
-                )
-                for _ in range(n)
+                new_model(best_precision, compile=compiled, batch_hint=best_batch) for _ in range(n)
             ]
 
         def gpu_decode_path(threads: int, pipelined: bool, compiled: bool) -> tuple[float, float]:
@@ -554,12 +541,8 @@ def main() -> None:  # noqa: C901 - one script, one section after another
             with ``decode_spec`` called on ``fetch_batch``'s batches (the files' bytes)."""
             from pipeline.decode import fetch_batch
 
-            stage = ResNet50Embedder(
-                state_dict=weights.state_dict,
-                mean=spec.mean,
-                std=spec.std,
-                precision=best_precision,  # type: ignore[arg-type]
-                device=device.type,
+            stage = new_model(
+                best_precision,
                 compile=compiled,
                 batch_hint=best_batch,
                 decode_spec=spec,

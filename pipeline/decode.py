@@ -152,6 +152,19 @@ def _decode(data: bytes, spec: PreprocessSpec, max_image_pixels: int) -> Decoded
     return DecodedImage(pixels, original_width, original_height, fmt)
 
 
+def decode_content(
+    content: bytes | BaseException, spec: PreprocessSpec, *, max_image_pixels: int
+) -> DecodedImage:
+    """:func:`decode_image` on a file's bytes, or its failed read as an ``unreadable`` row."""
+    if isinstance(content, BaseException):
+        raise ImageRejectedError(UNREADABLE, unreadable_message(content))
+    return decode_image(content, spec, max_image_pixels=max_image_pixels)
+
+
+def unreadable_message(exc: BaseException) -> str:
+    return f"cannot read: {one_line(exc, MESSAGE_CHARS)}"
+
+
 def _orientation_swaps_axes(image: Image.Image) -> bool:
     # Orientations 5-8 rotate by 90 or 270 degrees.
     return image.getexif().get(ImageOps.ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
@@ -236,11 +249,7 @@ def decode_batch(
         contents = _fetch(uris[group], paths[group], storage_options)
         for i, content in zip(range(group.start, group.stop), contents, strict=True):
             try:
-                if isinstance(content, BaseException):
-                    raise ImageRejectedError(
-                        UNREADABLE, f"cannot read: {one_line(content, MESSAGE_CHARS)}"
-                    )
-                decoded = decode_image(content, spec, max_image_pixels=max_image_pixels)
+                decoded = decode_content(content, spec, max_image_pixels=max_image_pixels)
             except ImageRejectedError as rejected:
                 error_types[i] = rejected.error_type
                 messages[i] = str(rejected)
@@ -305,10 +314,7 @@ def fetch_batch(
         "data": np.asarray([c if isinstance(c, bytes) else b"" for c in contents], dtype=object),
         "error_type": np.asarray([UNREADABLE if bad else "" for bad in unreadable], dtype=object),
         "error_message": np.asarray(
-            [
-                f"cannot read: {one_line(c, MESSAGE_CHARS)}" if isinstance(c, BaseException) else ""
-                for c in contents
-            ],
+            [unreadable_message(c) if isinstance(c, BaseException) else "" for c in contents],
             dtype=object,
         ),
     }

@@ -20,14 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.decode import (
-    MESSAGE_CHARS,
-    UNREADABLE,
-    ImageRejectedError,
-    decode_image,
-)
+from pipeline.decode import ImageRejectedError, decode_content
 from pipeline.preprocessing import PreprocessSpec, resized_size
-from pipeline.storage import one_line
 
 if TYPE_CHECKING:
     import torch
@@ -273,11 +267,7 @@ def decode_on_device(
         if on_device[i]:
             continue
         try:
-            if isinstance(content, BaseException):
-                raise ImageRejectedError(
-                    UNREADABLE, f"cannot read: {one_line(content, MESSAGE_CHARS)}"
-                )
-            one = decode_image(content, spec, max_image_pixels=max_image_pixels)
+            one = decode_content(content, spec, max_image_pixels=max_image_pixels)
         except ImageRejectedError as rejected:
             error_types[i], messages[i] = rejected.error_type, str(rejected)
             continue
