@@ -232,7 +232,8 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="autocast dtype on GPU (default %(default)s; CPU actors compute fp32 and record it)",
+        help="autocast dtype (default %(default)s): fp16 or bf16 on GPU; bf16 on CPUs with "
+        "AVX512-BF16 or AMX, refused on others; CPU actors compute fp16 as fp32 and record it",
     )
     model.add_argument("--normalize", action="store_true", help="L2-normalize each embedding")
     speed.add_argument(
