@@ -1,10 +1,11 @@
 """embed-images: images in object storage -> ResNet50 embeddings in Parquet, on Ray Data.
 
 The modules follow the data path: ``listing`` (with ``incremental``) -> ``decode`` (with
-``preprocessing``) -> ``embed`` (with ``weights``) -> ``write`` -> ``output`` (the commit, and
-the readers), with ``sink`` running the last two under Ray Data and ``manifest`` the typed
-records. ``plan`` wires the stages into one Ray Data plan, ``run`` puts a run together; ``cli``,
-``runtime`` and ``jobs/`` are the edges that parse flags and start or join Ray.
+``preprocessing``; ``decode_device`` decodes on the model's GPU) -> ``embed`` (with
+``weights``) -> ``write`` -> ``output`` (the commit, and the readers), with ``sink`` running
+the last two under Ray Data and ``manifest`` the typed records. ``plan`` wires the stages into
+one Ray Data plan, ``run`` puts a run together; ``cli``, ``runtime`` and ``jobs/`` are the edges
+that parse flags and start or join Ray.
 """
 
 from pipeline.config import EmbedConfig, PipelineError
