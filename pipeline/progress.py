@@ -65,8 +65,9 @@ def reporting(embedder: type) -> type:
 
         def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
             out = super().__call__(batch)
-            failed = int((batch["error_type"] != "").sum())
-            self._progress.add.remote(len(batch["error_type"]) - failed, failed)
+            # The output's errors: a stage that decodes (--decode-device cuda) adds its own.
+            failed = int((out["error_type"] != "").sum())
+            self._progress.add.remote(len(out["error_type"]) - failed, failed)
             return out
 
     Reporting.__name__ = Reporting.__qualname__ = embedder.__name__  # Ray's operator names

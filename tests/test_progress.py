@@ -97,3 +97,27 @@ def test_the_model_stage_reports_each_batch_to_the_counter(ray_session) -> None:
     while read_counter(counter) != (10, 3) and time.time() < deadline:
         time.sleep(0.1)
     assert read_counter(counter) == (10, 3)  # done (failed included), failed
+
+
+def test_failures_the_model_stage_finds_itself_are_reported() -> None:
+    """With --decode-device cuda the model stage decodes: its output holds errors its input
+    did not, and those are the ones to count."""
+
+    class Decoding:
+        def __init__(self, **kwargs: object) -> None:
+            pass
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {"error_type": np.asarray(["truncated", "", ""], dtype=object)}
+
+    reports: list[tuple[int, int]] = []
+
+    class Counter:
+        class add:  # noqa: N801 - an actor method's shape: counter.add.remote(...)
+            @staticmethod
+            def remote(done: int, failed: int) -> None:
+                reports.append((done, failed))
+
+    stage = reporting(Decoding)(progress=Counter())
+    stage({"error_type": np.asarray(["", "", ""], dtype=object)})
+    assert reports == [(2, 1)]
