@@ -54,7 +54,8 @@ class EmbedConfig:
             ``decode.FETCH_BYTES`` at a time, so large files do not make it hold more.
         decode_device: ``cpu``: decode tasks send pixels to the model actors; ``cuda``: they
             send the files' bytes, and the GPU model actors decode JPEGs with nvJPEG (other
-            files, and JPEGs it should not take, on the actor's CPU, one at a time).
+            files, and JPEGs it should not take, on the actor's CPU, one at a time). A block then
+            holds its files' bytes: for large files, lower ``decode_batch_size``.
         compile: ``torch.compile`` the model: ``auto`` does on GPU actors (measured 1.5x the
             eager forward on an H200) and not on CPU actors.
         decode_memory: Bytes of RAM reserved per decode task.
