@@ -66,6 +66,17 @@ def make_corpus(kind: str, out: Path, *, count: int, seed: int = 0) -> list[Path
     return paths
 
 
+def listing_batch(paths: list[str]) -> dict[str, np.ndarray]:
+    """The listing columns a decode or fetch task takes, for local files (as ``list_images``
+    gives them: the path is the URI, the size is the file's)."""
+    return {
+        "uri": np.asarray(paths, dtype=object),
+        "path": np.asarray(paths, dtype=object),
+        "file_size": np.asarray([Path(p).stat().st_size for p in paths], dtype=np.int64),
+        "source_version": np.asarray([""] * len(paths), dtype=object),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.corpus import photo_like
+from bench.corpus import listing_batch, photo_like
 from bench.results import RESULTS, append
 
 MAX_PIXELS = 178_956_970  # the pipeline's default limit (Pillow's)
@@ -117,13 +117,9 @@ def _decode_into(slot: int, paths: list[str]) -> tuple[int, int, int, float]:
 
     cpu = time.process_time()
     n = len(paths)
-    batch = {
-        "uri": np.asarray(paths, dtype=object),
-        "path": np.asarray(paths, dtype=object),
-        "file_size": np.zeros(n, dtype=np.int64),
-        "source_version": np.asarray([""] * n, dtype=object),
-    }
-    out = decode_batch(batch, spec=_worker["spec"], storage_options={}, max_image_pixels=MAX_PIXELS)
+    out = decode_batch(
+        listing_batch(paths), spec=_worker["spec"], storage_options={}, max_image_pixels=MAX_PIXELS
+    )
     _worker["slots"][slot][:n] = out["image"]
     failed = int(sum(1 for e in out["error_type"] if e))
     return slot, n, failed, time.process_time() - cpu
@@ -548,13 +544,7 @@ def main() -> None:  # noqa: C901 - one script, one section after another
                 decode_spec=spec,
                 max_image_pixels=MAX_PIXELS,
             )
-            listing = {
-                "uri": np.asarray(paths, dtype=object),
-                "path": np.asarray(paths, dtype=object),
-                "file_size": np.zeros(len(paths), dtype=np.int64),
-                "source_version": np.asarray([""] * len(paths), dtype=object),
-            }
-            fetched = fetch_batch(listing, storage_options={})
+            fetched = fetch_batch(listing_batch(paths), storage_options={})
             index = np.arange(best_batch) % len(paths)
             batch = {key: value[index] for key, value in fetched.items()}
             stage(batch)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.corpus import make_corpus
+from bench.corpus import listing_batch, make_corpus
 from bench.results import append
 from pipeline.embed import EMBEDDING_DIM, ResNet50Embedder
 
@@ -56,12 +56,7 @@ def decode_cpu_ms(folder: Path) -> float:
     from pipeline.preprocessing import preprocess_spec
 
     paths = sorted(str(p) for p in folder.iterdir())
-    batch = {
-        "uri": np.asarray(paths, dtype=object),
-        "path": np.asarray(paths, dtype=object),
-        "file_size": np.zeros(len(paths), dtype=np.int64),
-        "source_version": np.asarray([""] * len(paths), dtype=object),
-    }
+    batch = listing_batch(paths)
     spec = preprocess_spec("center-crop")
     start = time.process_time()
     for i in range(0, len(paths), 64):
