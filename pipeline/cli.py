@@ -207,6 +207,13 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="rows per Parquet file: model batches are bundled up to at least N rows a file "
         "(default %(default)s)",
     )
+    io.add_argument(
+        "--list-concurrency",
+        type=int,
+        metavar="N",
+        help="LIST requests in flight at once on an object store: the input prefix is split "
+        "by its subfolders and listed in parallel (default %(default)s)",
+    )
     model.add_argument(
         "--weights",
         metavar="imagenet|random|PATH_OR_URL",

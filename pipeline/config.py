@@ -63,6 +63,8 @@ class EmbedConfig:
             share a core, for a node that also runs model actors.
         write_cpus: Logical CPUs reserved per writer task.
         rows_per_file: Rows per Parquet file written.
+        list_concurrency: LIST requests in flight at once on an object store (a prefix is
+            split by its "subfolders"; see ``pipeline.listing.ShardedLister``).
         concurrency: Model actors: a fixed count or an autoscaling ``(min, max)``.
         num_gpus: GPUs per model actor; ``None`` means 1 where the cluster has GPUs, else 0.
         model_threads: torch intra-op threads per CPU model actor (``None``: every core of
@@ -102,6 +104,7 @@ class EmbedConfig:
     decode_cpus: float = 1.0
     write_cpus: float = 1.0
     rows_per_file: int = 4096
+    list_concurrency: int = 16
     concurrency: int | tuple[int, int] = 1
     num_gpus: float | None = None
     model_threads: int | None = None
@@ -142,6 +145,7 @@ class EmbedConfig:
             "decode_batch_size",
             "decode_memory",
             "rows_per_file",
+            "list_concurrency",
             "max_image_pixels",
         ):
             value = getattr(self, name)

@@ -9,7 +9,7 @@ row per URI (:func:`resolve_current`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,6 +66,7 @@ def list_new_images(
     keep: Callable[[pa.Table], Any] | None,
     limit: int | None = None,
     max_listed: int | None = None,
+    concurrency: int = 1,
 ) -> NewImages:
     """List the input and keep what the committed tables do not already hold.
 
@@ -83,25 +84,54 @@ def list_new_images(
         limit: List at most this many images; a limited listing records no deletions.
         max_listed: Give up once this many images are listed and more may follow
             (``complete`` is then False).
+        concurrency: LIST requests in flight at once, on object stores.
     """
     counts = ListingCounts()
+    chunks = list_images(
+        fs, root, counts, chunk_rows=LISTING_BLOCK_ROWS, limit=limit, concurrency=concurrency
+    )
+    return diff_listing(
+        chunks,
+        counts,
+        committed=committed,
+        keep=keep,
+        limited=limit is not None,
+        max_listed=max_listed,
+    )
+
+
+def diff_listing(
+    chunks: Iterable[pa.Table],
+    counts: ListingCounts,
+    *,
+    committed: tuple[pa.Table, pa.Table] | None,
+    keep: Callable[[pa.Table], Any] | None,
+    limited: bool = False,
+    max_listed: int | None = None,
+) -> NewImages:
+    """Diff listing chunks, as they come, against the committed tables (see
+    :func:`list_new_images`); ``counts`` is the lister's, read as it goes.
+
+    Each chunk costs time in proportion to its own rows: the committed keys are indexed
+    once (:class:`CommittedImages`). ``keep``'s non-``None`` results become ``refs``.
+    """
     known = CommittedImages(*(committed or (NO_EMBEDDINGS, NO_ERRORS)))
-    current_uris = known.uris
-    seen = np.zeros(len(current_uris), dtype=bool)
     refs, unchanged, failed_rows, complete = [], 0, [], True
-    for chunk in list_images(fs, root, counts, chunk_rows=LISTING_BLOCK_ROWS, limit=limit):
+    for chunk in chunks:
         if max_listed is not None and counts.listed > max_listed:
             complete = False
             break
-        mark_seen(seen, current_uris, chunk)
         diff = known.diff(chunk)
         unchanged += diff.unchanged
-        failed_rows.append(diff.known_failed_rows)
+        if len(diff.known_failed_rows):
+            failed_rows.append(diff.known_failed_rows)
         if diff.new.num_rows and keep is not None:
-            refs.append(keep(diff.new))
+            kept = keep(diff.new)
+            if kept is not None:
+                refs.append(kept)
     # Only a complete listing can tell that an image is gone.
-    full_listing = limit is None and complete
-    deleted = current_uris.filter(pa.array(~seen)) if full_listing else current_uris[:0]
+    full_listing = not limited and complete
+    deleted = known.unseen() if full_listing else pa.array([], pa.large_string())
     return NewImages(
         refs=refs,
         counts=counts,
@@ -119,11 +149,85 @@ class ChunkDiff:
     known_failed_rows: np.ndarray  # rows of CommittedImages.lasting
 
 
+class KeyIndex:
+    """Rows of a table found by their key columns: each key hashed once, looked up per batch.
+
+    The table's keys are hashed to 64 bits once and sorted; a batch of ``n`` probes costs
+    ``O(n log N)``, never a rebuild over the ``N`` indexed rows. A hash match is checked
+    against the indexed row's columns, so a collision can only make a key look absent (for
+    the diff: embedded again), never make an absent key look present. The driver holds 16
+    bytes per indexed key beside the table itself.
+
+    Example:
+        >>> index = KeyIndex(pa.table({"uri": ["a", "b"], "n": [1, 2]}), ["uri", "n"])
+        >>> index.find(pa.table({"uri": ["b", "a", "c"], "n": [2, 9, 1]})).tolist()
+        [1, -1, -1]
+    """
+
+    def __init__(self, table: pa.Table, columns: Sequence[str]) -> None:
+        self.columns = list(columns)
+        # One chunk per column: a take from a many-chunked column costs the whole column.
+        self.table = table.select(self.columns).combine_chunks()
+        hashes = hash_keys(self.table, self.columns)
+        self.order = np.argsort(hashes, kind="stable")
+        self.sorted = hashes[self.order]
+
+    def __len__(self) -> int:
+        return len(self.sorted)
+
+    def find(self, probe: pa.Table) -> np.ndarray:
+        """The indexed row of each probe row's key, or -1 where it has none."""
+        if len(self.sorted) == 0 or probe.num_rows == 0:
+            return np.full(probe.num_rows, -1, np.int64)
+        hashes = hash_keys(probe, self.columns)
+        at = np.minimum(np.searchsorted(self.sorted, hashes), len(self.sorted) - 1)
+        rows = np.where(self.sorted[at] == hashes, self.order[at], -1).astype(np.int64)
+        candidates = np.flatnonzero(rows >= 0)
+        if candidates.size:
+            same = np.ones(candidates.size, dtype=bool)
+            taken = pa.array(rows[candidates])
+            probed = pa.array(candidates)
+            for column in self.columns:
+                ours = self.table[column].take(taken)
+                theirs = probe[column].take(probed).cast(ours.type)
+                same &= pc.fill_null(pc.equal(ours, theirs), False).to_numpy(zero_copy_only=False)
+            rows[candidates[~same]] = -1
+        return rows
+
+
+# Rows hashed per step: bounds the Python strings that exist at once while hashing.
+_HASH_SLICE = 1 << 20
+
+
+def hash_keys(table: pa.Table, columns: Sequence[str]) -> np.ndarray:
+    """A uint64 hash of each row's ``columns`` (SipHash, through pandas, slice by slice).
+
+    Equal values hash equally whatever their Arrow type (``string`` or ``large_string``,
+    any integer width): the columns are joined as text.
+    """
+    from pandas.util import hash_array
+
+    out = np.empty(table.num_rows, dtype=np.uint64)
+    for start in range(0, table.num_rows, _HASH_SLICE):
+        part = table.slice(start, _HASH_SLICE)
+        key = pc.binary_join_element_wise(
+            *(pc.cast(part[c], pa.large_string()) for c in columns),
+            pa.scalar("\x00", pa.large_string()),
+        )
+        out[start : start + part.num_rows] = hash_array(
+            key.to_numpy(zero_copy_only=False), categorize=False
+        )
+    return out
+
+
 class CommittedImages:
-    """The committed images a run need not embed again, keyed once per run.
+    """The committed images a run need not embed again, indexed once per run.
 
     Embedded images and images that failed for a lasting reason (everything but
     ``RETRIED_ERROR_TYPES``) are known; a listed image whose key is among them is skipped.
+    Every current URI is indexed too, so that a complete listing can tell which are gone.
+    Each listed image costs two hashes and two binary searches (:class:`KeyIndex`), whatever
+    the size of the committed table.
 
     Example:
         >>> known = CommittedImages(embeddings, errors)  # doctest: +SKIP
@@ -136,27 +240,37 @@ class CommittedImages:
         )
         self.n_embedded = embeddings.num_rows
         # Embedded keys first, then the lasting failures': one lookup tells which it is.
-        parts = [
-            pa.chunked_array(image_keys(t)).combine_chunks()
-            for t in (embeddings, self.lasting)
-            if t.num_rows
-        ]
-        self.keys = pa.concat_arrays(parts) if parts else pa.array([], pa.string())
-        self.uris = pa.concat_arrays(
-            [t["uri"].combine_chunks().cast(pa.string()) for t in (embeddings, errors)]
+        # large_string: past some 19 million URIs a string column's offsets overflow.
+        self.keys = KeyIndex(
+            pa.concat_tables(
+                [_key_columns(t, EMBEDDINGS_KEY_COLUMNS) for t in (embeddings, self.lasting)]
+            ),
+            EMBEDDINGS_KEY_COLUMNS,
         )
+        self.current = KeyIndex(
+            pa.concat_tables([_key_columns(t, ["uri"]) for t in (embeddings, errors)]), ["uri"]
+        )
+        self.seen = np.zeros(len(self.current), dtype=bool)
 
     def diff(self, chunk: pa.Table) -> ChunkDiff:
-        """Split a listing chunk: new or changed rows, unchanged ones, known failures."""
-        if len(self.keys) == 0 or chunk.num_rows == 0:
+        """Split a listing chunk into new or changed rows, unchanged ones and known failures;
+        mark the current URIs it holds as seen."""
+        if chunk.num_rows == 0:
             return ChunkDiff(chunk, 0, np.zeros(0, np.int64))
-        found = pc.index_in(image_keys(chunk), value_set=self.keys)
-        matched = found.drop_null().to_numpy(zero_copy_only=False)
+        seen = self.current.find(chunk)
+        self.seen[seen[seen >= 0]] = True
+        found = self.keys.find(chunk)
+        matched = found[found >= 0]
         return ChunkDiff(
-            new=chunk.filter(pc.is_null(found)),
+            new=chunk.filter(pa.array(found < 0)),
             unchanged=int((matched < self.n_embedded).sum()),
             known_failed_rows=matched[matched >= self.n_embedded] - self.n_embedded,
         )
+
+    def unseen(self) -> pa.Array:
+        """Current URIs no chunk held: gone from the input, if the listing was complete."""
+        uris = self.current.table["uri"]
+        return uris.filter(pa.array(~self.seen)).combine_chunks()
 
     def failures(self, rows: np.ndarray) -> dict[str, Failures]:
         """Known failures by ``error_type``, with a count and one example URI each."""
@@ -171,14 +285,15 @@ class CommittedImages:
         )
 
 
-def image_keys(table: pa.Table) -> pa.Array:
-    """``uri \\0 file_size \\0 source_version`` per row: equal keys mean the same bytes."""
-    return pc.binary_join_element_wise(
-        table["uri"],
-        pc.cast(table["file_size"], pa.string()),
-        table["source_version"],
-        "\x00",
-    )
+_KEY_TYPES = {
+    "uri": pa.large_string(),
+    "file_size": pa.int64(),
+    "source_version": pa.large_string(),
+}
+
+
+def _key_columns(table: pa.Table, columns: Sequence[str]) -> pa.Table:
+    return pa.table({c: table[c].cast(_KEY_TYPES[c]) for c in columns})
 
 
 def resolve_current(
@@ -200,14 +315,14 @@ def resolve_current(
         [
             pa.table(
                 {
-                    "uri": embeddings["uri"].cast(pa.string()),
-                    "run_id": embeddings["run_id"].cast(pa.string()),
+                    "uri": embeddings["uri"].cast(pa.large_string()),
+                    "run_id": embeddings["run_id"].cast(pa.large_string()),
                 }
             ),
             pa.table(
                 {
-                    "uri": errors["uri"].cast(pa.string()),
-                    "run_id": errors["run_id"].cast(pa.string()),
+                    "uri": errors["uri"].cast(pa.large_string()),
+                    "run_id": errors["run_id"].cast(pa.large_string()),
                 }
             ),
         ]
@@ -222,7 +337,11 @@ def resolve_current(
     keep = order[first]
     if deletions.num_rows:
         latest = narrow.take(keep)
-        gone = deletions.group_by("uri").aggregate([("run_id", "max")])
+        gone = (
+            pa.table({c: deletions[c].cast(pa.large_string()) for c in ("uri", "run_id")})
+            .group_by("uri")
+            .aggregate([("run_id", "max")])
+        )
         joined = latest.append_column("row", pa.array(keep)).join(
             gone, keys="uri", join_type="left outer"
         )
@@ -233,11 +352,3 @@ def resolve_current(
         keep = np.sort(joined.filter(pc.fill_null(alive, True))["row"].to_numpy())
     keep = np.sort(keep)
     return embeddings.take(keep[keep < n_emb]), errors.take(keep[keep >= n_emb] - n_emb)
-
-
-def mark_seen(seen: np.ndarray, current_uris: pa.Array, chunk: pa.Table) -> None:
-    """Set ``seen[i]`` for every current URI ``i`` that this listing chunk holds."""
-    if len(current_uris) == 0 or chunk.num_rows == 0:
-        return
-    found = pc.index_in(chunk["uri"], value_set=current_uris).drop_null()
-    seen[found.to_numpy(zero_copy_only=False)] = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -63,14 +63,14 @@ def source_version(info: dict[str, Any]) -> str:
 
 
 def iter_image_files(
-    fs: Any, root: str, counts: ListingCounts
+    fs: Any, root: str, counts: ListingCounts, *, concurrency: int = 1
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield ``(path, info)`` of every image file under ``root``, in a stable order.
 
     Object stores with a paginated lister (s3fs's ``_iterdir``) are read one page of keys at
-    a time, recursively and in key order, so a prefix of ten million keys never sits in the
-    driver's memory; other filesystems are walked one directory at a time. ``counts`` is
-    updated as files are seen.
+    a time, by up to ``concurrency`` requests at once (:class:`ShardedLister`), so a prefix of
+    ten million keys never sits in the driver's memory; other filesystems are walked one
+    directory at a time. ``counts`` is updated as files are seen.
     """
     try:
         if fs.isfile(root):
@@ -83,7 +83,7 @@ def iter_image_files(
             return
         if not fs.isdir(root):
             raise InputError(f"input not found: {to_uri(fs, root)}")
-        for path, info in _iter_files(fs, root):
+        for path, info in _iter_files(fs, root, concurrency):
             if not has_image_extension(path):
                 counts.skipped_by_extension += 1
                 continue
@@ -97,13 +97,14 @@ def iter_image_files(
         raise InputError(f"input not found: {to_uri(fs, root)}") from None
 
 
-def _iter_files(fs: Any, root: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def _iter_files(fs: Any, root: str, concurrency: int = 1) -> Iterator[tuple[str, dict[str, Any]]]:
     if hasattr(fs, "_iterdir") and getattr(fs, "loop", None) is not None:
         bucket, _, prefix = root.partition("/")
-        pages = fs._iterdir(bucket, delimiter="", prefix=f"{prefix}/" if prefix else "")
-        for info in _sync_iter(fs.loop, pages):
-            if info.get("type") == "file" and not info["name"].endswith("/"):
-                yield info["name"], info
+        lister = ShardedLister(fs, bucket, f"{prefix}/" if prefix else "", concurrency)
+        for page in _sync_pages(fs.loop, lister.pages()):
+            for info in page:
+                if info.get("type") == "file" and not info["name"].endswith("/"):
+                    yield info["name"], info
         return
     for dirpath, dirnames, files in fs.walk(root, detail=True):
         # fs.walk descends into what is left in ``dirnames``: sort it in place so the
@@ -117,28 +118,146 @@ def _iter_files(fs: Any, root: str) -> Iterator[tuple[str, dict[str, Any]]]:
                 yield f"{dirpath.rstrip('/')}/{name}", info
 
 
-def _sync_iter(loop: Any, agen: Any, batch: int = 1000) -> Iterator[Any]:
-    """Drive an async generator living on fsspec's I/O loop from synchronous code, taking
-    ``batch`` items per hop between threads (one S3 page is 1000 keys)."""
+# A prefix is split into its "subfolders" (one delimiter listing) while there are fewer
+# shards than this many per concurrent request, down to this depth; a prefix whose delimiter
+# listing passes one page of entries is listed whole instead.
+SHARDS_PER_REQUEST = 4
+MAX_SPLIT_DEPTH = 4
+SPLIT_ENTRIES = 1000
+# Pages of keys a shard's lister may hold ahead of the consumer.
+PAGES_AHEAD = 4
+
+
+class ShardedLister:
+    """List an object-store prefix with ``concurrency`` requests in flight, in a stable order.
+
+    The prefix is first split into shards by delimiter listings (its "subfolders"); then up
+    to ``concurrency`` shards are listed at once, each one page (1,000 keys) at a time, and
+    their pages are handed out in shard order. What is held is bounded: at most
+    ``PAGES_AHEAD`` pages per shard being listed. A flat prefix (no "subfolders") is one
+    shard: listed by one chain of requests, as before.
+
+    Works with any fsspec filesystem that has s3fs's ``_iterdir(bucket, prefix=,
+    delimiter=)`` async generator and a ``loop``.
+    """
+
+    def __init__(self, fs: Any, bucket: str, prefix: str, concurrency: int) -> None:
+        self.fs, self.bucket, self.prefix = fs, bucket, prefix
+        self.concurrency = max(1, concurrency)
+
+    async def pages(self) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """Pages of info dicts (files only, and whole pages), in shard order."""
+        import asyncio
+
+        leading, shards = await self._shards()
+        if leading:
+            yield leading
+        queues: list[asyncio.Queue[list[dict[str, Any]] | BaseException | None]] = [
+            asyncio.Queue(PAGES_AHEAD) for _ in shards
+        ]
+        next_shard = 0
+
+        async def worker() -> None:
+            nonlocal next_shard
+            while next_shard < len(shards):
+                index, next_shard = next_shard, next_shard + 1
+                try:
+                    page: list[dict[str, Any]] = []
+                    async for info in self.fs._iterdir(
+                        self.bucket, prefix=shards[index], delimiter=""
+                    ):
+                        page.append(info)
+                        if len(page) >= PAGE_KEYS:
+                            await queues[index].put(page)
+                            page = []
+                    await queues[index].put(page)
+                    await queues[index].put(None)
+                except BaseException as exc:  # handed to the consumer, which raises it
+                    await queues[index].put(exc)
+                    return
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(self.concurrency)]
+        try:
+            for queue in queues:
+                while (item := await queue.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item:
+                        yield item
+        finally:
+            for task in workers:
+                task.cancel()
+
+    async def _shards(self) -> tuple[list[dict[str, Any]], list[str]]:
+        """Files found while splitting, and the prefixes left to list, in a stable order."""
+        if self.concurrency == 1:
+            return [], [self.prefix]
+        files: list[dict[str, Any]] = []
+        shards, depth = [self.prefix], 0
+        while len(shards) < self.concurrency * SHARDS_PER_REQUEST and depth < MAX_SPLIT_DEPTH:
+            depth += 1
+            split: list[str] = []
+            for prefix in shards:
+                entries = await self._children(prefix)
+                if entries is None:  # too many to split by: list it whole
+                    split.append(prefix)
+                    continue
+                files += [e for e in entries if e.get("type") == "file"]
+                split += sorted(
+                    e["name"].partition("/")[2] + "/"
+                    for e in entries
+                    if e.get("type") == "directory"
+                )
+            if split == shards:
+                break
+            shards = split
+        files.sort(key=lambda info: info["name"])
+        return files, shards
+
+    async def _children(self, prefix: str) -> list[dict[str, Any]] | None:
+        entries: list[dict[str, Any]] = []
+        listing = self.fs._iterdir(self.bucket, prefix=prefix, delimiter="/")
+        try:
+            async for info in listing:
+                entries.append(info)
+                if len(entries) > SPLIT_ENTRIES:
+                    return None
+        finally:
+            await listing.aclose()
+        return entries
+
+
+PAGE_KEYS = 1000
+
+
+def _sync_pages(loop: Any, agen: AsyncGenerator[Any, None]) -> Iterator[Any]:
+    """Drive an async generator living on fsspec's I/O loop from synchronous code, one item
+    per hop between threads (an item is a page of keys)."""
     from fsspec.asyn import sync
 
-    async def next_items() -> tuple[list[Any], bool]:
-        items: list[Any] = []
-        try:
-            while len(items) < batch:
-                items.append(await agen.__anext__())
-        except StopAsyncIteration:
-            return items, True
-        return items, False
+    sentinel = object()
 
-    done = False
-    while not done:
-        items, done = sync(loop, next_items)
-        yield from items
+    async def next_item() -> Any:
+        try:
+            return await agen.__anext__()
+        except StopAsyncIteration:
+            return sentinel
+
+    try:
+        while (item := sync(loop, next_item)) is not sentinel:
+            yield item
+    finally:
+        sync(loop, agen.aclose)
 
 
 def list_images(
-    fs: Any, root: str, counts: ListingCounts, *, chunk_rows: int, limit: int | None = None
+    fs: Any,
+    root: str,
+    counts: ListingCounts,
+    *,
+    chunk_rows: int,
+    limit: int | None = None,
+    concurrency: int = 1,
 ) -> Iterator[pa.Table]:
     """List the images under ``root`` as Arrow tables of at most ``chunk_rows`` rows.
 
@@ -148,6 +267,7 @@ def list_images(
         counts: Updated as files are seen (listed, skipped by extension).
         chunk_rows: Rows per yielded table; each becomes one Ray Data block.
         limit: Stop after this many images.
+        concurrency: LIST requests in flight at once, on object stores.
 
     Returns:
         An iterator of tables with ``LISTING_SCHEMA``: ``uri`` (public), ``path`` (on ``fs``),
@@ -161,7 +281,7 @@ def list_images(
     """
     rows: dict[str, list[Any]] = {name: [] for name in LISTING_SCHEMA.names}
     taken = 0
-    for path, info in iter_image_files(fs, root, counts):
+    for path, info in iter_image_files(fs, root, counts, concurrency=concurrency):
         rows["uri"].append(to_uri(fs, path))
         rows["path"].append(path)
         rows["file_size"].append(int(info.get("size") or 0))

@@ -145,21 +145,19 @@ class Output:
         self, snapshot: Snapshot, *, columns: Sequence[str], batch_size: int
     ) -> Iterator[pa.RecordBatch]:
         """Stream the current embeddings in record batches (see :func:`iter_embeddings`)."""
-        import pyarrow.compute as pc
+        from pipeline.incremental import KeyIndex
 
         manifest = self.require(snapshot)
         files = [join(self.root, p) for p in manifest.current.get("embeddings", [])]
         if not files:
             return
         current, _ = self.current(snapshot, embeddings=["uri", "run_id"], errors=["uri"])
-        keys = pc.binary_join_element_wise(
-            current["uri"], current["run_id"].cast(pa.string()), "\x00"
-        )
+        # Each batch is looked up in one index of the current (uri, run_id) keys, built once.
+        index = KeyIndex(current, ["uri", "run_id"])
         dataset = self._dataset("embeddings", files)
         wanted = list(dict.fromkeys([*columns, "uri", "run_id"]))
         for batch in dataset.to_batches(columns=wanted, batch_size=batch_size):
-            batch_keys = pc.binary_join_element_wise(batch["uri"], batch["run_id"], "\x00")
-            kept = batch.filter(pc.is_in(batch_keys, value_set=keys))
+            kept = batch.filter(pa.array(index.find(pa.Table.from_batches([batch])) >= 0))
             if kept.num_rows:
                 yield kept.select(list(columns))
 
@@ -269,8 +267,16 @@ class Output:
 
                 name = "deletions/part-0.parquet"
                 make_parent(self.fs, join(stage_root, name))
+                # One string chunk per million URIs: a chunk's offsets stay under 2 GiB.
+                uris = pa.chunked_array(
+                    [
+                        deleted_uris.slice(i, 1 << 20).cast(pa.string())
+                        for i in range(0, len(deleted_uris), 1 << 20)
+                    ],
+                    pa.string(),
+                )
                 with self.fs.open(join(stage_root, name), "wb") as f:
-                    pq.write_table(pa.table([deleted_uris], schema=DELETIONS_SCHEMA), f)
+                    pq.write_table(pa.table([uris], schema=DELETIONS_SCHEMA), f)
                 staged = dict(staged) | {"deletions": [name]}
             committed: dict[str, list[str]] = {}
             for table in TABLES:

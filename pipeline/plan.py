@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import EmbedConfig, PipelineError
@@ -26,6 +27,8 @@ from pipeline.progress import (
 from pipeline.weights import ResolvedWeights
 
 if TYPE_CHECKING:
+    from ray.data.datasource import Datasource
+
     from pipeline.sink import RunSink
 
 # s3fs words S3 throttling this way; Ray's default retried I/O errors do not match it.
@@ -35,10 +38,10 @@ MAX_MAP_RETRIES = 2
 
 
 def run_plan(
-    refs: list[Any],
+    source: list[Any] | Datasource,
     sink: RunSink,
     *,
-    total: int,
+    total: int | Callable[[], int | None],
     config: EmbedConfig,
     spec: PreprocessSpec,
     weights: ResolvedWeights,
@@ -50,9 +53,10 @@ def run_plan(
     """Decode, embed and write the listed images into ``sink``, which commits at the end.
 
     Args:
-        refs: Listing chunks (Arrow tables) in the object store.
+        source: Listing chunks (Arrow tables) in the object store, or a datasource that
+            yields them while the input is still being listed (:mod:`pipeline.feed`).
         sink: The run's writes and commit.
-        total: Images to embed (for the progress display).
+        total: Images to embed, or what returns it once known (for the progress display).
         config: The run's knobs.
         spec: The resize spec (decode) and normalization (model).
         weights: The checked weights, shipped to each model actor.
@@ -104,9 +108,15 @@ def run_plan(
         )
     if counter is not None:
         embedder, model_kwargs = reporting(embedder), model_kwargs | {"progress": counter}
-    dataset = (
+    listing = (
         # Ray's annotations reject keyword-only UDFs and plain ObjectRef lists: hence the ignores.
-        ray.data.from_arrow_refs(refs)  # type: ignore[arg-type]
+        ray.data.from_arrow_refs(source)  # type: ignore[arg-type]
+        if isinstance(source, list)
+        # The feed's read tasks only wait on the driver: they reserve no CPU.
+        else ray.data.read_datasource(source, ray_remote_args={"num_cpus": 0})
+    )
+    dataset = (
+        listing
         # Listing chunks are large (few refs in the driver); split them into decode-sized
         # blocks so decode tasks run in parallel and images stream through the model stage
         # instead of moving in listing-chunk steps.

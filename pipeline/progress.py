@@ -89,9 +89,12 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def progress_line(done: int, failed: int, total: int, seconds: float) -> str:
-    """``1,234/5,000 images (24%) · 45.2 images/s · ETA 1m23s · failed 3``."""
+def progress_line(done: int, failed: int, total: int | None, seconds: float) -> str:
+    """``1,234/5,000 images (24%) · 45.2 images/s · ETA 1m23s · failed 3``; while the input
+    is still being listed (``total`` None): ``1,234 images (listing) · 45.2 images/s · …``."""
     rate = done / seconds if seconds > 0 else 0.0
+    if total is None:
+        return f"{done:,} images (listing) · {rate:.1f} images/s · failed {failed:,}"
     share = f" ({done / total:.0%})" if total else ""
     eta = f" · ETA {format_seconds((total - done) / rate)}" if rate > 0 and total > done else ""
     return f"{done:,}/{total:,} images{share} · {rate:.1f} images/s{eta} · failed {failed:,}"
@@ -102,7 +105,7 @@ class ProgressDisplay:
 
     Args:
         read: Returns ``(images done, of which failed)``; for a run, :func:`read_counter`.
-        total: Images the run has to embed.
+        total: Images the run has to embed, or what returns them (``None`` until known).
         mode: ``bar`` redraws one line on a terminal; ``log`` prints a line every ``every``
             seconds, or sooner once ``step`` of the total is done (but never within
             ``gap`` seconds of the last line); ``auto`` picks by ``out.isatty()``.
@@ -113,7 +116,7 @@ class ProgressDisplay:
         self,
         read: Callable[[], tuple[int, int] | None],
         *,
-        total: int,
+        total: int | Callable[[], int | None],
         mode: ProgressMode = "auto",
         out: TextIO | None = None,
         every: float = 30.0,
@@ -121,7 +124,8 @@ class ProgressDisplay:
         gap: float = 10.0,
         poll: float = 1.0,
     ) -> None:
-        self.read, self.total, self.out = read, total, out or sys.stderr
+        self.read, self.out = read, out or sys.stderr
+        self.total_of = total if callable(total) else (lambda: total)
         isatty = getattr(self.out, "isatty", lambda: False)()
         self.mode = ("bar" if isatty else "log") if mode == "auto" else mode
         self.every, self.step, self.gap, self.poll = every, step, gap, poll
@@ -150,15 +154,16 @@ class ProgressDisplay:
                 continue
             done, failed = read
             now = time.time()
-            line = progress_line(done, failed, self.total, now - self.started)
+            total = self.total_of()
+            line = progress_line(done, failed, total, now - self.started)
             if self.mode == "bar":
                 print(f"\r{line}\033[K", end="", file=self.out, flush=True)
                 self.lines = 1
                 continue
-            share = done / self.total if self.total else 1.0
+            share = done / total if total else 0.0 if total is None else 1.0
             # The last step is the summary's to tell.
             since = now - last_time
-            if done < self.total and (
+            if (total is None or done < total) and (
                 since >= self.every or (share - last_share >= self.step and since >= self.gap)
             ):
                 print(f"embed-images: {line}", file=self.out, flush=True)

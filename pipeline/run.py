@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import pyarrow as pa
+
 from pipeline.config import ConfigError, EmbedConfig, PipelineError
 from pipeline.embed import ResNet50Embedder
 from pipeline.incremental import (
@@ -26,7 +28,7 @@ from pipeline.incremental import (
     NewImages,
     list_new_images,
 )
-from pipeline.listing import IMAGE_EXTENSIONS, InputError
+from pipeline.listing import IMAGE_EXTENSIONS, InputError, ListingCounts
 from pipeline.manifest import Manifest, ModelIdentity, RunRecord
 from pipeline.output import Output, Snapshot
 from pipeline.preprocessing import PreprocessSpec, preprocess_spec
@@ -35,6 +37,7 @@ from pipeline.storage import one_line, open_fs, storage_errors, to_uri
 from pipeline.weights import ResolvedWeights, load_weights, sniff_checkpoint, weights_name
 
 if TYPE_CHECKING:
+    from pipeline.feed import StreamedListing
     from pipeline.sink import RunSink
 
 logger = logging.getLogger(__name__)
@@ -208,32 +211,38 @@ def execute_run(
     incremental = snapshot.manifest is not None and not config.full
     if snapshot.manifest is not None and incremental:
         check_same_model(snapshot.manifest, model, preprocessing, output.uri)
+    streamed = None
     if listing is None:
-        listing = list_work(
-            prepared.input_fs,
-            prepared.input_root,
-            prepared.input_uri,
-            output,
-            snapshot if incremental else None,
-            config,
-            keep=ray.put,
+        # The listing streams into the plan from a driver thread; the run starts with its
+        # first chunk of new images (or settles at once if it ends without one).
+        from pipeline.feed import StreamedListing
+
+        streamed = StreamedListing(
+            lambda keep: list_work(
+                prepared.input_fs,
+                prepared.input_root,
+                prepared.input_uri,
+                output,
+                snapshot if incremental else None,
+                config,
+                keep=keep,
+            )
         )
+        if not streamed.start():
+            listing, streamed = streamed.result(), None
     else:  # a probe's: its chunks go to the object store now
         listing = dataclasses.replace(listing, refs=[ray.put(chunk) for chunk in listing.refs])
-    timings["listing"] = time.time() - started_listing
-    counts = listing.counts
-    # DEBUG: the progress display and the summary say the same.
-    logger.debug(
-        "listed %d images under %s: %d new or changed, %d unchanged, %d known failed, "
-        "%d gone, %d skipped",
-        counts.listed,
-        prepared.input_uri,
-        listing.to_embed,
-        listing.unchanged,
-        listing.known_failed,
-        len(listing.deleted),
-        counts.skipped_by_extension,
-    )
+    timings["listing"] = time.time() - started_listing  # streamed: until the first chunk
+    if listing is not None:
+        log_listing(listing, prepared.input_uri)
+    else:  # settled from the listing's own books once every block is written
+        listing = NewImages(
+            refs=[],
+            counts=ListingCounts(),
+            unchanged=0,
+            known_failures={},
+            deleted=pa.array([], pa.string()),
+        )
     books = RunBooks(
         run_id=prepared.run_id,
         input_uri=prepared.input_uri,
@@ -246,10 +255,14 @@ def execute_run(
         started=prepared.started,
         started_at=prepared.started_at,
     )
-    books.refuse_known_failures()
+    if streamed is None:
+        books.refuse_known_failures()  # streamed: known only at the end, checked then
     sink = RunSink(books)
     try:
-        if listing.refs:
+        if streamed is not None:
+            sink.listing_done = streamed.result
+            run_streamed(streamed, sink, prepared, model, num_gpus, embedder, progress)
+        elif listing.refs:
             run_plan(
                 listing.refs,
                 sink,
@@ -269,6 +282,56 @@ def execute_run(
             write_run_report(output, config, sink, timings)
     assert sink.record is not None  # set by on_write_complete, or it raised
     return sink.record
+
+
+def run_streamed(
+    streamed: StreamedListing,
+    sink: RunSink,
+    prepared: PreparedRun,
+    model: ModelIdentity,
+    num_gpus: float,
+    embedder: type[ResNet50Embedder],
+    progress: ProgressMode,
+) -> None:
+    """:func:`run_plan` over a listing that goes on while it runs; a failed listing's own
+    error is the one raised."""
+    from pipeline.plan import run_plan
+
+    try:
+        run_plan(
+            streamed.datasource(),
+            sink,
+            total=lambda: streamed.result().to_embed if streamed.done else None,
+            progress=progress,
+            config=prepared.config,
+            spec=prepared.spec,
+            weights=prepared.weights,
+            model=model,
+            num_gpus=num_gpus,
+            embedder=embedder,
+        )
+    except BaseException:
+        streamed.cancel()
+        if streamed.done:
+            streamed.result()  # the listing's own error, when it failed
+        raise
+    log_listing(streamed.result(), prepared.input_uri)
+
+
+def log_listing(listing: NewImages, input_uri: str) -> None:
+    # DEBUG: the progress display and the summary say the same.
+    counts = listing.counts
+    logger.debug(
+        "listed %d images under %s: %d new or changed, %d unchanged, %d known failed, "
+        "%d gone, %d skipped",
+        counts.listed,
+        input_uri,
+        listing.to_embed,
+        listing.unchanged,
+        listing.known_failed,
+        len(listing.deleted),
+        counts.skipped_by_extension,
+    )
 
 
 def write_run_report(
@@ -315,6 +378,7 @@ def list_work(
         keep=keep,
         limit=config.limit,
         max_listed=max_listed,
+        concurrency=config.list_concurrency,
     )
     if listing.counts.listed == 0:
         raise InputError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypedDict
 
 import numpy as np
@@ -218,6 +218,8 @@ class RunSink(Datasink[Staged]):
             model=books.model, preprocessing=books.preprocessing, run_id=books.run_id
         )
         self.record: RunRecord | None = None
+        # A listing that streams while the run executes: its books, once it is done.
+        self.listing_done: Callable[[], NewImages] | None = None
         self.executing_since: float | None = None  # set by the plan when execution starts
         # For the run report: seconds per phase, and (seconds since start, images) per task.
         self.timings: dict[str, float] = {}
@@ -225,7 +227,7 @@ class RunSink(Datasink[Staged]):
 
     def __getstate__(self) -> dict[str, Any]:
         # The books hold the snapshot and the deleted URIs: nothing a writer task needs.
-        return self.__dict__ | {"books": None, "record": None, "written": []}
+        return self.__dict__ | {"books": None, "record": None, "written": [], "listing_done": None}
 
     @property
     def min_rows_per_write(self) -> int:
@@ -269,6 +271,8 @@ class RunSink(Datasink[Staged]):
             for returned in write_result.write_returns
         )
         try:
+            if self.listing_done is not None:  # every block is written: the listing is done
+                self.books = dataclasses.replace(self._books(), listing=self.listing_done())
             self.record = self._books().settle(
                 write_result.write_returns, executing_since=self.executing_since
             )

@@ -1,0 +1,204 @@
+"""Bookkeeping at scale: what the driver costs per listed and per committed image.
+
+    python -m bench.scale diff --keys 10000000 --changed 0.01
+    python -m bench.scale listing --keys 100000 --page-latency 0.1
+    python -m bench.scale commit --files 1000
+
+No model and no image is involved: each part measures the driver's own work.
+
+- ``diff``: an output with two committed runs (``--keys`` images, then ``--changed`` of them
+  changed) is written as narrow Parquet files (the key columns only); then, in a fresh
+  process, the real diff reads the current keys from it and diffs a listing of ``--keys``
+  images (the same ``--changed`` share changed again) in 1,000-key pages. It reports the
+  time to read and index the committed keys, the time per listed page, and the process's
+  peak RSS.
+- ``listing``: the concurrent lister against a fake paginated store that answers each page
+  of 1,000 keys after ``--page-latency`` seconds: keys/s at concurrency 1 and at the
+  default.
+- ``commit``: ``Output.commit`` of ``--files`` staged files to moto's S3 server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bench.results import append
+
+PAGE = 1000
+
+
+def synthetic_keys(start: int, stop: int, *, generation: int, changed: float) -> pa.Table:
+    """Listing-shaped rows for images ``start..stop``; a ``changed`` share of them (the same
+    ones for every generation) carry a version that depends on ``generation``."""
+    i = pa.array(np.arange(start, stop, dtype=np.int64))
+    step = max(1, round(1 / changed)) if changed else 0
+    gen = np.zeros(stop - start, dtype=np.int64)
+    if step:
+        gen[(np.arange(start, stop) % step) == 0] = generation
+    uri = pc.binary_join_element_wise(
+        "s3://bucket/images/",
+        pc.cast(pc.divide(i, 1000), pa.string()),
+        "/IMG_",
+        pc.cast(i, pa.string()),
+        ".jpg",
+        "",
+    )
+    version = pc.binary_join_element_wise(
+        "etag:", pc.cast(i, pa.string()), pc.cast(pa.array(gen), pa.string()), "-"
+    )
+    return pa.table(
+        {
+            "uri": uri,
+            "path": uri,
+            "file_size": pc.add(pc.multiply(i, 7), 1000),
+            "source_version": version,
+        }
+    )
+
+
+def write_committed(root: Path, keys: int, changed: float) -> None:
+    """An output of two committed runs, key columns only: all ``keys``, then the changed."""
+    from pipeline.manifest import Manifest, RunCounts, RunRecord
+
+    manifest = Manifest.empty()
+    for run_id, generation, share in (
+        ("20260101T000000Z-aaaaaa", 0, 1.0),
+        ("20260102T000000Z-bbbbbb", 1, changed),
+    ):
+        files = []
+        folder = root / "embeddings" / f"run_id={run_id}"
+        folder.mkdir(parents=True)
+        for n, start in enumerate(range(0, keys, 1_000_000)):
+            rows = synthetic_keys(
+                start, min(keys, start + 1_000_000), generation=generation, changed=changed
+            )
+            if share < 1.0:
+                step = round(1 / share)
+                rows = rows.take(
+                    np.flatnonzero(np.arange(start, start + rows.num_rows) % step == 0)
+                )
+            pq.write_table(
+                rows.select(["uri", "file_size", "source_version"]),
+                folder / f"part-{n:05d}.parquet",
+            )
+            files.append(f"embeddings/run_id={run_id}/part-{n:05d}.parquet")
+        manifest, _ = manifest.with_run(
+            RunRecord(
+                run_id=run_id,
+                input="s3://bucket/images",
+                counts=RunCounts(),
+                model=None,
+                preprocessing={},
+                files={"embeddings": files},
+            )
+        )
+    (root / "_manifest.json").write_bytes(manifest.to_bytes())
+
+
+def diff_child(root: str, keys: int, changed: float) -> dict[str, Any]:
+    """In a fresh process: read the committed keys, index them, diff a listing in pages."""
+    from pipeline.incremental import EMBEDDINGS_KEY_COLUMNS, ERRORS_KEY_COLUMNS, diff_listing
+    from pipeline.listing import ListingCounts
+    from pipeline.output import Output
+
+    started = time.perf_counter()
+    output = Output(root)
+    committed = output.current(
+        output.snapshot(), embeddings=EMBEDDINGS_KEY_COLUMNS, errors=ERRORS_KEY_COLUMNS
+    )
+    read_s = time.perf_counter() - started
+    counts = ListingCounts()
+    made = [0.0]
+
+    def pages() -> Any:
+        for start in range(0, keys, PAGE):
+            t = time.perf_counter()
+            page = synthetic_keys(start, min(keys, start + PAGE), generation=2, changed=changed)
+            counts.listed += page.num_rows
+            made[0] += time.perf_counter() - t
+            yield page
+
+    new_rows = [0]
+    t = time.perf_counter()
+    listing = diff_listing(
+        pages(),
+        counts,
+        committed=committed,
+        keep=lambda c: new_rows.__setitem__(0, new_rows[0] + c.num_rows),
+    )
+    diff_s = time.perf_counter() - t - made[0]
+    return {
+        "keys": keys,
+        "committed_rows": committed[0].num_rows,
+        "read_current_s": round(read_s, 1),
+        "index_and_diff_s": round(diff_s, 1),
+        "total_s": round(read_s + diff_s, 1),
+        "new": new_rows[0],
+        "unchanged": listing.unchanged,
+        "deleted": len(listing.deleted),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
+
+
+def bench_diff(args: argparse.Namespace) -> list[str]:
+    with tempfile.TemporaryDirectory(prefix="scale-diff-") as tmp:
+        t = time.perf_counter()
+        write_committed(Path(tmp), args.keys, args.changed)
+        print(f"committed output written in {time.perf_counter() - t:.0f} s", flush=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.scale",
+                "_diff_child",
+                tmp,
+                str(args.keys),
+                str(args.changed),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+    expected_new = len(range(0, args.keys, max(1, round(1 / args.changed))))
+    assert figures["new"] == expected_new and figures["deleted"] == 0, figures
+    return [
+        f"- {figures['keys']:,} listed keys against {figures['committed_rows']:,} current rows "
+        f"(two committed runs), {args.changed:.0%} changed: {figures['new']:,} new, "
+        f"{figures['unchanged']:,} unchanged, {figures['deleted']} deleted",
+        f"- read and resolve the current keys: {figures['read_current_s']} s; index and diff "
+        f"in {PAGE:,}-key pages: {figures['index_and_diff_s']} s; total {figures['total_s']} s",
+        f"- driver peak RSS: {figures['peak_rss_gb']} GB",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_diff_child":
+        print(json.dumps(diff_child(argv[1], int(argv[2]), float(argv[3]))))
+        return
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
+    sub = parser.add_subparsers(dest="part", required=True)
+    diff = sub.add_parser("diff")
+    diff.add_argument("--keys", type=int, default=10_000_000)
+    diff.add_argument("--changed", type=float, default=0.01)
+    args = parser.parse_args(argv)
+    if args.part == "diff":
+        append("Scale: incremental diff", bench_diff(args))
+
+
+if __name__ == "__main__":
+    main()

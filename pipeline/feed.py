@@ -1,0 +1,153 @@
+"""Stage 1 into Ray: the listing streams into the running plan while it goes on.
+
+    driver thread: list pages -> diff (incremental) -> Feed.put(new images)   (bounded queue)
+    read tasks:    Feed.get() -> listing blocks -> decode -> model -> writers
+
+The driver holds no listing beyond the chunks in flight (``FEED_CHUNKS`` in the feed actor)
+and no object ref per chunk; decoding starts with the first chunk of new images, whatever the
+input's size. The books (counts, known failures, deletions) are complete once the listing
+is, which is before the last block can be written, so the commit reads them then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow as pa
+from ray.data.block import Block, BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from pipeline.config import PipelineError
+from pipeline.incremental import NewImages
+from pipeline.listing import LISTING_SCHEMA
+
+# Chunks (of ``LISTING_BLOCK_ROWS`` new images) the feed holds before the lister waits.
+FEED_CHUNKS = 64
+# Read tasks draining the feed: each hands on a chunk in about a millisecond.
+FEED_READERS = 2
+
+
+class Feed:
+    """A bounded queue of listing chunks between the driver and the read tasks (an actor)."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.queue: asyncio.Queue[pa.Table | str | None] = asyncio.Queue(maxsize)
+
+    async def put(self, chunk: pa.Table) -> None:
+        await self.queue.put(chunk)
+
+    async def get(self) -> pa.Table | str | None:
+        """The next chunk; ``None`` once the listing is done; a string: why it failed."""
+        return await self.queue.get()
+
+    async def close(self, readers: int, error: str | None = None) -> None:
+        for _ in range(readers):
+            await self.queue.put(error)
+
+
+class FeedDatasource(Datasource):
+    """``FEED_READERS`` read tasks, each yielding the feed's chunks as blocks until it closes."""
+
+    def __init__(self, feed: Any, readers: int = FEED_READERS) -> None:
+        self.feed, self.readers = feed, readers
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
+        feed = self.feed
+        metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+        return [
+            ReadTask(lambda: drain(feed), metadata, schema=LISTING_SCHEMA)
+            for _ in range(self.readers)
+        ]
+
+
+def drain(feed: Any) -> Iterator[Block]:
+    import ray
+
+    while True:
+        chunk = ray.get(feed.get.remote())
+        if chunk is None:
+            return
+        if isinstance(chunk, str):
+            raise PipelineError(f"listing failed: {chunk}")
+        yield chunk
+
+
+class StreamedListing:
+    """The driver's side: a thread that lists and diffs, putting new images into the feed.
+
+    Args:
+        listing: Lists and diffs the input, calling its ``keep`` argument with each chunk of
+            new images (:func:`pipeline.run.list_work`).
+        readers: The feed's read tasks (each gets one end-of-listing mark).
+    """
+
+    def __init__(self, listing: Callable[[Callable[[pa.Table], None]], NewImages]) -> None:
+        import ray
+
+        self.feed: Any = ray.remote(num_cpus=0, max_restarts=0)(Feed).remote(FEED_CHUNKS)
+        self.readers = FEED_READERS
+        self.queued = 0  # new images handed to the feed so far
+        self._listing = listing
+        self._first = threading.Event()  # a chunk was fed, or the listing ended
+        self._result: NewImages | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="listing", daemon=True)
+
+    def start(self) -> bool:
+        """Start listing; True once a chunk of new images is fed, False if the listing
+        ended without one (the books are then complete: see :meth:`result`)."""
+        self._thread.start()
+        self._first.wait()
+        return self.queued > 0
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def datasource(self) -> FeedDatasource:
+        return FeedDatasource(self.feed, self.readers)
+
+    def result(self) -> NewImages:
+        """Wait for the listing; its books, or the error that stopped it."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop a listing whose plan failed: the feed goes, so a waiting ``put`` fails."""
+        import ray
+
+        ray.kill(self.feed)
+        self._thread.join(timeout=30)
+
+    def _keep(self, chunk: pa.Table) -> None:
+        import ray
+
+        ray.get(self.feed.put.remote(chunk))
+        self.queued += chunk.num_rows
+        self._first.set()
+
+    def _run(self) -> None:
+        import ray
+
+        error = None
+        try:
+            self._result = self._listing(self._keep)
+        except BaseException as exc:  # raised to the caller by result()
+            self._error, error = exc, str(exc) or type(exc).__name__
+        finally:
+            self._first.set()
+            try:
+                ray.get(self.feed.close.remote(self.readers, error))
+            except ray.exceptions.RayError:
+                pass  # cancelled: the feed is gone
