@@ -62,7 +62,7 @@ def list_new_images(
     fs: Any,
     root: str,
     *,
-    committed: tuple[pa.Table, pa.Table] | None,
+    known: CommittedImages | None,
     keep: Callable[[pa.Table], Any] | None,
     limit: int | None = None,
     max_listed: int | None = None,
@@ -71,14 +71,13 @@ def list_new_images(
     """List the input and keep what the committed tables do not already hold.
 
     Each kept chunk goes to the object store as it is listed, so the driver holds one chunk of
-    the listing at a time, plus the current table's keys when there is one.
+    the listing at a time, plus the current table's keys (``known``) when there is one.
 
     Args:
         fs: The input's filesystem.
         root: The input's path on it.
-        committed: The current embeddings (``EMBEDDINGS_KEY_COLUMNS``) and errors
-            (``ERRORS_KEY_COLUMNS``) rows, or ``None`` to embed everything (``--full``, or a
-            new output).
+        known: The current tables' keys, indexed (:class:`CommittedImages`), or ``None``
+            to embed everything (``--full``, or a new output).
         keep: Where each chunk of new images goes as it is listed (``ray.put``: the run's
             refs); ``None`` counts them only (a dry run).
         limit: List at most this many images; a limited listing records no deletions.
@@ -93,7 +92,7 @@ def list_new_images(
     return diff_listing(
         chunks,
         counts,
-        committed=committed,
+        known=known,
         keep=keep,
         limited=limit is not None,
         max_listed=max_listed,
@@ -104,7 +103,7 @@ def diff_listing(
     chunks: Iterable[pa.Table],
     counts: ListingCounts,
     *,
-    committed: tuple[pa.Table, pa.Table] | None,
+    known: CommittedImages | None,
     keep: Callable[[pa.Table], Any] | None,
     limited: bool = False,
     max_listed: int | None = None,
@@ -113,9 +112,9 @@ def diff_listing(
     :func:`list_new_images`); ``counts`` is the lister's, read as it goes.
 
     Each chunk costs time in proportion to its own rows: the committed keys are indexed
-    once (:class:`CommittedImages`). ``keep``'s non-``None`` results become ``refs``.
+    once (``known``). ``keep``'s non-``None`` results become ``refs``.
     """
-    known = CommittedImages(*(committed or (NO_EMBEDDINGS, NO_ERRORS)))
+    known = known or CommittedImages.empty()
     refs, unchanged, failed_rows, complete = [], 0, [], True
     for chunk in chunks:
         if max_listed is not None and counts.listed > max_listed:
@@ -146,7 +145,7 @@ def diff_listing(
 class ChunkDiff:
     new: pa.Table
     unchanged: int
-    known_failed_rows: np.ndarray  # rows of CommittedImages.lasting
+    known_failed_rows: np.ndarray  # rows of CommittedImages.errors
 
 
 class KeyIndex:
@@ -155,8 +154,13 @@ class KeyIndex:
     The table's keys are hashed to 64 bits once and sorted; a batch of ``n`` probes costs
     ``O(n log N)``, never a rebuild over the ``N`` indexed rows. A hash match is checked
     against the indexed row's columns, so a collision can only make a key look absent (for
-    the diff: embedded again), never make an absent key look present. The driver holds 16
-    bytes per indexed key beside the table itself.
+    the diff: embedded again), never make an absent key look present. The table is not
+    copied; the index adds 16 bytes per indexed row.
+
+    Args:
+        table: Holds the key columns (any chunking).
+        columns: The key.
+        rows: Index only these rows of ``table`` (default: all).
 
     Example:
         >>> index = KeyIndex(pa.table({"uri": ["a", "b"], "n": [1, 2]}), ["uri", "n"])
@@ -164,33 +168,39 @@ class KeyIndex:
         [1, -1, -1]
     """
 
-    def __init__(self, table: pa.Table, columns: Sequence[str]) -> None:
+    def __init__(
+        self, table: pa.Table, columns: Sequence[str], rows: np.ndarray | None = None
+    ) -> None:
         self.columns = list(columns)
-        # One chunk per column: a take from a many-chunked column costs the whole column.
-        self.table = table.select(self.columns).combine_chunks()
+        self.table = table.select(self.columns)
         hashes = hash_keys(self.table, self.columns)
-        self.order = np.argsort(hashes, kind="stable")
-        self.sorted = hashes[self.order]
+        if rows is not None:
+            hashes = hashes[rows]
+        by_hash = np.argsort(hashes, kind="stable")
+        self.sorted = hashes[by_hash]
+        self.order = by_hash if rows is None else np.asarray(rows, np.int64)[by_hash]
 
     def __len__(self) -> int:
         return len(self.sorted)
+
+    def lookup(self, hashes: np.ndarray) -> np.ndarray:
+        """The indexed row whose key hash is each of ``hashes``, or -1: not yet checked
+        against the keys themselves (:meth:`find` does that)."""
+        if len(self.sorted) == 0:
+            return np.full(len(hashes), -1, np.int64)
+        at = np.minimum(np.searchsorted(self.sorted, hashes), len(self.sorted) - 1)
+        return np.where(self.sorted[at] == hashes, self.order[at], -1).astype(np.int64)
 
     def find(self, probe: pa.Table) -> np.ndarray:
         """The indexed row of each probe row's key, or -1 where it has none."""
         if len(self.sorted) == 0 or probe.num_rows == 0:
             return np.full(probe.num_rows, -1, np.int64)
-        hashes = hash_keys(probe, self.columns)
-        at = np.minimum(np.searchsorted(self.sorted, hashes), len(self.sorted) - 1)
-        rows = np.where(self.sorted[at] == hashes, self.order[at], -1).astype(np.int64)
+        rows = self.lookup(hash_keys(probe, self.columns))
         candidates = np.flatnonzero(rows >= 0)
         if candidates.size:
             same = np.ones(candidates.size, dtype=bool)
-            taken = pa.array(rows[candidates])
-            probed = pa.array(candidates)
             for column in self.columns:
-                ours = self.table[column].take(taken)
-                theirs = probe[column].take(probed).cast(ours.type)
-                same &= pc.fill_null(pc.equal(ours, theirs), False).to_numpy(zero_copy_only=False)
+                same &= _equal_rows(self.table[column], rows[candidates], probe[column], candidates)
             rows[candidates[~same]] = -1
         return rows
 
@@ -227,30 +237,47 @@ class CommittedImages:
     ``RETRIED_ERROR_TYPES``) are known; a listed image whose key is among them is skipped.
     Every current URI is indexed too, so that a complete listing can tell which are gone.
     Each listed image costs two hashes and two binary searches (:class:`KeyIndex`), whatever
-    the size of the committed table.
+    the size of the committed table, and the tables are indexed where they lie (no copy).
+
+    Args:
+        embeddings: Committed rows with ``EMBEDDINGS_KEY_COLUMNS``.
+        errors: Committed rows with ``ERRORS_KEY_COLUMNS``.
+        current: The rows of each that are current (:func:`resolve_rows`); default: all.
 
     Example:
         >>> known = CommittedImages(embeddings, errors)  # doctest: +SKIP
         >>> known.diff(listing_chunk).new  # doctest: +SKIP
     """
 
-    def __init__(self, embeddings: pa.Table, errors: pa.Table) -> None:
-        self.lasting = errors.filter(
-            pc.invert(pc.is_in(errors["error_type"], pa.array(sorted(RETRIED_ERROR_TYPES))))
-        )
+    def __init__(
+        self,
+        embeddings: pa.Table,
+        errors: pa.Table,
+        current: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
+        self.errors = errors
         self.n_embedded = embeddings.num_rows
-        # Embedded keys first, then the lasting failures': one lookup tells which it is.
-        # large_string: past some 19 million URIs a string column's offsets overflow.
+        emb_rows, err_rows = current or (np.arange(embeddings.num_rows), np.arange(errors.num_rows))
+        # Both tables end to end (embedded rows first), as they lie: large_string, because
+        # past some 19 million URIs a string column's offsets overflow.
+        keys = pa.concat_tables(
+            [_key_columns(t, EMBEDDINGS_KEY_COLUMNS) for t in (embeddings, errors)]
+        )
+        lasting = pc.invert(pc.is_in(errors["error_type"], pa.array(sorted(RETRIED_ERROR_TYPES))))
+        lasting_rows = err_rows[lasting.to_numpy(zero_copy_only=False)[err_rows]]
+        # Embedded images and lasting failures by their whole key; every image by its URI.
         self.keys = KeyIndex(
-            pa.concat_tables(
-                [_key_columns(t, EMBEDDINGS_KEY_COLUMNS) for t in (embeddings, self.lasting)]
-            ),
+            keys,
             EMBEDDINGS_KEY_COLUMNS,
+            rows=np.concatenate([emb_rows, self.n_embedded + lasting_rows]),
         )
-        self.current = KeyIndex(
-            pa.concat_tables([_key_columns(t, ["uri"]) for t in (embeddings, errors)]), ["uri"]
-        )
-        self.seen = np.zeros(len(self.current), dtype=bool)
+        self.current_rows = np.concatenate([emb_rows, self.n_embedded + err_rows]).astype(np.int64)
+        self.current = KeyIndex(keys, ["uri"], rows=self.current_rows)
+        self.seen = np.zeros(keys.num_rows, dtype=bool)
+
+    @classmethod
+    def empty(cls) -> CommittedImages:
+        return cls(NO_EMBEDDINGS, NO_ERRORS)
 
     def diff(self, chunk: pa.Table) -> ChunkDiff:
         """Split a listing chunk into new or changed rows, unchanged ones and known failures;
@@ -269,16 +296,16 @@ class CommittedImages:
 
     def unseen(self) -> pa.Array:
         """Current URIs no chunk held: gone from the input, if the listing was complete."""
-        uris = self.current.table["uri"]
-        return uris.filter(pa.array(~self.seen)).combine_chunks()
+        gone = self.current_rows[~self.seen[self.current_rows]]
+        return take_rows(self.current.table["uri"], np.sort(gone))
 
     def failures(self, rows: np.ndarray) -> dict[str, Failures]:
-        """Known failures by ``error_type``, with a count and one example URI each."""
-        rows_array = pa.array(rows, pa.int64())
+        """Known failures (rows of the errors table) by ``error_type``, with a count and one
+        example URI each."""
         return failures_by_type(
             *(
-                self.lasting[column].take(rows_array).to_numpy(zero_copy_only=False)
-                if column in self.lasting.column_names
+                take_rows(self.errors[column], rows).to_numpy(zero_copy_only=False)
+                if column in self.errors.column_names
                 else [""] * len(rows)
                 for column in ("error_type", "uri", "error_message")
             )
@@ -299,7 +326,20 @@ def _key_columns(table: pa.Table, columns: Sequence[str]) -> pa.Table:
 def resolve_current(
     embeddings: pa.Table, errors: pa.Table, deletions: pa.Table
 ) -> tuple[pa.Table, pa.Table]:
-    """Keep, per URI, only its latest row across both tables, and drop URIs deleted since.
+    """Keep, per URI, only its latest row across both tables, and drop URIs deleted since
+    (the rows :func:`resolve_rows` picks)."""
+    emb_rows, err_rows = resolve_rows(embeddings, errors, deletions)
+    return embeddings.take(emb_rows), errors.take(err_rows)
+
+
+def resolve_rows(
+    embeddings: pa.Table, errors: pa.Table, deletions: pa.Table
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows are current: per URI its latest row across both tables, unless deleted since.
+
+    Each URI is hashed once and rows are sorted by (hash, run): no string sort, and no copy
+    of the URI column. Rows that share a hash are checked to share the URI; should two
+    URIs ever share a 64-bit hash, the exact string sort (:func:`_resolve_by_sort`) decides.
 
     Args:
         embeddings: Rows with at least ``uri`` and ``run_id``.
@@ -307,28 +347,76 @@ def resolve_current(
         deletions: ``uri`` and ``run_id`` of images found gone in that run.
 
     Returns:
-        The current embeddings and errors rows. Run ids sort in time order, so "latest" is the
-        greatest ``run_id``; a deletion removes a URI whose latest row is older than it.
+        The current rows of embeddings and of errors, in order. Run ids sort in time order,
+        so "latest" is the greatest ``run_id``; a deletion removes a URI whose latest row is
+        older than it.
     """
     n_emb = embeddings.num_rows
-    narrow = pa.concat_tables(
-        [
-            pa.table(
-                {
-                    "uri": embeddings["uri"].cast(pa.large_string()),
-                    "run_id": embeddings["run_id"].cast(pa.large_string()),
-                }
-            ),
-            pa.table(
-                {
-                    "uri": errors["uri"].cast(pa.large_string()),
-                    "run_id": errors["run_id"].cast(pa.large_string()),
-                }
-            ),
-        ]
+    uris = _column(embeddings, errors, "uri")
+    if len(uris) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    run_ids = _column(embeddings, errors, "run_id")
+    gone_runs = deletions["run_id"].cast(pa.large_string())
+    runs = pc.unique(pa.chunked_array([*run_ids.chunks, *gone_runs.chunks], pa.large_string()))
+    runs = runs.take(pc.sort_indices(runs))
+    rank = pc.index_in(run_ids, value_set=runs).to_numpy(zero_copy_only=False)
+    hashes = hash_keys(pa.table({"uri": uris}), ["uri"])
+    order = np.lexsort((-rank, hashes))  # by hash, then latest run first
+    sorted_hashes = hashes[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = sorted_hashes[1:] != sorted_hashes[:-1]
+    later = np.flatnonzero(~first)  # an older row of the URI before it, unless a collision
+    if later.size and not _all_equal(uris, order[later], order[later - 1]):
+        return _rows_by_sort(embeddings, errors, deletions)
+    keep = order[first]
+    if deletions.num_rows:
+        gone = pa.table({"uri": deletions["uri"].cast(pa.large_string()), "run": gone_runs})
+        gone = gone.group_by("uri").aggregate([("run", "max")])
+        gone_rank = pc.index_in(gone["run_max"], value_set=runs).to_numpy(zero_copy_only=False)
+        index = KeyIndex(gone, ["uri"])
+        at = index.lookup(hashes[keep])
+        candidates = np.flatnonzero(at >= 0)
+        same = _equal_rows(uris, keep[candidates], index.table["uri"], at[candidates])
+        deleted = candidates[same][gone_rank[at[candidates[same]]] >= rank[keep[candidates[same]]]]
+        alive = np.ones(len(keep), dtype=bool)
+        alive[deleted] = False
+        keep = keep[alive]
+    keep = np.sort(keep)
+    return keep[keep < n_emb], keep[keep >= n_emb] - n_emb
+
+
+def _column(embeddings: pa.Table, errors: pa.Table, name: str) -> pa.ChunkedArray:
+    """One column of both tables, end to end, as ``large_string`` (no copy when it is)."""
+    parts = [t[name].cast(pa.large_string()) for t in (embeddings, errors)]
+    return pa.chunked_array([c for part in parts for c in part.chunks], pa.large_string())
+
+
+def _all_equal(values: pa.ChunkedArray, rows: np.ndarray, other_rows: np.ndarray) -> bool:
+    return bool(_equal_rows(values, rows, values, other_rows).all())
+
+
+def _equal_rows(
+    values: pa.ChunkedArray, rows: np.ndarray, others: pa.ChunkedArray, other_rows: np.ndarray
+) -> np.ndarray:
+    """``values[rows] == others[other_rows]``, element by element (taken in slices)."""
+    out = np.ones(len(rows), dtype=bool)
+    for start in range(0, len(rows), _HASH_SLICE):
+        end = start + _HASH_SLICE
+        equal = pc.equal(
+            take_rows(values, rows[start:end]), take_rows(others, other_rows[start:end])
+        )
+        out[start:end] = pc.fill_null(equal, False).to_numpy(zero_copy_only=False)
+    return out
+
+
+def _rows_by_sort(
+    embeddings: pa.Table, errors: pa.Table, deletions: pa.Table
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`resolve_rows` by an exact sort of the URIs (slower, and more memory)."""
+    n_emb = embeddings.num_rows
+    narrow = pa.table(
+        {"uri": _column(embeddings, errors, "uri"), "run_id": _column(embeddings, errors, "run_id")}
     )
-    if narrow.num_rows == 0:
-        return embeddings, errors
     order = pc.sort_indices(narrow, [("uri", "ascending"), ("run_id", "descending")]).to_numpy()
     uris = narrow["uri"].take(order)
     first = np.ones(len(order), dtype=bool)
@@ -349,6 +437,24 @@ def resolve_current(
             pc.is_null(joined["run_id_max"]),
             pc.greater(joined["run_id"], joined["run_id_max"]),
         )
-        keep = np.sort(joined.filter(pc.fill_null(alive, True))["row"].to_numpy())
+        keep = joined.filter(pc.fill_null(alive, True))["row"].to_numpy()
     keep = np.sort(keep)
-    return embeddings.take(keep[keep < n_emb]), errors.take(keep[keep >= n_emb] - n_emb)
+    return keep[keep < n_emb], keep[keep >= n_emb] - n_emb
+
+
+def take_rows(values: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
+    """``values.take(rows)`` chunk by chunk: pyarrow's own take on a chunked array first
+    concatenates every chunk (a copy of the whole column, for each call)."""
+    if values.num_chunks <= 1:
+        return values.combine_chunks().take(pa.array(rows, pa.int64()))
+    offsets = np.cumsum([0, *(len(chunk) for chunk in values.chunks)])
+    which = np.searchsorted(offsets, rows, side="right") - 1
+    by_chunk = np.argsort(which, kind="stable")
+    parts = []
+    for k in np.unique(which):
+        local = rows[by_chunk][which[by_chunk] == k] - offsets[k]
+        parts.append(values.chunk(int(k)).take(pa.array(local, pa.int64())))
+    gathered = pa.concat_arrays(parts) if parts else pa.array([], values.type)
+    inverse = np.empty_like(by_chunk)
+    inverse[by_chunk] = np.arange(len(by_chunk))
+    return gathered.take(pa.array(inverse, pa.int64()))

@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -27,6 +27,9 @@ import pyarrow.parquet as pq
 from pipeline.config import PipelineError
 from pipeline.manifest import TABLES, Manifest, RunRecord
 from pipeline.storage import is_local, join, make_parent, one_line, open_fs, to_uri
+
+if TYPE_CHECKING:
+    from pipeline.incremental import CommittedImages
 
 MANIFEST_NAME = "_manifest.json"
 LOCK_NAME = "_commit.lock"  # local disk only; pyarrow's dataset discovery skips "_" names
@@ -141,6 +144,27 @@ class Output:
             err.select(list(errors)) if errors else err,
         )
 
+    def committed_images(self, snapshot: Snapshot) -> CommittedImages:
+        """The current images' keys, indexed for a run's diff; the key columns are read once,
+        as ``large_string``, and indexed where they lie (superseded rows are skipped, not
+        copied out)."""
+        from pipeline.incremental import (
+            EMBEDDINGS_KEY_COLUMNS,
+            ERRORS_KEY_COLUMNS,
+            CommittedImages,
+            resolve_rows,
+        )
+
+        manifest = self.require(snapshot)
+        narrow = ["uri", "run_id"]
+        emb = self._load(manifest, "embeddings", [*EMBEDDINGS_KEY_COLUMNS, "run_id"], large=True)
+        err = self._load(manifest, "errors", [*ERRORS_KEY_COLUMNS, "run_id"], large=True)
+        rows = None
+        if len(manifest.runs) > 1:
+            gone = self._load(manifest, "deletions", narrow, large=True)
+            rows = resolve_rows(emb, err, gone)
+        return CommittedImages(emb, err, rows)
+
     def iter_current(
         self, snapshot: Snapshot, *, columns: Sequence[str], batch_size: int
     ) -> Iterator[pa.RecordBatch]:
@@ -161,7 +185,9 @@ class Output:
             if kept.num_rows:
                 yield kept.select(list(columns))
 
-    def _load(self, manifest: Manifest, table: str, columns: list[str] | None) -> pa.Table:
+    def _load(
+        self, manifest: Manifest, table: str, columns: list[str] | None, *, large: bool = False
+    ) -> pa.Table:
         from pipeline.write import DELETIONS_SCHEMA, EMBEDDINGS_SCHEMA, ERRORS_SCHEMA
 
         files = [join(self.root, p) for p in manifest.current.get(table, [])]
@@ -171,17 +197,27 @@ class Output:
             )
             empty = schema.append(pa.field("run_id", pa.string())).empty_table()
             return empty.select(columns) if columns else empty
-        return self._dataset(table, files).to_table(columns=columns)
+        return self._dataset(table, files, large=large).to_table(columns=columns)
 
-    def _dataset(self, table: str, files: list[str]) -> pads.Dataset:
-        """The listed files of one table, with ``run_id`` (always a string) from their folders."""
-        return pads.dataset(
-            files,
-            filesystem=self.fs,
-            format="parquet",
-            partitioning=pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive"),
-            partition_base_dir=join(self.root, table),
+    def _dataset(self, table: str, files: list[str], *, large: bool = False) -> pads.Dataset:
+        """The listed files of one table, with ``run_id`` (always a string) from their folders;
+        ``large``: string columns read as ``large_string``."""
+        options: dict[str, Any] = {
+            "filesystem": self.fs,
+            "format": "parquet",
+            "partitioning": pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive"),
+            "partition_base_dir": join(self.root, table),
+        }
+        dataset = pads.dataset(files, **options)
+        if not large:
+            return dataset
+        schema = pa.schema(
+            [
+                field.with_type(pa.large_string()) if field.type == pa.string() else field
+                for field in dataset.schema
+            ]
         )
+        return pads.dataset(files, schema=schema, **options)
 
     # -- before a run -----------------------------------------------------------------------
 

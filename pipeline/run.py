@@ -23,8 +23,6 @@ import pyarrow as pa
 from pipeline.config import ConfigError, EmbedConfig, PipelineError
 from pipeline.embed import ResNet50Embedder
 from pipeline.incremental import (
-    EMBEDDINGS_KEY_COLUMNS,
-    ERRORS_KEY_COLUMNS,
     NewImages,
     list_new_images,
 )
@@ -370,11 +368,8 @@ def list_work(
     listing = list_new_images(
         fs,
         root,
-        committed=(
-            output.current(snapshot, embeddings=EMBEDDINGS_KEY_COLUMNS, errors=ERRORS_KEY_COLUMNS)
-            if snapshot is not None
-            else None
-        ),
+        # Only the index is kept: the tables it was built from go before the listing starts.
+        known=output.committed_images(snapshot) if snapshot is not None else None,
         keep=keep,
         limit=config.limit,
         max_listed=max_listed,
