@@ -21,12 +21,14 @@ No model and no image is involved: each part measures the driver's own work.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +187,99 @@ def bench_diff(args: argparse.Namespace) -> list[str]:
     ]
 
 
+class PagedStore:
+    """Just enough of s3fs for the lister: a fake bucket answering LIST in pages of 1,000
+    entries, each after ``latency`` seconds, with S3's prefix and delimiter semantics.
+
+    It counts requests and the most that were in flight at once.
+    """
+
+    def __init__(self, keys: list[str], latency: float = 0.0, bucket: str = "bucket") -> None:
+        import fsspec.asyn
+
+        self.keys, self.latency, self.bucket = sorted(keys), latency, bucket
+        self.loop = fsspec.asyn.get_loop()
+        self.requests = self.in_flight = self.max_in_flight = 0
+
+    def isfile(self, path: str) -> bool:
+        return path.partition("/")[2] in self.keys
+
+    def isdir(self, path: str) -> bool:
+        return True
+
+    def unstrip_protocol(self, path: str) -> str:
+        return f"s3://{path}"
+
+    def _entries(self, prefix: str, delimiter: str) -> Iterator[dict[str, Any]]:
+        import bisect
+
+        i = bisect.bisect_left(self.keys, prefix)
+        while i < len(self.keys) and self.keys[i].startswith(prefix):
+            key = self.keys[i]
+            rest = key[len(prefix) :]
+            if delimiter and delimiter in rest:
+                folder = prefix + rest.split(delimiter, 1)[0]
+                yield {"name": f"{self.bucket}/{folder}", "type": "directory", "size": 0}
+                i = bisect.bisect_left(self.keys, folder + chr(ord(delimiter) + 1))
+                continue
+            yield {"name": f"{self.bucket}/{key}", "type": "file", "size": 1, "ETag": f'"{i:x}"'}
+            i += 1
+
+    async def _iterdir(
+        self, bucket: str, max_items: int | None = None, delimiter: str = "/", prefix: str = ""
+    ) -> AsyncIterator[dict[str, Any]]:
+        import asyncio
+
+        page: list[dict[str, Any]] = []
+        entries = self._entries(prefix, delimiter)
+        while True:
+            page = list(itertools.islice(entries, PAGE))
+            self.requests += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                await asyncio.sleep(self.latency)
+            finally:
+                self.in_flight -= 1
+            for entry in page:
+                yield entry
+            if len(page) < PAGE:
+                return
+
+
+def folder_keys(n: int, folders: int, prefix: str = "photos/") -> list[str]:
+    """``n`` image keys spread over ``folders`` folders (and one non-image per folder)."""
+    keys = [f"{prefix}{i % folders:04d}/{i:09d}.jpg" for i in range(n)]
+    return keys + [f"{prefix}{f:04d}/README.txt" for f in range(folders)]
+
+
+def bench_listing(args: argparse.Namespace) -> list[str]:
+    from pipeline.listing import ListingCounts, list_images
+
+    keys = folder_keys(args.keys, args.folders)
+    lines = [
+        f"- fake store: {args.keys:,} image keys in {args.folders} folders, "
+        f"{args.page_latency * 1000:.0f} ms per 1,000-key page"
+    ]
+    for concurrency in args.concurrency:
+        store = PagedStore(keys, args.page_latency)
+        counts = ListingCounts()
+        started = time.perf_counter()
+        rows = sum(
+            t.num_rows
+            for t in list_images(
+                store, "bucket/photos", counts, chunk_rows=256, concurrency=concurrency
+            )
+        )
+        seconds = time.perf_counter() - started
+        assert rows == args.keys, (rows, args.keys)
+        lines.append(
+            f"- concurrency {concurrency}: {rows / seconds:,.0f} keys/s ({seconds:.1f} s, "
+            f"{store.requests} requests, at most {store.max_in_flight} in flight)"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_diff_child":
@@ -195,9 +290,18 @@ def main(argv: list[str] | None = None) -> None:
     diff = sub.add_parser("diff")
     diff.add_argument("--keys", type=int, default=10_000_000)
     diff.add_argument("--changed", type=float, default=0.01)
+    listing = sub.add_parser("listing")
+    listing.add_argument("--keys", type=int, default=200_000)
+    listing.add_argument("--folders", type=int, default=100)
+    listing.add_argument("--page-latency", type=float, default=0.1)
+    listing.add_argument(
+        "--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[1, 16]
+    )
     args = parser.parse_args(argv)
     if args.part == "diff":
         append("Scale: incremental diff", bench_diff(args))
+    elif args.part == "listing":
+        append("Scale: listing an object store", bench_listing(args))
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def _iter_files(fs: Any, root: str, concurrency: int = 1) -> Iterator[tuple[str,
 
 # A prefix is split into its "subfolders" (one delimiter listing) while there are fewer
 # shards than this many per concurrent request, down to this depth; a prefix whose delimiter
-# listing passes one page of entries is listed whole instead.
+# listing fills a page (1,000 entries) is listed whole instead.
 SHARDS_PER_REQUEST = 4
 MAX_SPLIT_DEPTH = 4
 SPLIT_ENTRIES = 1000
@@ -192,13 +192,21 @@ class ShardedLister:
         """Files found while splitting, and the prefixes left to list, in a stable order."""
         if self.concurrency == 1:
             return [], [self.prefix]
+        import asyncio
+
         files: list[dict[str, Any]] = []
         shards, depth = [self.prefix], 0
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def children(prefix: str) -> list[dict[str, Any]] | None:
+            async with slots:
+                return await self._children(prefix)
+
         while len(shards) < self.concurrency * SHARDS_PER_REQUEST and depth < MAX_SPLIT_DEPTH:
             depth += 1
             split: list[str] = []
-            for prefix in shards:
-                entries = await self._children(prefix)
+            found = await asyncio.gather(*(children(prefix) for prefix in shards))
+            for prefix, entries in zip(shards, found, strict=True):
                 if entries is None:  # too many to split by: list it whole
                     split.append(prefix)
                     continue
@@ -220,7 +228,7 @@ class ShardedLister:
         try:
             async for info in listing:
                 entries.append(info)
-                if len(entries) > SPLIT_ENTRIES:
+                if len(entries) >= SPLIT_ENTRIES:  # a full page: there may be more
                     return None
         finally:
             await listing.aclose()

@@ -57,11 +57,16 @@ def test_s3_listing_through_a_real_endpoint(corpus, s3_bucket, s3_endpoint) -> N
     s3, bucket = s3_bucket
     s3.put(str(root) + "/", f"{bucket}/photos/", recursive=True)
     fs, path = open_fs(f"s3://{bucket}/photos/", {"endpoint_url": s3_endpoint})
-    counts = ListingCounts()
-    uris = [u for t in list_images(fs, path, counts, chunk_rows=5) for u in t["uri"].to_pylist()]
     expected = sorted(f"s3://{bucket}/photos/{n}" for n in files if not n.endswith(".txt"))
-    assert sorted(uris) == expected
-    assert counts.skipped_by_extension == 1
+    for concurrency in (1, 4):  # one chain; split by folders ("sub/dir/")
+        counts = ListingCounts()
+        uris = [
+            u
+            for t in list_images(fs, path, counts, chunk_rows=5, concurrency=concurrency)
+            for u in t["uri"].to_pylist()
+        ]
+        assert sorted(uris) == expected
+        assert counts.skipped_by_extension == 1
 
 
 class FakeStore:
@@ -113,3 +118,55 @@ def test_listing_memory_stays_flat_as_keys_grow() -> None:
     small, large = _peak_listing_memory(20_000), _peak_listing_memory(200_000)
     # Ten times the keys, the same peak (chunks are handed on, never accumulated).
     assert large < 1.5 * small, (small, large)
+
+
+def _listed(store, concurrency: int) -> tuple[list[str], ListingCounts]:  # type: ignore[no-untyped-def]
+    counts = ListingCounts()
+    tables = list_images(store, "bucket/photos", counts, chunk_rows=100, concurrency=concurrency)
+    return [u for t in tables for u in t["uri"].to_pylist()], counts
+
+
+def test_a_prefix_is_split_by_folders_and_listed_concurrently_each_key_once() -> None:
+    from bench.scale import PagedStore, folder_keys
+
+    keys = [
+        *folder_keys(3000, 7),
+        "photos/top.jpg",  # beside the folders
+        "photos/0003/deeper/a.png",  # below them
+    ]
+    images = sorted(f"s3://bucket/{k}" for k in keys if not k.endswith(".txt"))
+    serial = PagedStore(keys, latency=0.01)
+    one, counts_one = _listed(serial, 1)
+    assert serial.max_in_flight == 1
+    parallel = PagedStore(keys, latency=0.01)
+    many, counts_many = _listed(parallel, 4)
+    assert parallel.max_in_flight == 4  # four requests at once
+    assert sorted(one) == sorted(many) == images  # each key once
+    assert len(many) == len(set(many))
+    assert counts_one.skipped_by_extension == counts_many.skipped_by_extension == 7
+    assert _listed(PagedStore(keys), 4)[0] == many  # the same order on every run
+
+
+def test_a_flat_prefix_is_listed_whole() -> None:
+    from bench.scale import PagedStore
+    from pipeline.listing import SPLIT_ENTRIES
+
+    keys = [f"photos/{i:06d}.jpg" for i in range(SPLIT_ENTRIES + 500)]
+    store = PagedStore(keys)
+    uris, _ = _listed(store, 8)
+    assert uris == [f"s3://bucket/{k}" for k in keys]
+    # One delimiter page to learn there are no folders, then one chain of two pages.
+    assert store.requests == 3
+
+
+def test_a_failing_shard_fails_the_listing_with_its_error() -> None:
+    from bench.scale import PagedStore, folder_keys
+
+    class Denied(PagedStore):
+        def _entries(self, prefix, delimiter):  # type: ignore[no-untyped-def]
+            if prefix == "photos/0002/":
+                raise PermissionError("Access Denied")
+            return super()._entries(prefix, delimiter)
+
+    with pytest.raises(InputError, match="permission denied"):
+        _listed(Denied(folder_keys(500, 4)), 4)
