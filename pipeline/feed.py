@@ -4,9 +4,11 @@
     read tasks:    Feed.get() -> listing blocks -> decode -> model -> writers
 
 The driver holds no listing beyond the chunks in flight (``FEED_CHUNKS`` in the feed actor)
-and no object ref per chunk; decoding starts with the first chunk of new images, whatever the
-input's size. The books (counts, known failures, deletions) are complete once the listing
-is, which is before the last block can be written, so the commit reads them then.
+and no object ref per chunk. Ray Data hands a read task's output on in blocks of
+``DataContext.target_max_block_size`` (128 MiB by default: some 790,000 listing rows), so
+decoding starts once the listing has found that many new images, or has ended: a constant,
+whatever the input's size. The books (counts, known failures, deletions) are complete once
+the listing is, which is before the last block can be written, so the commit reads them then.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ from pipeline.listing import LISTING_SCHEMA
 
 # Chunks (of ``LISTING_BLOCK_ROWS`` new images) the feed holds before the lister waits.
 FEED_CHUNKS = 64
-# Read tasks draining the feed: each hands on a chunk in about a millisecond.
-FEED_READERS = 2
+# Read tasks draining the feed: one hands on a chunk in about a millisecond, faster than
+# the listing finds them; each more would hold a block of its own before handing it on.
+FEED_READERS = 1
 
 
 class Feed:

@@ -27,8 +27,7 @@ from pipeline.progress import (
 from pipeline.weights import ResolvedWeights
 
 if TYPE_CHECKING:
-    from ray.data.datasource import Datasource
-
+    from pipeline.feed import FeedDatasource
     from pipeline.sink import RunSink
 
 # s3fs words S3 throttling this way; Ray's default retried I/O errors do not match it.
@@ -38,7 +37,7 @@ MAX_MAP_RETRIES = 2
 
 
 def run_plan(
-    source: list[Any] | Datasource,
+    source: list[Any] | FeedDatasource,
     sink: RunSink,
     *,
     total: int | Callable[[], int | None],
@@ -112,8 +111,11 @@ def run_plan(
         # Ray's annotations reject keyword-only UDFs and plain ObjectRef lists: hence the ignores.
         ray.data.from_arrow_refs(source)  # type: ignore[arg-type]
         if isinstance(source, list)
-        # The feed's read tasks only wait on the driver: they reserve no CPU.
-        else ray.data.read_datasource(source, ray_remote_args={"num_cpus": 0})
+        # The feed's read tasks only wait on the driver: they reserve no CPU. One block per
+        # read task asked for: else Ray Data splits each task's whole output, after it ends.
+        else ray.data.read_datasource(
+            source, override_num_blocks=source.readers, ray_remote_args={"num_cpus": 0}
+        )
     )
     dataset = (
         listing
