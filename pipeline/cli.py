@@ -208,6 +208,19 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         "(default %(default)s)",
     )
     io.add_argument(
+        "--commit-every",
+        type=int,
+        metavar="N",
+        help="commit a checkpoint every N images written: a run stopped mid-way keeps its "
+        "checkpoints, and the next run embeds only the rest (default %(default)s)",
+    )
+    io.add_argument(
+        "--commit-interval",
+        type=float,
+        metavar="SECONDS",
+        help="commit what is written at least this often (default %(default)s)",
+    )
+    io.add_argument(
         "--list-concurrency",
         type=int,
         metavar="N",

@@ -63,6 +63,10 @@ class EmbedConfig:
             share a core, for a node that also runs model actors.
         write_cpus: Logical CPUs reserved per writer task.
         rows_per_file: Rows per Parquet file written.
+        commit_every: Images (embedded or failed) written between checkpoint commits: a run
+            killed between checkpoints keeps the earlier ones, and the next run embeds the
+            rest.
+        commit_interval: Seconds after which what is written is committed, at the latest.
         list_concurrency: LIST requests in flight at once on an object store (a prefix is
             split by its "subfolders"; see ``pipeline.listing.ShardedLister``).
         concurrency: Model actors: a fixed count or an autoscaling ``(min, max)``.
@@ -104,6 +108,8 @@ class EmbedConfig:
     decode_cpus: float = 1.0
     write_cpus: float = 1.0
     rows_per_file: int = 4096
+    commit_every: int = 100_000
+    commit_interval: float = 1800.0
     list_concurrency: int = 16
     concurrency: int | tuple[int, int] = 1
     num_gpus: float | None = None
@@ -145,6 +151,7 @@ class EmbedConfig:
             "decode_batch_size",
             "decode_memory",
             "rows_per_file",
+            "commit_every",
             "list_concurrency",
             "max_image_pixels",
         ):
@@ -157,7 +164,7 @@ class EmbedConfig:
             raise ConfigError(f"--max-error-rate {self.max_error_rate}: must be between 0 and 1")
         if self.model_threads is not None and self.model_threads < 1:
             raise ConfigError(f"--model-threads {self.model_threads}: must be >= 1")
-        for name in ("decode_cpus", "write_cpus"):
+        for name in ("decode_cpus", "write_cpus", "commit_interval"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be > 0")
         if self.object_store_memory is not None and self.object_store_memory < 78 * 2**20:

@@ -21,9 +21,11 @@ MANIFEST_FORMAT = "embed-images/manifest"
 MANIFEST_VERSION = 1
 TABLES = ("embeddings", "errors", "deletions")
 
-RunStatus = Literal["committed", "failed: error rate"]
+RunStatus = Literal["committed", "failed: error rate", "checkpointed"]
 COMMITTED: Final = "committed"
 ERROR_RATE_EXCEEDED: Final = "failed: error rate"
+# Some of the run is committed (its checkpoints); the rest was not, or is still running.
+CHECKPOINTED: Final = "checkpointed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +177,7 @@ class RunRecord:
     failures: Mapping[str, Failures] = dataclasses.field(default_factory=dict)
     known_failures: Mapping[str, Failures] = dataclasses.field(default_factory=dict)
     files: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+    checkpoints: int = 0  # commits of this run before its last
 
     @property
     def committed(self) -> bool:
@@ -198,6 +201,7 @@ class RunRecord:
             "model": self.model.to_json() if self.model else None,
             "preprocessing": dict(self.preprocessing),
             "files": {table: list(paths) for table, paths in self.files.items()},
+            "checkpoints": self.checkpoints,
         }
 
     @classmethod
@@ -220,6 +224,7 @@ class RunRecord:
             model=ModelIdentity.from_json(model) if model else None,
             preprocessing=dict(data.get("preprocessing") or {}),
             files={t: list(p) for t, p in (data.get("files") or {}).items()},
+            checkpoints=int(data.get("checkpoints", 0)),
         )
 
 
@@ -243,24 +248,42 @@ class Manifest:
     def committed_run_ids(self) -> set[str]:
         return {run.run_id for run in self.runs}
 
+    def checkpointed_run_ids(self) -> set[str]:
+        """Runs with some files committed whose last commit may not have happened."""
+        return {run.run_id for run in self.runs if run.status == CHECKPOINTED}
+
     def with_run(self, run: RunRecord, *, replace: bool = False) -> tuple[Manifest, list[str]]:
         """This manifest with ``run`` added (its ``files`` become current).
 
+        A run already recorded (an earlier checkpoint of it) is replaced by ``run``, whose
+        ``files`` are then the ones this commit adds.
+
         Returns:
             The new manifest, and the files that stopped being current (``replace``: all the
-            earlier ones, for a run that re-embedded everything).
+            earlier runs' ones, for a run that re-embedded everything).
         """
         superseded: list[str] = []
         current: dict[str, list[str]] = {}
+        own = f"/run_id={run.run_id}/"
         for table in TABLES:
             before = list(self.current.get(table, []))
             if replace:
-                superseded += before
-                before = []
+                superseded += [path for path in before if own not in path]
+                before = [path for path in before if own in path]
             current[table] = sorted(before + list(run.files.get(table, [])))
+        earlier = next((r for r in self.runs if r.run_id == run.run_id), None)
+        if earlier is not None:  # a checkpoint: the record holds all of the run's files
+            run = dataclasses.replace(
+                run,
+                files={
+                    table: [*earlier.files.get(table, []), *run.files.get(table, [])]
+                    for table in TABLES
+                    if earlier.files.get(table) or run.files.get(table)
+                },
+            )
         manifest = Manifest(
             current=current,
-            runs=[*self.runs, run],
+            runs=[*(r for r in self.runs if r.run_id != run.run_id), run],
             model=run.model or self.model,
             preprocessing=run.preprocessing or self.preprocessing,
         )

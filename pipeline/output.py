@@ -240,7 +240,9 @@ class Output:
         that no manifest lists; the plain dataset read would see them, so the next run removes
         them, together with stale staging. One writer per output at a time is assumed.
         """
-        committed = snapshot.manifest.committed_run_ids() if snapshot.manifest else set()
+        manifest = snapshot.manifest or Manifest.empty()
+        committed, partial = manifest.committed_run_ids(), manifest.checkpointed_run_ids()
+        current = {path for paths in manifest.current.values() for path in paths}
         removed = 0
         for table in TABLES:
             table_root = join(self.root, table)
@@ -248,9 +250,16 @@ class Output:
                 continue
             for entry in self.fs.ls(table_root, detail=False):
                 name = entry.rstrip("/").rsplit("/", 1)[-1]
-                if name.startswith("run_id=") and name[len("run_id=") :] not in committed:
+                run_id = name[len("run_id=") :] if name.startswith("run_id=") else None
+                if run_id is not None and run_id not in committed:
                     self._remove(entry)
                     removed += 1
+                elif run_id in partial:
+                    # A run killed between checkpoints: files it moved but never committed.
+                    for path in self.fs.ls(entry, detail=False):
+                        if f"{table}/{name}/{path.rsplit('/', 1)[-1]}" not in current:
+                            self._remove(path)
+                            removed += 1
         stage = join(self.root, STAGING_DIR)
         if self.fs.exists(stage):
             self._remove(stage)
@@ -271,7 +280,8 @@ class Output:
         staged: Mapping[str, Sequence[str]],
         deleted_uris: pa.Array | None = None,
         replace: bool = False,
-    ) -> Manifest:
+        final: bool = True,
+    ) -> Snapshot:
         """Move a run's staged files into the tables and write the manifest, last.
 
         Args:
@@ -287,9 +297,11 @@ class Output:
             deleted_uris: URIs this run found gone from the input, recorded in ``deletions/``.
             replace: This run re-embedded everything (``--full``): earlier files stop being
                 current, and are deleted once the new manifest is in place.
+            final: The run's last commit; otherwise a checkpoint (its writers go on writing
+                into staging, which is kept).
 
         Returns:
-            The manifest as written.
+            The manifest as written, with its version: what the run's next commit must find.
         """
         with self._lock():
             if self._version() != snapshot.version:
@@ -314,24 +326,45 @@ class Output:
                 with self.fs.open(join(stage_root, name), "wb") as f:
                     pq.write_table(pa.table([uris], schema=DELETIONS_SCHEMA), f)
                 staged = dict(staged) | {"deletions": [name]}
-            committed: dict[str, list[str]] = {}
-            for table in TABLES:
-                committed[table] = []
-                for relative in sorted(staged.get(table, ())):
-                    final = f"{table}/run_id={run.run_id}/{relative.rsplit('/', 1)[-1]}"
-                    make_parent(self.fs, join(self.root, final))
-                    self.fs.mv(join(stage_root, relative), join(self.root, final))
-                    committed[table].append(final)
+            committed = self._move_staged(stage_root, run.run_id, staged)
             before = snapshot.manifest or Manifest.empty()
             manifest, superseded = before.with_run(
                 dataclasses.replace(run, files=committed), replace=replace
             )
-            self._write_manifest(manifest.to_bytes(), snapshot.version)
-        # Staging is scratch once the manifest is in place; leftovers of retried tasks go too.
-        self.discard_staging(run.run_id)
-        for relative in superseded:
-            self._remove(join(self.root, relative))
-        return manifest
+            version = self._write_manifest(manifest.to_bytes(), snapshot.version)
+        if final:
+            # Staging is scratch once the manifest is in place; leftovers of retried tasks too.
+            self.discard_staging(run.run_id)
+            for relative in superseded:
+                self._remove(join(self.root, relative))
+        return Snapshot(manifest, version)
+
+    def _move_staged(
+        self, stage_root: str, run_id: str, staged: Mapping[str, Sequence[str]]
+    ) -> dict[str, list[str]]:
+        """Move staged files to ``TABLE/run_id=RUN_ID/``; their paths there, per table.
+
+        On local disk a rename each. On object stores, where a move is a copy and a delete,
+        the copies go out together (fsspec's batched async copy) and the staged files are
+        deleted with the staging folder, after the manifest.
+        """
+        committed: dict[str, list[str]] = {table: [] for table in TABLES}
+        sources, targets = [], []
+        for table in TABLES:
+            for relative in sorted(staged.get(table, ())):
+                final = f"{table}/run_id={run_id}/{relative.rsplit('/', 1)[-1]}"
+                sources.append(join(stage_root, relative))
+                targets.append(join(self.root, final))
+                committed[table].append(final)
+        if not sources:
+            return committed
+        if is_local(self.fs):
+            for source, target in zip(sources, targets, strict=True):
+                make_parent(self.fs, target)
+                self.fs.mv(source, target)
+        else:
+            self.fs.copy(sources, targets)
+        return committed
 
     def write_report(self, run_id: str, report: Mapping[str, Any], html: str) -> str:
         """Write ``_reports/RUN_ID.json`` and ``.html`` (not part of the commit: a reader
@@ -386,7 +419,8 @@ class Output:
         etag = info.get("ETag") or info.get("etag")
         return str(etag).strip('"') if etag else f"{info.get('size')}-{info.get('LastModified')}"
 
-    def _write_manifest(self, data: bytes, expected_version: str | None) -> None:
+    def _write_manifest(self, data: bytes, expected_version: str | None) -> str:
+        """Write the manifest if its version is still ``expected_version``; its new version."""
         conflict = ConcurrentCommitError(
             f"another run committed to {self.given} at the same moment; this run's manifest "
             "was not written: run again to embed what is left"
@@ -404,20 +438,26 @@ class Output:
             if self._version() != expected_version:  # under _lock: check-and-swap
                 os.unlink(tmp)
                 raise conflict
+            version = _local_version(os.stat(tmp))  # a rename keeps inode, size and mtime
             os.replace(tmp, path)
-            return
+            return version
         # An object-store PUT is atomic (readers see the old manifest or the new one); on S3
         # it is also conditional, so that two runs can never both think they committed.
         bucket, _, key = path.partition("/")
         try:
             if expected_version is None:
-                self.fs.pipe_file(path, data, mode="create")  # If-None-Match: *
+                written = self.fs.pipe_file(path, data, mode="create")  # If-None-Match: *
             elif hasattr(self.fs, "call_s3"):
-                self.fs.call_s3(
+                written = self.fs.call_s3(
                     "put_object", Bucket=bucket, Key=key, Body=data, IfMatch=expected_version
                 )
             else:
-                self.fs.pipe_file(path, data)
+                written = self.fs.pipe_file(path, data)
+            # The version this PUT made (its ETag), not one read after it: another run's
+            # commit may land in between.
+            etag = written.get("ETag") if isinstance(written, dict) else None
+            if etag:
+                return str(etag).strip('"')
         except FileExistsError:
             raise conflict from None
         except OSError as exc:
@@ -426,6 +466,9 @@ class Output:
             raise
         finally:
             self.fs.invalidate_cache(path)
+        after = self._version()  # a store that returns no ETag
+        assert after is not None
+        return after
 
     def _remove(self, path: str) -> None:
         try:

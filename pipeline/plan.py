@@ -1,12 +1,14 @@
 """The wiring: one Ray Data plan from listing chunks to a committed run.
 
 listing chunks (object store) -> decode_batch (CPU tasks) -> ResNet50Embedder (actor pool)
--> RunSink (writer tasks into staging; the commit in the driver, once every task is done).
+-> write_files (writer tasks into staging) -> RunSink (checkpoint commits in the driver as the
+writers finish; the last once every task is done).
 This module uses Ray but never starts it: the entry points start or join a cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from pipeline.progress import (
     read_counter,
     reporting,
 )
+from pipeline.sink import write_files
 from pipeline.weights import ResolvedWeights
 
 if TYPE_CHECKING:
@@ -143,17 +146,33 @@ def run_plan(
             **model_remote_args(num_gpus),
         )
     )
+    results = dataset.map_batches(
+        write_files,  # type: ignore[arg-type]
+        # One writer task per --rows-per-file rows: one file each.
+        batch_size=config.rows_per_file,
+        batch_format="numpy",
+        fn_kwargs=sink.writer_kwargs(),
+        num_cpus=config.write_cpus,
+    )
+    sink.start()
     sink.executing_since = time.time()
     try:
-        if counter is None:
-            dataset.write_datasink(sink, ray_remote_args={"num_cpus": config.write_cpus})
-        else:
-            with ProgressDisplay(lambda: read_counter(counter), total=total, mode=progress):
-                dataset.write_datasink(sink, ray_remote_args={"num_cpus": config.write_cpus})
+        with contextlib.ExitStack() as stack:
+            if counter is not None:
+                stack.enter_context(
+                    ProgressDisplay(lambda: read_counter(counter), total=total, mode=progress)
+                )
+            # The writers' results reach the driver as each task finishes: the sink commits
+            # a checkpoint every --commit-every images, and the rest at the end.
+            sink.consume(
+                text
+                for batch in results.iter_batches(batch_size=None, batch_format="numpy")
+                for text in batch["staged"]
+            )
     except ray.exceptions.RayError as exc:
         # A stage failed beyond Ray's retries (e.g. the output store is down): the staging
         # files are not committed; the next run discards them.
-        raise PipelineError(f"the pipeline failed, nothing committed: {_root_cause(exc)}") from None
+        raise PipelineError(f"the pipeline failed, {sink.kept()}: {_root_cause(exc)}") from None
 
 
 def model_remote_args(num_gpus: float) -> dict[str, Any]:

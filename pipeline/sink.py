@@ -1,37 +1,41 @@
-"""Stages 4 and 5 as Ray Data runs them: a ``Datasink`` whose lifecycle is the run's commit.
+"""Stages 4 and 5 as Ray Data runs them: writer tasks, and the run's commits in the driver.
 
-    on_write_start       (driver) delete what runs that never committed left behind
-    write                (tasks)  write_batch: uniquely named files into OUTPUT/_staging/RUN_ID/
-    on_write_complete    (driver) every image once? error rate? then Output.commit
+    start            (driver) delete what runs that never committed left behind
+    write_files      (tasks)  write_batch: uniquely named files into OUTPUT/_staging/RUN_ID/
+    consume          (driver) each writer task's files as it finishes; every ``--commit-every``
+                              images (or ``--commit-interval`` seconds) a checkpoint commit;
+                              at the end: every image once? error rate? the last commit
 
 Writer tasks are map tasks to Ray Data, so they are retried on the errors named in
 ``DataContext.retried_map_errors``, like the decode tasks. A retried task's files get new
-names and only the names the driver receives are committed.
+names and only the names the driver receives are committed. A checkpoint is a commit like
+the last one (files moved, the manifest written last and conditionally), recording the run
+as ``checkpointed``: a run killed between checkpoints keeps every checkpoint, and the next
+run's diff finds those images committed and embeds only the rest.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypedDict
 
 import numpy as np
-import pyarrow as pa
-from ray.data import Datasink
-from ray.data.block import Block, BlockAccessor
-from ray.data.datasource.datasink import WriteResult
 
 from pipeline.config import EmbedConfig, PipelineError
 from pipeline.incremental import NewImages
 from pipeline.manifest import (
+    CHECKPOINTED,
     COMMITTED,
     ERROR_RATE_EXCEEDED,
     Failures,
     ModelIdentity,
     RunCounts,
     RunRecord,
+    RunStatus,
     count_failures,
     describe_failures,
     failures_by_type,
@@ -50,6 +54,34 @@ class Staged(TypedDict):
     finished_at: float  # when the task's files were written: the run report's throughput
 
 
+def write_files(
+    batch: dict[str, np.ndarray],
+    *,
+    staging_uri: str,
+    storage_options: Mapping[str, Any],
+    metadata: Mapping[str, str],
+) -> dict[str, np.ndarray]:
+    """The writer stage (a ``map_batches`` function): write one batch, and return one row
+    that tells the driver what was written (:class:`Staged`, as JSON)."""
+    if not len(batch["uri"]):
+        return {"staged": np.zeros(0, dtype=object)}
+    failed = np.asarray(batch["error_type"] != "", dtype=bool)
+    out = write_batch(
+        batch, staging_uri=staging_uri, storage_options=storage_options, metadata=metadata
+    )
+    staged: Staged = {
+        "files": [
+            (str(t), str(p), int(n))
+            for t, p, n in zip(out["table"], out["path"], out["rows"], strict=True)
+        ],
+        "failures": failures_by_type(
+            batch["error_type"][failed], batch["uri"][failed], batch["error_message"][failed]
+        ),
+        "finished_at": time.time(),
+    }
+    return {"staged": np.asarray([json.dumps(staged)], dtype=object)}
+
+
 class ErrorRateExceededError(PipelineError):
     """More images failed than ``--max-error-rate`` allows.
 
@@ -64,7 +96,7 @@ class ErrorRateExceededError(PipelineError):
 
 @dataclasses.dataclass(frozen=True)
 class RunBooks:
-    """What the driver knows of a run before it executes, and settles at its commit.
+    """What the driver knows of a run before it executes, and settles at its commits.
 
     ``listing`` holds the books on every listed image (unchanged, known failed, gone); its
     chunks' references stay in the driver with it.
@@ -94,15 +126,18 @@ class RunBooks:
     def to_embed(self) -> int:
         return self.listing.to_embed
 
-    def error_rate_exceeded(self, failures: Mapping[str, Failures]) -> str | None:
+    def error_rate_exceeded(
+        self, failures: Mapping[str, Failures], *, attempted: int | None = None
+    ) -> str | None:
         """What is wrong when this run's and the known failures exceed ``--max-error-rate``.
 
         Args:
             failures: This run's failures by type (none yet, before the run executes: then
                 the known failures alone are checked).
+            attempted: This run's images attempted so far (default: all it has to embed).
         """
         failed = count_failures(failures) + self.known_failed
-        attempted = self.to_embed + self.known_failed
+        attempted = (self.to_embed if attempted is None else attempted) + self.known_failed
         rate = failed / attempted if attempted else 0.0
         if rate <= self.config.max_error_rate:
             return None
@@ -123,42 +158,27 @@ class RunBooks:
                 f"{self.output.uri}/errors), or raise --max-error-rate"
             )
 
-    def settle(self, staged: list[Staged], *, executing_since: float | None) -> RunRecord:
-        """Check the run's rows, decide on its error rate, commit, and return its record.
-
-        Images that failed in earlier runs for a lasting reason are not retried, but they still
-        count toward ``--max-error-rate``: a rerun does not turn a failing input into a
-        passing one.
-
-        Raises:
-            PipelineError: the rows do not add up; nothing is committed.
-            ErrorRateExceededError: too many images failed; only ``errors/`` is committed.
-        """
+    def record(
+        self,
+        *,
+        status: RunStatus,
+        embedded: int,
+        failed: int,
+        failures: Mapping[str, Failures],
+        executing_since: float | None,
+        checkpoints: int,
+        final: bool,
+    ) -> RunRecord:
+        """The run's record as of a commit (``final``: its last)."""
         from pipeline import __version__
 
-        files: dict[str, list[str]] = {"embeddings": [], "errors": []}
-        rows = {"embeddings": 0, "errors": 0}
-        for returned in staged:
-            for table, path, count in returned["files"]:
-                files[table].append(path)
-                rows[table] += count
-        failures = merge_failures(*(returned["failures"] for returned in staged))
-        embedded, failed = rows["embeddings"], rows["errors"]
-        if embedded + failed != self.to_embed:
-            # Every new image must come out exactly once, embedded or failed; anything else
-            # is a bug or a fault we must not commit.
-            raise PipelineError(
-                f"run {self.run_id} produced {embedded} embeddings + {failed} errors for "
-                f"{self.to_embed} images to embed; nothing committed"
-            )
         now = time.time()
         wall = now - self.started
         embedding = now - executing_since if executing_since else 0.0
-        too_many = self.error_rate_exceeded(failures)
-        too_many_errors = too_many is not None
-        record = RunRecord(
+        listing = self.listing
+        return RunRecord(
             run_id=self.run_id,
-            status=ERROR_RATE_EXCEEDED if too_many_errors else COMMITTED,
+            status=status,
             input=self.input_uri,
             full=self.config.full,
             started_at=self.started_at,
@@ -166,57 +186,39 @@ class RunBooks:
             wall_seconds=round(wall, 3),
             images_per_second=round(embedded / wall if wall > 0 else 0.0, 3),
             embedding_images_per_second=round(embedded / embedding if embedding > 0 else 0.0, 3),
-            failures=failures,
-            known_failures=dict(self.listing.known_failures),
+            failures=dict(failures),
+            known_failures=dict(listing.known_failures) if final else {},
             counts=RunCounts(
-                listed=self.listing.counts.listed,
-                skipped_by_extension=self.listing.counts.skipped_by_extension,
-                unchanged=self.listing.unchanged,
-                known_failed=self.known_failed,
-                embedded=0 if too_many_errors else embedded,
+                listed=listing.counts.listed if final else 0,
+                skipped_by_extension=listing.counts.skipped_by_extension if final else 0,
+                unchanged=listing.unchanged if final else 0,
+                known_failed=self.known_failed if final else 0,
+                embedded=embedded,
                 failed=failed,
-                deleted=0 if too_many_errors else len(self.listing.deleted),
+                deleted=len(listing.deleted) if final and status == COMMITTED else 0,
             ),
             pipeline_version=__version__,
             model=self.model,
             preprocessing=self.preprocessing,
+            checkpoints=checkpoints,
         )
-        if too_many is not None:
-            # The errors are worth keeping (they say what to fix); the embeddings are not.
-            self.output.commit(self.snapshot, record, staged={"errors": files["errors"]})
-            raise ErrorRateExceededError(
-                f"{too_many}: errors written to {self.output.uri}/errors, no embeddings committed",
-                record,
-            )
-        self.output.commit(
-            self.snapshot,
-            record,
-            staged=files,
-            deleted_uris=self.listing.deleted,
-            replace=self.replace,
-        )
-        return record
 
 
-class RunSink(Datasink[Staged]):
-    """One run's writes and commit (pass to ``Dataset.write_datasink``).
+class RunSink:
+    """One run's writes and commits: the writer stage's arguments, and the driver's loop over
+    what the writers return (:meth:`consume`).
 
-    Ray Data bundles model batches until a writer task has at least ``--rows-per-file`` rows,
-    and the task writes them as one file.
+    Ray Data bundles model batches into ``--rows-per-file`` rows per writer task, and the task
+    writes them as one file.
 
     Args:
-        books: The run's books; they stay in the driver (write tasks get only what they
+        books: The run's books; they stay in the driver (writer tasks get only what they
             write with: the staging URI, storage options and file metadata).
     """
 
     def __init__(self, books: RunBooks) -> None:
-        self.books: RunBooks | None = books
-        self.rows_per_file = books.config.rows_per_file
-        self.staging_uri = books.output.staging_uri(books.run_id)
-        self.storage_options = books.output.storage_options
-        self.metadata = file_metadata(
-            model=books.model, preprocessing=books.preprocessing, run_id=books.run_id
-        )
+        self.books = books
+        self.snapshot = books.snapshot  # the version the next commit must find
         self.record: RunRecord | None = None
         # A listing that streams while the run executes: its books, once it is done.
         self.listing_done: Callable[[], NewImages] | None = None
@@ -224,75 +226,128 @@ class RunSink(Datasink[Staged]):
         # For the run report: seconds per phase, and (seconds since start, images) per task.
         self.timings: dict[str, float] = {}
         self.written: list[tuple[float, int]] = []
+        # Committed by checkpoints so far, and staged since the last commit.
+        self.checkpoints = 0
+        self.committed_rows = {"embeddings": 0, "errors": 0}
+        self.failures: dict[str, Failures] = {}
+        self.pending: list[Staged] = []
+        self.last_commit = time.time()
 
-    def __getstate__(self) -> dict[str, Any]:
-        # The books hold the snapshot and the deleted URIs: nothing a writer task needs.
-        return self.__dict__ | {"books": None, "record": None, "written": [], "listing_done": None}
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
-
-    def on_write_start(self, schema: pa.Schema | None = None) -> None:
-        books = self._books()
-        books.output.discard_uncommitted(books.snapshot)
-
-    def write(self, blocks: Iterable[Block], ctx: Any) -> Staged:
-        batches = [BlockAccessor.for_block(block).to_numpy() for block in blocks]
-        batches = [b for b in batches if len(b["uri"])]
-        if not batches:
-            return {"files": [], "failures": {}, "finished_at": time.time()}
-        batch = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
-        failed = np.asarray(batch["error_type"] != "", dtype=bool)
-        out = write_batch(
-            batch,  # type: ignore[arg-type]
-            staging_uri=self.staging_uri,
-            storage_options=self.storage_options,
-            metadata=self.metadata,
-        )
+    def writer_kwargs(self) -> dict[str, Any]:
+        """:func:`write_files`'s keyword arguments."""
+        books = self.books
         return {
-            "files": [
-                (str(t), str(p), int(n))
-                for t, p, n in zip(out["table"], out["path"], out["rows"], strict=True)
-            ],
-            "failures": failures_by_type(
-                batch["error_type"][failed],
-                batch["uri"][failed],
-                batch["error_message"][failed],
+            "staging_uri": books.output.staging_uri(books.run_id),
+            "storage_options": books.output.storage_options,
+            "metadata": file_metadata(
+                model=books.model, preprocessing=books.preprocessing, run_id=books.run_id
             ),
-            "finished_at": time.time(),
         }
 
-    def on_write_complete(self, write_result: WriteResult[Staged]) -> None:
-        started, settling = self.executing_since or time.time(), time.time()
+    def start(self) -> None:
+        """Before any writer runs: clear what uncommitted runs left behind."""
+        self.books.output.discard_uncommitted(self.snapshot)
+
+    def consume(self, staged: Iterable[str]) -> RunRecord:
+        """Take each writer task's result as it comes; commit checkpoints; settle the run.
+
+        Raises:
+            PipelineError: the rows do not add up; the last part is not committed.
+            ErrorRateExceededError: too many images failed; only errors are committed.
+        """
+        started = self.executing_since or time.time()
+        config = self.books.config
+        for text in staged:
+            returned: Staged = json.loads(text)
+            self.pending.append(returned)
+            self.written.append(
+                (returned["finished_at"] - started, sum(n for _, _, n in returned["files"]))
+            )
+            pending_rows = sum(n for part in self.pending for _, _, n in part["files"])
+            if pending_rows >= config.commit_every or (
+                pending_rows and time.time() - self.last_commit >= config.commit_interval
+            ):
+                self.commit(final=False)
+        settling = time.time()
         self.timings["execution"] = settling - started
-        self.written = sorted(
-            (returned["finished_at"] - started, sum(n for _, _, n in returned["files"]))
-            for returned in write_result.write_returns
-        )
+        self.written.sort()
         try:
             if self.listing_done is not None:  # every block is written: the listing is done
-                self.books = dataclasses.replace(self._books(), listing=self.listing_done())
-            self.record = self._books().settle(
-                write_result.write_returns, executing_since=self.executing_since
-            )
-        except ErrorRateExceededError as exc:
-            self.record = exc.record
-            raise
+                self.books = dataclasses.replace(self.books, listing=self.listing_done())
+            return self.commit(final=True)
         finally:
             self.timings["commit"] = time.time() - settling
 
+    def commit(self, *, final: bool) -> RunRecord:
+        """Commit what is staged since the last commit: a checkpoint, or the run's last."""
+        books = self.books
+        files: dict[str, list[str]] = {"embeddings": [], "errors": []}
+        rows = dict(self.committed_rows)
+        for returned in self.pending:
+            for table, path, count in returned["files"]:
+                files[table].append(path)
+                rows[table] += count
+        failures = merge_failures(self.failures, *(part["failures"] for part in self.pending))
+        embedded, failed = rows["embeddings"], rows["errors"]
+        if final and embedded + failed != books.to_embed:
+            # Every new image must come out exactly once, embedded or failed; anything else
+            # is a bug or a fault we must not commit.
+            raise PipelineError(
+                f"run {books.run_id} produced {embedded} embeddings + {failed} errors for "
+                f"{books.to_embed} images to embed; {self.kept()}"
+            )
+        too_many = books.error_rate_exceeded(
+            failures, attempted=None if final else embedded + failed
+        )
+        status: RunStatus = (
+            ERROR_RATE_EXCEEDED if too_many else COMMITTED if final else CHECKPOINTED
+        )
+        record = books.record(
+            status=status,
+            embedded=self.committed_rows["embeddings"] if too_many else embedded,
+            failed=failed,
+            failures=failures,
+            executing_since=self.executing_since,
+            checkpoints=self.checkpoints,
+            final=final,
+        )
+        if too_many is not None:
+            # The errors are worth keeping (they say what to fix); the embeddings are not.
+            self.snapshot = books.output.commit(
+                self.snapshot, record, staged={"errors": files["errors"]}
+            )
+            self.record = record
+            raise ErrorRateExceededError(
+                f"{too_many}: errors written to {books.output.uri}/errors, "
+                + ("no embeddings committed" if not self.checkpoints else self.kept()),
+                record,
+            )
+        self.snapshot = books.output.commit(
+            self.snapshot,
+            record,
+            staged=files,
+            deleted_uris=books.listing.deleted if final else None,
+            replace=books.replace and final,
+            final=final,
+        )
+        self.committed_rows, self.failures, self.pending = rows, failures, []
+        self.last_commit = time.time()
+        if not final:
+            self.checkpoints += 1
+        self.record = record
+        return record
+
+    def kept(self) -> str:
+        if not self.checkpoints:
+            return "nothing committed"
+        done = sum(self.committed_rows.values())
+        return f"{self.checkpoints} checkpoints ({done} images) stay committed"
+
     def run_without_tasks(self) -> RunRecord:
         """The same lifecycle for a run with nothing to write (every image unchanged)."""
-        self.on_write_start()
-        self.on_write_complete(WriteResult(num_rows=0, size_bytes=0, write_returns=[]))
-        assert self.record is not None
-        return self.record
-
-    def _books(self) -> RunBooks:
-        if self.books is None:
-            raise RuntimeError("RunSink's driver callbacks ran outside the driver")
-        return self.books
+        self.start()
+        self.executing_since = time.time()
+        return self.consume([])
 
 
 def utc_iso() -> str:

@@ -198,7 +198,7 @@ def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
         "for a in list_actors(address='ADDR', limit=1000):\n"
         "    if 'ResNet50Embedder' in a.class_name: print('model', nodes.get(a.node_id))\n"
         "for t in list_tasks(address='ADDR', limit=10000):\n"
-        "    if t.name in ('MapBatches(decode_batch)', 'Write'):\n"
+        "    if t.name in ('MapBatches(decode_batch)', 'MapBatches(write_files)'):\n"
         "        print(t.name, nodes.get(t.node_id))\n"
     )
     dashboard = int(cluster["dashboard"].rsplit(":", 1)[1])
@@ -206,7 +206,7 @@ def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
     assert placements == {
         "model gpu",
         "MapBatches(decode_batch) cpu",
-        "Write cpu",  # RunSink's writer tasks
+        "MapBatches(write_files) cpu",  # the writer tasks
     }, placements
 
     manifest = read_manifest(str(output))

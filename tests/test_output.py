@@ -60,7 +60,8 @@ def test_commit_then_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(FileNotFoundError):
         read_embeddings(output)
     out = Output(output)
-    manifest = out.commit(out.snapshot(), _record("run1"), staged=staged)
+    manifest = out.commit(out.snapshot(), _record("run1"), staged=staged).manifest
+    assert manifest is not None
     assert manifest.runs[0].files["embeddings"][0].startswith("embeddings/run_id=run1/")
     assert not (tmp_path / "out" / "_staging").exists()
     table = read_embeddings(output)
