@@ -280,6 +280,61 @@ def bench_listing(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def bench_commit(args: argparse.Namespace) -> list[str]:
+    """Commit ``--files`` staged files to moto's S3 server: the commit's copies go out
+    together; the old way (one move after another) is timed on as many files beside it."""
+    import logging
+    import os
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.manifest import RunCounts, RunRecord
+    from pipeline.output import STAGING_DIR, Output
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(key, "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+        fs.mkdir("bench")
+        data = b"x" * args.file_bytes
+        lines = [
+            f"- moto S3 on 127.0.0.1, {args.files:,} staged files of {args.file_bytes:,} bytes"
+        ]
+        for way in ("one by one (before)", "together (now)"):
+            run_id = "r-serial" if "before" in way else "r-batch"
+            stage = f"bench/out/{STAGING_DIR}/{run_id}"
+            fs.pipe({f"{stage}/embeddings/part-{i:05d}.parquet": data for i in range(args.files)})
+            staged = {"embeddings": [f"embeddings/part-{i:05d}.parquet" for i in range(args.files)]}
+            output = Output("s3://bench/out", {"endpoint_url": endpoint})
+            record = RunRecord(
+                run_id=run_id, input="", counts=RunCounts(), model=None, preprocessing={}
+            )
+            started = time.perf_counter()
+            if "before" in way:
+                for relative in staged["embeddings"]:
+                    fs.mv(
+                        f"{stage}/{relative}",
+                        f"bench/out/embeddings/run_id={run_id}/{relative.rsplit('/', 1)[-1]}",
+                    )
+            else:
+                output.commit(output.snapshot(), record, staged=staged)
+            seconds = time.perf_counter() - started
+            lines.append(f"- {way}: {seconds:.1f} s ({args.files / seconds:,.0f} files/s)")
+    finally:
+        server.stop()
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_diff_child":
@@ -297,11 +352,16 @@ def main(argv: list[str] | None = None) -> None:
     listing.add_argument(
         "--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[1, 16]
     )
+    commit = sub.add_parser("commit")
+    commit.add_argument("--files", type=int, default=1000)
+    commit.add_argument("--file-bytes", type=int, default=1024)
     args = parser.parse_args(argv)
     if args.part == "diff":
         append("Scale: incremental diff", bench_diff(args))
     elif args.part == "listing":
         append("Scale: listing an object store", bench_listing(args))
+    elif args.part == "commit":
+        append("Scale: commit of staged files", bench_commit(args))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,12 @@ that parse flags and start or join Ray.
 """
 
 from pipeline.config import EmbedConfig, PipelineError
-from pipeline.output import iter_embeddings, read_embeddings, read_manifest
+from pipeline.output import (
+    iter_embeddings,
+    read_embeddings,
+    read_embeddings_dataset,
+    read_manifest,
+)
 from pipeline.runtime import embed_images
 
 __version__ = "0.1.0"
@@ -20,6 +25,7 @@ __all__ = [
     "embed_images",
     "iter_embeddings",
     "read_embeddings",
+    "read_embeddings_dataset",
     "read_manifest",
     "__version__",
 ]

@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -164,6 +165,22 @@ class Output:
             gone = self._load(manifest, "deletions", narrow, large=True)
             rows = resolve_rows(emb, err, gone)
         return CommittedImages(emb, err, rows)
+
+    def superseded(self, snapshot: Snapshot) -> pa.Table:
+        """``(uri, run_id)`` of the rows in current embeddings files that are not current: the
+        image changed in a later run, or is gone (none while a single run has committed)."""
+        from pipeline.incremental import resolve_rows
+
+        manifest = self.require(snapshot)
+        narrow = ["uri", "run_id"]
+        emb = self._load(manifest, "embeddings", narrow, large=True)
+        if len(manifest.runs) <= 1 or emb.num_rows == 0:
+            return pa.table({c: pa.array([], pa.string()) for c in narrow})
+        err = self._load(manifest, "errors", narrow, large=True)
+        current, _ = resolve_rows(emb, err, self._load(manifest, "deletions", narrow, large=True))
+        stale = np.ones(emb.num_rows, dtype=bool)
+        stale[current] = False
+        return pa.table({c: emb[c].filter(pa.array(stale)).cast(pa.string()) for c in narrow})
 
     def iter_current(
         self, snapshot: Snapshot, *, columns: Sequence[str], batch_size: int
@@ -362,6 +379,8 @@ class Output:
             for source, target in zip(sources, targets, strict=True):
                 make_parent(self.fs, target)
                 self.fs.mv(source, target)
+        elif hasattr(self.fs, "_copy_basic") and getattr(self.fs, "loop", None) is not None:
+            _copy_together(self.fs, sources, targets)
         else:
             self.fs.copy(sources, targets)
         return committed
@@ -477,6 +496,29 @@ class Output:
             pass
 
 
+# Server-side copies in flight at once during a commit on S3.
+COPY_CONCURRENCY = 64
+
+
+def _copy_together(fs: Any, sources: Sequence[str], targets: Sequence[str]) -> None:
+    """S3 server-side copies (one CopyObject each: staged files are far below its 5 GB
+    limit), ``COPY_CONCURRENCY`` at a time on s3fs's event loop."""
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    async def copy_all() -> None:
+        slots = asyncio.Semaphore(COPY_CONCURRENCY)
+
+        async def copy(source: str, target: str) -> None:
+            async with slots:
+                await fs._copy_basic(source, target)
+
+        await asyncio.gather(*(copy(s, t) for s, t in zip(sources, targets, strict=True)))
+
+    sync(fs.loop, copy_all)
+
+
 def _local_version(st: os.stat_result) -> str:
     return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
 
@@ -557,3 +599,62 @@ def iter_embeddings(
     """
     out = Output(output, storage_options)
     yield from out.iter_current(out.snapshot(), columns=columns, batch_size=batch_size)
+
+
+def read_embeddings_dataset(
+    output: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    columns: Sequence[str] | None = None,
+) -> Any:
+    """The current embeddings as a ``ray.data.Dataset``, read by Ray's tasks, not the driver:
+    for loading a vector database from many workers.
+
+    The committed files are read with ``ray.data.read_parquet`` (``run_id`` from the hive
+    folders). Rows a later run superseded (the image changed, or is gone) are dropped in the
+    read tasks, which get only those rows' ``(uri, run_id)`` keys; finding them reads the
+    narrow key columns in the driver, once, as a run's diff does.
+
+    Example:
+        >>> ds = read_embeddings_dataset("s3://bucket/embeddings/resnet50/")  # doctest: +SKIP
+        >>> ds.iter_batches(batch_size=4096)  # doctest: +SKIP
+    """
+    import ray
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    from ray.data.datasource import Partitioning
+
+    out = Output(output, storage_options)
+    snapshot = out.snapshot()
+    manifest = out.require(snapshot)
+    files = [join(out.root, p) for p in manifest.current.get("embeddings", [])]
+    wanted = list(columns) if columns else None
+    if not files:
+        raise FileNotFoundError(f"{out.uri} holds no embeddings")
+    superseded = out.superseded(snapshot)
+    dataset = ray.data.read_parquet(
+        files,
+        filesystem=None if is_local(out.fs) else PyFileSystem(FSSpecHandler(out.fs)),
+        partitioning=Partitioning(
+            "hive",  # type: ignore[arg-type]
+            base_dir=join(out.root, "embeddings"),
+            field_types={"run_id": str},
+        ),
+        columns=_with(wanted, ["uri", "run_id"]) if superseded.num_rows and wanted else wanted,
+    )
+    if superseded.num_rows:
+        dataset = dataset.map_batches(
+            _drop_superseded,  # type: ignore[arg-type]
+            batch_format="pyarrow",
+            fn_kwargs={"superseded": superseded, "columns": wanted},
+        )
+    return dataset
+
+
+def _drop_superseded(
+    batch: pa.Table, *, superseded: pa.Table, columns: list[str] | None
+) -> pa.Table:
+    from pipeline.incremental import KeyIndex
+
+    keys = pa.table({c: batch[c].cast(pa.string()) for c in ("uri", "run_id")})
+    kept = batch.filter(pa.array(KeyIndex(superseded, ["uri", "run_id"]).find(keys) < 0))
+    return kept.select(columns) if columns else kept

@@ -188,3 +188,26 @@ def test_a_run_reads_the_manifest_once(tmp_path, make_image, ray_session, monkey
     assert len(reads) == 2, reads
     manifest = read_manifest(output)
     assert manifest is not None and [r.counts.embedded for r in manifest.runs] == [3, 1]
+
+
+def test_the_dataset_reader_gives_the_current_table(tmp_path, ray_session) -> None:  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+
+    from pipeline.output import read_embeddings_dataset
+
+    output = str(tmp_path / "out")
+    _commit(output, "r1", _stage(output, "r1", ["/a.png", "/b.png", "/c.png"]))
+    _commit(output, "r2", _stage(output, "r2", ["/b.png", "/d.png"]))  # /b.png changed
+    out = Output(output)
+    out.commit(out.snapshot(), _record("r3"), staged={}, deleted_uris=pa.array(["/c.png"]))
+
+    def rows(table: pa.Table) -> list[tuple[str, str]]:
+        return sorted(zip(table["uri"].to_pylist(), table["run_id"].to_pylist(), strict=True))
+
+    expected = [("/a.png", "r1"), ("/b.png", "r2"), ("/d.png", "r2")]
+    assert rows(read_embeddings(output)) == expected
+    dataset = read_embeddings_dataset(output, columns=["uri", "run_id", "embedding"])
+    table = pa.concat_tables(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
+    assert rows(table) == expected
+    assert table.column_names == ["uri", "run_id", "embedding"]
+    assert rows(pa.Table.from_pandas(read_embeddings_dataset(output).to_pandas())) == expected
