@@ -138,7 +138,24 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     export.add_argument(
         "--batch-size", type=int, default=4096, metavar="N", help="rows per streamed batch"
     )
-    for sub in (status, query, export):
+    compact = commands.add_parser(
+        "compact",
+        help="rewrite OUTPUT's current table into fresh files, dropping superseded rows",
+        description="Rewrite the current embeddings and errors of OUTPUT into fresh files "
+        "(on Ray: a local one, or --address / RAY_ADDRESS), drop rows of changed or deleted "
+        "images, and commit it atomically; a plain pyarrow.dataset read then equals the "
+        "current table.",
+    )
+    compact.add_argument("output", metavar="OUTPUT", help="an embed-images --output")
+    compact.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="rows per compacted file (default %(default)s)",
+    )
+    compact.add_argument("--address", metavar="ADDR", help="Ray cluster to run on")
+    for sub in (status, query, export, compact):
         sub.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint")
         sub.add_argument(
             "--storage-options",
@@ -595,9 +612,25 @@ def report_failure(exc: PipelineError) -> int:
     return EXIT_BAD_DATA if isinstance(exc, ErrorRateExceededError) else EXIT_FAILED
 
 
+def compact_command(args: argparse.Namespace) -> int:
+    from pipeline.compact import compact
+    from pipeline.runtime import start_ray
+
+    if args.rows_per_file < 1:
+        raise ConfigError(f"--rows-per-file {args.rows_per_file}: must be an integer >= 1")
+    start_ray(args.address)
+    record = compact(args.output, storage_options=_options(args), rows_per_file=args.rows_per_file)
+    print(
+        f"{PROG}: compacted {args.output}: {record.counts.embedded} embeddings and "
+        f"{record.counts.failed} errors rewritten as run {record.run_id}"
+    )
+    return 0
+
+
 COMMANDS = {
     "run": run_command,
     "status": status_command,
+    "compact": compact_command,
     "query": query_command,
     "export": export_command,
 }

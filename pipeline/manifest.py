@@ -21,11 +21,16 @@ MANIFEST_FORMAT = "embed-images/manifest"
 MANIFEST_VERSION = 1
 TABLES = ("embeddings", "errors", "deletions")
 
-RunStatus = Literal["committed", "failed: error rate", "checkpointed"]
+RunStatus = Literal["committed", "failed: error rate", "checkpointed", "compacted"]
 COMMITTED: Final = "committed"
 ERROR_RATE_EXCEEDED: Final = "failed: error rate"
 # Some of the run is committed (its checkpoints); the rest was not, or is still running.
 CHECKPOINTED: Final = "checkpointed"
+# Not a run of the input: the current table rewritten into fresh files (pipeline.compact).
+COMPACTED: Final = "compacted"
+# Run records the manifest keeps: older ones go (their files, if still current, stay listed
+# under ``current``), so that the manifest stays small after years of nightly runs.
+RUN_LOG = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +251,14 @@ class Manifest:
         return cls(current={table: [] for table in TABLES}, runs=[])
 
     def committed_run_ids(self) -> set[str]:
-        return {run.run_id for run in self.runs}
+        """Runs whose folders hold committed files: those in the run log, and those any
+        current file lives in (older runs leave the log, not the table)."""
+        return {run.run_id for run in self.runs} | {
+            path.split("/run_id=", 1)[1].split("/", 1)[0]
+            for paths in self.current.values()
+            for path in paths
+            if "/run_id=" in path
+        }
 
     def checkpointed_run_ids(self) -> set[str]:
         """Runs with some files committed whose last commit may not have happened."""
@@ -283,7 +295,7 @@ class Manifest:
             )
         manifest = Manifest(
             current=current,
-            runs=[*(r for r in self.runs if r.run_id != run.run_id), run],
+            runs=[*(r for r in self.runs if r.run_id != run.run_id), run][-RUN_LOG:],
             model=run.model or self.model,
             preprocessing=run.preprocessing or self.preprocessing,
         )

@@ -260,6 +260,7 @@ class Output:
         manifest = snapshot.manifest or Manifest.empty()
         committed, partial = manifest.committed_run_ids(), manifest.checkpointed_run_ids()
         current = {path for paths in manifest.current.values() for path in paths}
+        folders = {path.rsplit("/", 1)[0] for path in current}  # TABLE/run_id=…
         removed = 0
         for table in TABLES:
             table_root = join(self.root, table)
@@ -268,7 +269,10 @@ class Output:
             for entry in self.fs.ls(table_root, detail=False):
                 name = entry.rstrip("/").rsplit("/", 1)[-1]
                 run_id = name[len("run_id=") :] if name.startswith("run_id=") else None
-                if run_id is not None and run_id not in committed:
+                has_current = f"{table}/{name}" in folders
+                if run_id is not None and (run_id not in committed or not has_current):
+                    # Never committed, or every file superseded (by --full or compact; a
+                    # commit killed before it deleted them).
                     self._remove(entry)
                     removed += 1
                 elif run_id in partial:

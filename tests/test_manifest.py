@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -62,3 +63,41 @@ def test_files_and_manifest_carry_the_same_model_identity() -> None:
 def test_a_foreign_json_file_is_not_a_manifest() -> None:
     with pytest.raises(ValueError, match="not an embed-images manifest"):
         Manifest.from_json({"runs": []})
+
+
+def test_the_run_log_is_bounded_and_old_runs_files_stay_committed() -> None:
+    from pipeline.manifest import RUN_LOG
+
+    manifest = Manifest.empty()
+    for n in range(RUN_LOG + 20):
+        run_id = f"r{n:04d}"
+        manifest, _ = manifest.with_run(_run(run_id, embeddings=[f"embeddings/run_id={run_id}/a"]))
+    assert len(manifest.runs) == RUN_LOG
+    assert manifest.runs[0].run_id == "r0020"
+    assert len(manifest.current["embeddings"]) == RUN_LOG + 20  # every file stays current
+    assert "r0000" in manifest.committed_run_ids()  # its folder is not "uncommitted"
+
+
+def test_a_checkpoint_replaces_the_runs_record_and_adds_its_files() -> None:
+    from pipeline.manifest import CHECKPOINTED
+
+    first = dataclasses.replace(
+        _run("r1", embeddings=["embeddings/run_id=r1/a"]), status=CHECKPOINTED
+    )
+    manifest, _ = Manifest.empty().with_run(first)
+    manifest, _ = manifest.with_run(_run("r1", embeddings=["embeddings/run_id=r1/b"]))
+    assert [r.run_id for r in manifest.runs] == ["r1"]
+    assert manifest.runs[0].files["embeddings"] == [
+        "embeddings/run_id=r1/a",
+        "embeddings/run_id=r1/b",
+    ]
+    assert manifest.current["embeddings"] == manifest.runs[0].files["embeddings"]
+    # A --full run's last commit supersedes earlier runs' files, not its own checkpoints'.
+    manifest, _ = manifest.with_run(
+        dataclasses.replace(first, run_id="r2", files={"embeddings": ["embeddings/run_id=r2/a"]})
+    )
+    manifest, superseded = manifest.with_run(
+        _run("r2", embeddings=["embeddings/run_id=r2/b"]), replace=True
+    )
+    assert superseded == ["embeddings/run_id=r1/a", "embeddings/run_id=r1/b"]
+    assert manifest.current["embeddings"] == ["embeddings/run_id=r2/a", "embeddings/run_id=r2/b"]

@@ -155,3 +155,98 @@ def test_a_run_killed_between_checkpoints_keeps_them_and_the_rerun_does_the_rest
     assert record.counts.failed == 300 - len(kept)
     assert sorted(_rows_once(output, "errors")) == sorted(str(p) for p in photos.iterdir())
     assert not (output / "_staging").exists()
+
+
+def _plain_rows(output: Path) -> list[tuple[str, str]]:
+    plain = pads.dataset(
+        str(output / "embeddings"), format="parquet", partitioning="hive"
+    ).to_table(columns=["uri", "run_id"])
+    return sorted(zip(plain["uri"].to_pylist(), plain["run_id"].to_pylist(), strict=True))
+
+
+def _plain_equals_current(output: Path) -> list[tuple[str, str]]:
+    """A plain ``pyarrow.dataset`` read of the embeddings equals ``read_embeddings``."""
+    current = read_embeddings(str(output), columns=["uri", "run_id"])
+    rows = sorted(zip(current["uri"].to_pylist(), current["run_id"].to_pylist(), strict=True))
+    assert _plain_rows(output) == rows
+    return rows
+
+
+@pytest.mark.slow
+def test_compaction_leaves_only_current_rows_and_nightly_runs_go_on(
+    tmp_path, make_image, ray_session
+) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.compact import compact
+
+    photos, output = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    for i in range(5):
+        (photos / f"p{i}.jpg").write_bytes(make_image((20 + i, 16), seed=i))
+    options = dict(input=str(photos), output=str(output), weights="random")
+    execute_run(prepare_run(EmbedConfig(**options)), embedder=Identity)
+    (photos / "p0.jpg").write_bytes(make_image((30, 30), seed=50))  # changed
+    (photos / "p1.jpg").unlink()  # deleted
+    (photos / "p5.jpg").write_bytes(make_image((24, 18), seed=5))  # new
+    second = execute_run(prepare_run(EmbedConfig(**options)), embedder=Identity)
+    assert (second.counts.embedded, second.counts.deleted) == (2, 1)
+    before = sorted(read_embeddings(str(output))["uri"].to_pylist())
+    record = compact(str(output), rows_per_file=2)
+    manifest = read_manifest(str(output))
+    assert manifest is not None and manifest.runs[-1].status == "compacted"
+    assert not manifest.current["deletions"]  # applied
+    assert all(f"run_id={record.run_id}/" in p for p in manifest.current["embeddings"])
+    assert len(manifest.current["embeddings"]) == 3  # 5 rows, 2 a file
+    rows = _plain_equals_current(output)
+    assert [u for u, _ in rows] == before
+    assert {r for _, r in rows} == {record.run_id}
+
+    (photos / "p6.jpg").write_bytes(make_image((22, 18), seed=6))
+    third = execute_run(prepare_run(EmbedConfig(**options)), embedder=Identity)
+    assert (third.counts.embedded, third.counts.unchanged) == (1, 5)
+    assert [u for u, _ in _plain_equals_current(output)] == sorted(
+        [*before, str(photos / "p6.jpg")]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", ["before its manifest", "after its manifest"])
+def test_a_compaction_killed_midway_loses_nothing(
+    tmp_path, make_image, ray_session, monkeypatch, killed
+) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.compact import compact
+    from pipeline.output import Output
+
+    photos, output = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"p{i}.jpg").write_bytes(make_image((20 + i, 16), seed=i))
+    options = dict(input=str(photos), output=str(output), weights="random")
+    execute_run(prepare_run(EmbedConfig(**options)), embedder=Identity)
+    (photos / "p0.jpg").write_bytes(make_image((30, 30), seed=50))
+    execute_run(prepare_run(EmbedConfig(**options)), embedder=Identity)
+    before = read_embeddings(str(output), columns=["uri"])["uri"].to_pylist()
+    plain_before = _plain_rows(output)
+
+    def power_cut(*args: Any, **kwargs: Any) -> None:
+        raise OSError("power cut")
+
+    target = "_write_manifest" if killed == "before its manifest" else "discard_staging"
+    with monkeypatch.context() as patch:
+        patch.setattr(Output, target, power_cut)
+        with pytest.raises(OSError, match="power cut"):
+            compact(str(output))
+    # Readers that go through the manifest see each image once, either way.
+    assert sorted(read_embeddings(str(output), columns=["uri"])["uri"].to_pylist()) == sorted(
+        before
+    )
+    # What the next run does first: no file of the compaction, or of before it, is left
+    # beside the table its manifest names.
+    out = Output(str(output))
+    assert out.discard_uncommitted(out.snapshot()) > 0
+    status = read_manifest(str(output)).runs[-1].status  # type: ignore[union-attr]
+    if killed == "before its manifest":
+        assert status == "committed"
+        assert _plain_rows(output) == plain_before  # the table before (with its changed row)
+    else:
+        assert status == "compacted"
+        assert [u for u, _ in _plain_equals_current(output)] == sorted(before)

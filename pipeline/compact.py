@@ -1,0 +1,131 @@
+"""Maintenance: rewrite an output's current table into fresh files, and commit it atomically.
+
+    read_embeddings_dataset (Ray tasks: current rows only) -> write_table_file (Ray tasks,
+    into OUTPUT/_staging/RUN_ID/) -> Output.commit(replace=True) -> earlier files deleted
+
+Nightly runs add small files and leave superseded rows (changed or deleted images) in place;
+readers that go through the manifest skip them, a plain ``pyarrow.dataset`` read does not.
+After a compaction the table is current rows only, in files of ``rows_per_file`` rows, in the
+compaction's own ``run_id=…`` folder; deletions are applied and the manifest lists only the
+new files. A compaction killed before its manifest is written changes nothing (its files are
+discarded by the next run); one killed after it leaves superseded files that no manifest
+lists, which the next run deletes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import PipelineError
+from pipeline.manifest import COMPACTED, RunCounts, RunRecord
+from pipeline.output import Output, read_embeddings_dataset
+from pipeline.storage import join, make_parent, open_fs
+from pipeline.write import EMBEDDINGS_SCHEMA, ERRORS_SCHEMA, file_metadata
+
+# Rows per compacted file: some 80 MB of float32 vectors, a good Parquet file size to scan.
+COMPACT_ROWS_PER_FILE = 10_000
+
+
+def write_table_file(
+    batch: pa.Table,
+    *,
+    table: str,
+    staging_uri: str,
+    storage_options: Mapping[str, Any],
+    metadata: Mapping[str, str],
+) -> dict[str, np.ndarray]:
+    """Write one batch of current rows as one Parquet file (a ``map_batches`` function);
+    returns one row: its path relative to the staging folder, and its rows."""
+    if batch.num_rows == 0:
+        return {"path": np.zeros(0, dtype=object), "rows": np.zeros(0, dtype=np.int64)}
+    schema = EMBEDDINGS_SCHEMA if table == "embeddings" else ERRORS_SCHEMA
+    rows = batch.select(schema.names).cast(schema).replace_schema_metadata(dict(metadata))
+    fs, root = open_fs(staging_uri, storage_options)
+    relative = f"{table}/part-{uuid.uuid4().hex}.parquet"
+    buffer = io.BytesIO()
+    pq.write_table(rows, buffer, compression="zstd")
+    make_parent(fs, join(root, relative))
+    fs.pipe_file(join(root, relative), buffer.getvalue())
+    return {
+        "path": np.asarray([relative], dtype=object),
+        "rows": np.asarray([rows.num_rows], dtype=np.int64),
+    }
+
+
+def compact(
+    output: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    rows_per_file: int = COMPACT_ROWS_PER_FILE,
+) -> RunRecord:
+    """Rewrite ``output``'s current embeddings and errors into fresh files (on the running
+    Ray) and commit them in place of every earlier file.
+
+    Returns:
+        The compaction's record in the manifest (status ``compacted``).
+
+    Raises:
+        PipelineError: nothing committed yet, or another run committed meanwhile.
+    """
+    from pipeline.output import read_embeddings
+    from pipeline.run import new_run_id
+    from pipeline.sink import utc_iso
+
+    started, started_at = time.time(), utc_iso()
+    out = Output(output, storage_options)
+    snapshot = out.snapshot()
+    manifest = snapshot.manifest
+    if manifest is None or manifest.model is None:
+        raise PipelineError(f"nothing to compact: no run has committed to {out.uri}")
+    run_id = f"{new_run_id()}-compact"
+    kwargs = {
+        "staging_uri": out.staging_uri(run_id),
+        "storage_options": out.storage_options,
+        "metadata": file_metadata(
+            model=manifest.model, preprocessing=manifest.preprocessing or {}, run_id=run_id
+        ),
+    }
+    out.discard_uncommitted(snapshot)
+    staged: dict[str, list[str]] = {"embeddings": [], "errors": []}
+    counts = {"embeddings": 0, "errors": 0}
+    if manifest.current.get("embeddings"):
+        written = read_embeddings_dataset(output, storage_options=storage_options).map_batches(
+            write_table_file,  # type: ignore[arg-type]
+            batch_size=rows_per_file,
+            batch_format="pyarrow",
+            fn_kwargs={"table": "embeddings", **kwargs},
+        )
+        for batch in written.iter_batches(batch_size=None, batch_format="numpy"):
+            staged["embeddings"] += [str(p) for p in batch["path"]]
+            counts["embeddings"] += int(batch["rows"].sum())
+    errors = read_embeddings(output, storage_options=storage_options, table="errors")
+    for start in range(0, errors.num_rows, rows_per_file):
+        one = write_table_file(
+            errors.slice(start, rows_per_file),
+            table="errors",
+            **kwargs,  # type: ignore[arg-type]
+        )
+        staged["errors"] += [str(p) for p in one["path"]]
+        counts["errors"] += int(one["rows"].sum())
+    record = RunRecord(
+        run_id=run_id,
+        status=COMPACTED,
+        input=json.dumps({"compacted": out.uri}),
+        counts=RunCounts(embedded=counts["embeddings"], failed=counts["errors"]),
+        model=manifest.model,
+        preprocessing=manifest.preprocessing or {},
+        started_at=started_at,
+        finished_at=utc_iso(),
+        wall_seconds=round(time.time() - started, 3),
+    )
+    out.commit(snapshot, record, staged=staged, replace=True)
+    return record
