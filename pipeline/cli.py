@@ -225,6 +225,13 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         "(default %(default)s)",
     )
     io.add_argument(
+        "--input-list",
+        metavar="URI",
+        help="take the images from a list instead of listing --input: an S3 Inventory "
+        "manifest.json, or a Parquet/CSV file with a 'uri' column (optional 'size', "
+        "'version'), or a text file of one URI per line; entries outside --input are ignored",
+    )
+    io.add_argument(
         "--commit-every",
         type=int,
         metavar="N",

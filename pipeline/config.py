@@ -67,6 +67,9 @@ class EmbedConfig:
             killed between checkpoints keeps the earlier ones, and the next run embeds the
             rest.
         commit_interval: Seconds after which what is written is committed, at the latest.
+        input_list: Take the input's files from this list instead of listing ``input``: an
+            S3 Inventory ``manifest.json``, or a Parquet, CSV or text file of URIs (entries
+            outside ``input`` are ignored).
         list_concurrency: LIST requests in flight at once on an object store (a prefix is
             split by its "subfolders"; see ``pipeline.listing.ShardedLister``).
         concurrency: Model actors: a fixed count or an autoscaling ``(min, max)``.
@@ -111,6 +114,7 @@ class EmbedConfig:
     commit_every: int = 100_000
     commit_interval: float = 1800.0
     list_concurrency: int = 16
+    input_list: str | None = None
     concurrency: int | tuple[int, int] = 1
     num_gpus: float | None = None
     model_threads: int | None = None

@@ -52,6 +52,8 @@ def source_version(info: dict[str, Any]) -> str:
         >>> source_version({"ETag": '"9b2cf535f27731c974343645a3985328"'})
         'etag:9b2cf535f27731c974343645a3985328'
     """
+    if info.get("version"):  # given by an --input-list
+        return f"version:{info['version']}"
     for key in ("ETag", "etag", "md5Hash"):
         if info.get(key):
             return f"etag:{str(info[key]).strip(chr(34))}"
@@ -266,6 +268,7 @@ def list_images(
     chunk_rows: int,
     limit: int | None = None,
     concurrency: int = 1,
+    files: Iterator[tuple[str, dict[str, Any]]] | None = None,
 ) -> Iterator[pa.Table]:
     """List the images under ``root`` as Arrow tables of at most ``chunk_rows`` rows.
 
@@ -276,6 +279,8 @@ def list_images(
         chunk_rows: Rows per yielded table; each becomes one Ray Data block.
         limit: Stop after this many images.
         concurrency: LIST requests in flight at once, on object stores.
+        files: ``(path, info)`` of the input's files from elsewhere (an ``--input-list``:
+            :mod:`pipeline.inventory`) instead of listing ``root``.
 
     Returns:
         An iterator of tables with ``LISTING_SCHEMA``: ``uri`` (public), ``path`` (on ``fs``),
@@ -289,7 +294,12 @@ def list_images(
     """
     rows: dict[str, list[Any]] = {name: [] for name in LISTING_SCHEMA.names}
     taken = 0
-    for path, info in iter_image_files(fs, root, counts, concurrency=concurrency):
+    listed = (
+        iter_image_files(fs, root, counts, concurrency=concurrency)
+        if files is None
+        else _images_of(files, counts)
+    )
+    for path, info in listed:
         rows["uri"].append(to_uri(fs, path))
         rows["path"].append(path)
         rows["file_size"].append(int(info.get("size") or 0))
@@ -302,3 +312,14 @@ def list_images(
             break
     if rows["uri"]:
         yield pa.table(rows, schema=LISTING_SCHEMA)
+
+
+def _images_of(
+    files: Iterator[tuple[str, dict[str, Any]]], counts: ListingCounts
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    for path, info in files:
+        if has_image_extension(path):
+            counts.listed += 1
+            yield path, info
+        else:
+            counts.skipped_by_extension += 1

@@ -26,6 +26,7 @@ from pipeline.incremental import (
     NewImages,
     list_new_images,
 )
+from pipeline.inventory import iter_list_files
 from pipeline.listing import IMAGE_EXTENSIONS, InputError, ListingCounts
 from pipeline.manifest import Manifest, ModelIdentity, RunRecord
 from pipeline.output import Output, Snapshot
@@ -374,6 +375,11 @@ def list_work(
         limit=config.limit,
         max_listed=max_listed,
         concurrency=config.list_concurrency,
+        files=(
+            iter_list_files(config.input_list, fs, root, config.fs_options())
+            if config.input_list
+            else None
+        ),
     )
     if listing.counts.listed == 0:
         raise InputError(

@@ -170,3 +170,107 @@ def test_a_failing_shard_fails_the_listing_with_its_error() -> None:
 
     with pytest.raises(InputError, match="permission denied"):
         _listed(Denied(folder_keys(500, 4)), 4)
+
+
+def _keys(tables) -> list[tuple[str, int, str]]:  # type: ignore[no-untyped-def]
+    return sorted(
+        (u, s, v)
+        for t in tables
+        for u, s, v in zip(
+            t["uri"].to_pylist(),
+            t["file_size"].to_pylist(),
+            t["source_version"].to_pylist(),
+            strict=True,
+        )
+    )
+
+
+def test_a_uri_list_feeds_the_listing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.inventory import iter_list_files
+
+    photos = tmp_path / "photos"
+    fs, root = open_fs(str(photos))
+    uris = [
+        f"{photos}/a.jpg",
+        f"file://{photos}/b.png",
+        f"{tmp_path}/elsewhere/c.jpg",
+        f"{photos}/notes.txt",
+    ]
+    pq.write_table(
+        pa.table({"uri": uris, "size": [1, 2, 3, 4], "version": ["v1", "v2", "v3", "v4"]}),
+        tmp_path / "list.parquet",
+    )
+    counts = ListingCounts()
+    files = iter_list_files(str(tmp_path / "list.parquet"), fs, root)
+    tables = list(list_images(fs, root, counts, chunk_rows=10, files=files))
+    assert _keys(tables) == [
+        (f"{photos}/a.jpg", 1, "version:v1"),
+        (f"{photos}/b.png", 2, "version:v2"),
+    ]
+    assert (counts.listed, counts.skipped_by_extension) == (2, 1)  # c.jpg is outside --input
+
+    (tmp_path / "list.txt").write_text(f"{photos}/a.jpg\n\n{photos}/sub/d.webp\n")
+    files = iter_list_files(str(tmp_path / "list.txt"), fs, root)
+    tables = list(list_images(fs, root, ListingCounts(), chunk_rows=10, files=files))
+    assert [k[0] for k in _keys(tables)] == [f"{photos}/a.jpg", f"{photos}/sub/d.webp"]
+    with pytest.raises(InputError, match="no 'uri' column"):
+        pq.write_table(pa.table({"path": ["x"]}), tmp_path / "bad.parquet")
+        list(iter_list_files(str(tmp_path / "bad.parquet"), fs, root))
+
+
+@pytest.mark.parametrize("file_format", ["CSV", "Parquet"])
+def test_an_s3_inventory_gives_the_keys_list_gives(
+    corpus, s3_bucket, s3_endpoint, file_format
+) -> None:  # type: ignore[no-untyped-def]
+    import gzip
+    import io
+    import json
+    from urllib.parse import quote_plus
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.inventory import iter_list_files
+
+    root, _ = corpus
+    s3, bucket = s3_bucket
+    s3.put(str(root) + "/", f"{bucket}/photos/", recursive=True)
+    options = {"endpoint_url": s3_endpoint}
+    fs, path = open_fs(f"s3://{bucket}/photos/", options)
+    listed = _keys(list_images(fs, path, ListingCounts(), chunk_rows=100))
+    # The report as S3 Inventory writes it: the bucket's objects (and one of another prefix).
+    objects = [o for o in s3.find(bucket, detail=True).values() if o["type"] == "file"]
+    objects.append({"name": f"{bucket}/other/x.jpg", "size": 1, "ETag": '"0"'})
+    rows = {
+        "bucket": [bucket] * len(objects),
+        "key": [o["name"].split("/", 1)[1] for o in objects],
+        "size": [int(o["size"]) for o in objects],
+        "e_tag": [str(o["ETag"]).strip('"') for o in objects],
+    }
+    if file_format == "CSV":
+        text = "".join(
+            f'"{b}","{quote_plus(k, safe="/")}","{s}","{e}"\n'
+            for b, k, s, e in zip(*rows.values(), strict=True)
+        )
+        data, name = gzip.compress(text.encode()), "data/part-0.csv.gz"
+    else:
+        buffer = io.BytesIO()
+        pq.write_table(pa.table(rows), buffer)
+        data, name = buffer.getvalue(), "data/part-0.parquet"
+    s3.pipe(f"{bucket}/inventory/{name}", data)
+    manifest = {
+        "sourceBucket": bucket,
+        "destinationBucket": f"arn:aws:s3:::{bucket}",
+        "fileFormat": file_format,
+        "fileSchema": "Bucket, Key, Size, ETag",
+        "files": [{"key": f"inventory/{name}", "size": len(data), "MD5checksum": ""}],
+    }
+    s3.pipe(f"{bucket}/inventory/manifest.json", json.dumps(manifest).encode())
+    counts = ListingCounts()
+    files = iter_list_files(f"s3://{bucket}/inventory/manifest.json", fs, path, options)
+    from_list = _keys(list_images(fs, path, counts, chunk_rows=100, files=files))
+    assert from_list == listed  # same URIs, sizes and versions: the diff treats them alike
+    assert counts.skipped_by_extension == 1
