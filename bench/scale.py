@@ -3,6 +3,9 @@
     python -m bench.scale diff --keys 10000000 --changed 0.01
     python -m bench.scale listing --keys 100000 --page-latency 0.1
     python -m bench.scale commit --files 1000
+    python -m bench.scale manifest --images 10000000 --nights 365 --compact-every 7
+    python -m bench.scale local --files 200000
+    python -m bench.scale first-chunk --keys 10000000
 
 No model and no image is involved: each part measures the driver's own work.
 
@@ -16,6 +19,11 @@ No model and no image is involved: each part measures the driver's own work.
   of 1,000 keys after ``--page-latency`` seconds: keys/s at concurrency 1 and at the
   default.
 - ``commit``: ``Output.commit`` of ``--files`` staged files to moto's S3 server.
+- ``manifest``: the manifest's size, and the time to build and serialize it, over a year of
+  simulated nightly runs with weekly compaction.
+- ``local``: two runs of the command over zero-byte files (every one an error row: the
+  plan's bookkeeping without decode or model).
+- ``first-chunk``: how soon the lister finds one Ray Data block's worth of listing rows.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -335,6 +344,122 @@ def bench_commit(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def bench_manifest(args: argparse.Namespace) -> list[str]:
+    """The manifest after ``--nights`` nightly runs over ``--images`` images with ``--changed``
+    of them new or changed each night, compacted every ``--compact-every`` nights."""
+    from pipeline.manifest import COMPACTED, Manifest, RunCounts, RunRecord
+
+    per_file, compact_per_file = 4096, 10_000
+    changed = round(args.images * args.changed)
+
+    def files(run_id: str, rows: int, size: int) -> list[str]:
+        return [
+            f"embeddings/run_id={run_id}/part-{uuid.uuid4().hex}.parquet"
+            for _ in range(-(-rows // size))
+        ]
+
+    def record(run_id: str, embedded: int, paths: list[str], status: str = "committed") -> Any:
+        return RunRecord(
+            run_id=run_id,
+            input="s3://bucket/photos/",
+            counts=RunCounts(
+                listed=args.images, unchanged=args.images - embedded, embedded=embedded
+            ),
+            model=None,
+            preprocessing={"mode": "center-crop", "resize_size": 232, "crop_size": 224},
+            status=status,  # type: ignore[arg-type]
+            files={"embeddings": paths},
+        )
+
+    manifest, _ = Manifest.empty().with_run(
+        record("20250101T000000Z-full", args.images, files("full", args.images, per_file))
+    )
+    sizes, seconds = [], []
+    for night in range(1, args.nights + 1):
+        run_id = f"2025{night:04d}T020000Z-nightly"
+        started = time.perf_counter()
+        manifest, _ = manifest.with_run(record(run_id, changed, files(run_id, changed, per_file)))
+        data = manifest.to_bytes()
+        seconds.append(time.perf_counter() - started)
+        if args.compact_every and night % args.compact_every == 0:
+            compact_id = f"{run_id}-compact"
+            manifest, _ = manifest.with_run(
+                record(
+                    compact_id,
+                    args.images,
+                    files(compact_id, args.images, compact_per_file),
+                    COMPACTED,
+                ),
+                replace=True,
+            )
+        sizes.append(len(data))
+    return [
+        f"- {args.nights} nightly runs over {args.images:,} images, {args.changed:.0%} new or "
+        f"changed a night ({changed:,} images, {-(-changed // per_file)} files of {per_file:,} "
+        f"rows), compacted every {args.compact_every} nights into files of {compact_per_file:,} rows",
+        f"- manifest size: after night 1 {sizes[0] / 1e6:.2f} MB, largest {max(sizes) / 1e6:.2f} "
+        f"MB, after night {args.nights} {sizes[-1] / 1e6:.2f} MB ({len(manifest.runs)} run records kept)",
+        f"- time to build and serialize it per commit: night 1 {seconds[0] * 1000:.0f} ms, "
+        f"night {args.nights} {seconds[-1] * 1000:.0f} ms",
+    ]
+
+
+def bench_local(args: argparse.Namespace) -> list[str]:
+    """``--files`` zero-byte images on local disk: a first run, then a second over the same
+    input, each as a command (start-up and Ray included), wall time."""
+    lines = [f"- {args.files:,} zero-byte .jpg files (each an `empty` error row), local disk"]
+    with tempfile.TemporaryDirectory(prefix="scale-local-") as tmp:
+        photos = Path(tmp) / "photos"
+        for folder in range(-(-args.files // 10_000)):
+            (photos / f"{folder:03d}").mkdir(parents=True)
+        for i in range(args.files):
+            (photos / f"{i // 10_000:03d}" / f"{i:07d}.jpg").touch()
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            "--input",
+            str(photos),
+            "--output",
+            str(Path(tmp) / "out"),
+            "--weights",
+            "random",
+            "--max-error-rate",
+            "1",
+        ]
+        for name in ("first run", "second run (unchanged input)"):
+            started = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True)
+            seconds = time.perf_counter() - started
+            assert done.returncode == 0, done.stderr[-2000:]
+            lines.append(f"- {name}: {seconds:.0f} s wall")
+    return lines
+
+
+def bench_first_chunk(args: argparse.Namespace) -> list[str]:
+    """How soon the lister has found one Ray Data block of listing rows (``--block-rows``:
+    some 790,000 rows in 128 MiB), from a ``--keys`` store at ``--page-latency`` per page."""
+    from pipeline.listing import ListingCounts, list_images
+
+    keys = folder_keys(args.keys, args.folders)
+    store = PagedStore(keys, args.page_latency)
+    started = time.perf_counter()
+    rows = 0
+    for table in list_images(
+        store, "bucket/photos", ListingCounts(), chunk_rows=1000, concurrency=16
+    ):
+        rows += table.num_rows
+        if rows >= args.block_rows:
+            break
+    seconds = time.perf_counter() - started
+    return [
+        f"- fake store: {args.keys:,} keys in {args.folders:,} folders, "
+        f"{args.page_latency * 1000:.0f} ms per page, concurrency 16",
+        f"- {rows:,} keys (one 128 MiB Ray Data block of listing rows) listed after {seconds:.1f} s",
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_diff_child":
@@ -355,6 +480,18 @@ def main(argv: list[str] | None = None) -> None:
     commit = sub.add_parser("commit")
     commit.add_argument("--files", type=int, default=1000)
     commit.add_argument("--file-bytes", type=int, default=1024)
+    manifest = sub.add_parser("manifest")
+    manifest.add_argument("--images", type=int, default=10_000_000)
+    manifest.add_argument("--changed", type=float, default=0.01)
+    manifest.add_argument("--nights", type=int, default=365)
+    manifest.add_argument("--compact-every", type=int, default=7)
+    local = sub.add_parser("local")
+    local.add_argument("--files", type=int, default=200_000)
+    first = sub.add_parser("first-chunk")
+    first.add_argument("--keys", type=int, default=10_000_000)
+    first.add_argument("--folders", type=int, default=10_000)
+    first.add_argument("--page-latency", type=float, default=0.1)
+    first.add_argument("--block-rows", type=int, default=790_000)
     args = parser.parse_args(argv)
     if args.part == "diff":
         append("Scale: incremental diff", bench_diff(args))
@@ -362,6 +499,12 @@ def main(argv: list[str] | None = None) -> None:
         append("Scale: listing an object store", bench_listing(args))
     elif args.part == "commit":
         append("Scale: commit of staged files", bench_commit(args))
+    elif args.part == "manifest":
+        append("Scale: manifest size over a year of nightly runs", bench_manifest(args))
+    elif args.part == "local":
+        append("Scale: zero-byte files on local disk, first and second run", bench_local(args))
+    elif args.part == "first-chunk":
+        append("Scale: time to the first block of listing rows", bench_first_chunk(args))
 
 
 if __name__ == "__main__":
