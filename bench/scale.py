@@ -1,7 +1,8 @@
 """Bookkeeping at scale: what the driver costs per listed and per committed image.
 
     python -m bench.scale diff --keys 10000000 --changed 0.01
-    python -m bench.scale listing --keys 100000 --page-latency 0.1
+    python -m bench.scale listing --keys 200000 --folders 100 --page-latency 0.1
+    python -m bench.scale listing --moto --keys 20000 --folders 20
     python -m bench.scale commit --files 1000
     python -m bench.scale manifest --images 10000000 --nights 365 --compact-every 7
     python -m bench.scale local --files 200000
@@ -241,8 +242,10 @@ class PagedStore:
 
         page: list[dict[str, Any]] = []
         entries = self._entries(prefix, delimiter)
+        size = PAGE if max_items is None else min(PAGE, 2 * max_items)  # as s3fs's MaxKeys
+        files = 0
         while True:
-            page = list(itertools.islice(entries, PAGE))
+            page = list(itertools.islice(entries, size))
             self.requests += 1
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -252,7 +255,10 @@ class PagedStore:
                 self.in_flight -= 1
             for entry in page:
                 yield entry
-            if len(page) < PAGE:
+                files += entry["type"] == "file"
+                if max_items is not None and files >= max_items:
+                    return
+            if len(page) < size:
                 return
 
 
@@ -460,6 +466,53 @@ def bench_first_chunk(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def bench_listing_moto(args: argparse.Namespace) -> list[str]:
+    """The lister against moto's S3 server (real HTTP, botocore parsing each page in the
+    driver): keys/s at concurrency 1 and at the default."""
+    import logging
+    import os
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.listing import ListingCounts, list_images
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(key, "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+        fs.mkdir("bench")
+        keys = folder_keys(args.keys, args.folders)
+        fs.pipe({f"bench/{k}": b"" for k in keys})
+        lines = [f"- moto S3 on 127.0.0.1: {args.keys:,} image keys in {args.folders} folders"]
+        for concurrency in args.concurrency:
+            counts = ListingCounts()
+            started = time.perf_counter()
+            rows = sum(
+                t.num_rows
+                for t in list_images(
+                    fs, "bench/photos", counts, chunk_rows=256, concurrency=concurrency
+                )
+            )
+            seconds = time.perf_counter() - started
+            assert rows == args.keys, (rows, args.keys)
+            lines.append(
+                f"- concurrency {concurrency}: {rows / seconds:,.0f} keys/s ({seconds:.1f} s)"
+            )
+    finally:
+        server.stop()
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_diff_child":
@@ -477,6 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     listing.add_argument(
         "--concurrency", type=lambda v: [int(c) for c in v.split(",")], default=[1, 16]
     )
+    listing.add_argument("--moto", action="store_true", help="list moto's S3 server instead")
     commit = sub.add_parser("commit")
     commit.add_argument("--files", type=int, default=1000)
     commit.add_argument("--file-bytes", type=int, default=1024)
@@ -495,6 +549,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.part == "diff":
         append("Scale: incremental diff", bench_diff(args))
+    elif args.part == "listing" and args.moto:
+        append("Scale: listing moto's S3 server", bench_listing_moto(args))
     elif args.part == "listing":
         append("Scale: listing an object store", bench_listing(args))
     elif args.part == "commit":

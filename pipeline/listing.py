@@ -121,11 +121,12 @@ def _iter_files(fs: Any, root: str, concurrency: int = 1) -> Iterator[tuple[str,
 
 
 # A prefix is split into its "subfolders" (one delimiter listing) while there are fewer
-# shards than this many per concurrent request, down to this depth; a prefix whose delimiter
-# listing fills a page (1,000 entries) is listed whole instead.
+# shards than this many per concurrent request, down to this depth; a prefix with SPLIT_FILES
+# files or more right under it, or more than SPLIT_FOLDERS subfolders, is listed whole instead.
 SHARDS_PER_REQUEST = 4
 MAX_SPLIT_DEPTH = 4
-SPLIT_ENTRIES = 1000
+SPLIT_FILES = 100
+SPLIT_FOLDERS = 100_000
 # Pages of keys a shard's lister may hold ahead of the consumer.
 PAGES_AHEAD = 4
 
@@ -225,12 +226,18 @@ class ShardedLister:
         return files, shards
 
     async def _children(self, prefix: str) -> list[dict[str, Any]] | None:
+        """The files and "subfolders" right under ``prefix``; ``None`` when it holds
+        ``SPLIT_FILES`` files or more (listing it by delimiter would page through them all:
+        it is listed whole instead) or more than ``SPLIT_FOLDERS`` subfolders."""
         entries: list[dict[str, Any]] = []
-        listing = self.fs._iterdir(self.bucket, prefix=prefix, delimiter="/")
+        files = 0
+        # Small pages (S3's MaxKeys): a prefix of many files costs one short page to rule out.
+        listing = self.fs._iterdir(self.bucket, prefix=prefix, delimiter="/", max_items=SPLIT_FILES)
         try:
             async for info in listing:
                 entries.append(info)
-                if len(entries) >= SPLIT_ENTRIES:  # a full page: there may be more
+                files += info.get("type") == "file"
+                if files >= SPLIT_FILES or len(entries) > SPLIT_FOLDERS:
                     return None
         finally:
             await listing.aclose()

@@ -149,13 +149,12 @@ def test_a_prefix_is_split_by_folders_and_listed_concurrently_each_key_once() ->
 
 def test_a_flat_prefix_is_listed_whole() -> None:
     from bench.scale import PagedStore
-    from pipeline.listing import SPLIT_ENTRIES
 
-    keys = [f"photos/{i:06d}.jpg" for i in range(SPLIT_ENTRIES + 500)]
+    keys = [f"photos/{i:06d}.jpg" for i in range(1500)]
     store = PagedStore(keys)
     uris, _ = _listed(store, 8)
     assert uris == [f"s3://bucket/{k}" for k in keys]
-    # One delimiter page to learn there are no folders, then one chain of two pages.
+    # One short delimiter page to learn there are no folders, then one chain of two pages.
     assert store.requests == 3
 
 
@@ -274,3 +273,13 @@ def test_an_s3_inventory_gives_the_keys_list_gives(
     from_list = _keys(list_images(fs, path, counts, chunk_rows=100, files=files))
     assert from_list == listed  # same URIs, sizes and versions: the diff treats them alike
     assert counts.skipped_by_extension == 1
+
+
+def test_a_prefix_of_more_folders_than_a_page_is_still_split() -> None:
+    from bench.scale import PagedStore, folder_keys
+
+    keys = folder_keys(3000, 1500)  # 1,500 folders: a delimiter listing of two pages
+    store = PagedStore(keys, latency=0.005)
+    uris, _ = _listed(store, 8)
+    assert sorted(uris) == sorted(f"s3://bucket/{k}" for k in keys if k.endswith(".jpg"))
+    assert store.max_in_flight == 8
