@@ -89,7 +89,6 @@ class StreamedListing:
     Args:
         listing: Lists and diffs the input, calling its ``keep`` argument with each chunk of
             new images (:func:`pipeline.run.list_work`).
-        readers: The feed's read tasks (each gets one end-of-listing mark).
     """
 
     def __init__(self, listing: Callable[[Callable[[pa.Table], None]], NewImages]) -> None:
@@ -127,7 +126,8 @@ class StreamedListing:
         return self._result
 
     def cancel(self) -> None:
-        """Stop a listing whose plan failed: the feed goes, so a waiting ``put`` fails."""
+        """Stop the listing (if it still runs) and end the feed actor: a waiting ``put``
+        fails, and a finished run leaves no actor behind."""
         import ray
 
         ray.kill(self.feed)

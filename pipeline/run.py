@@ -227,8 +227,12 @@ def execute_run(
                 keep=keep,
             )
         )
-        if not streamed.start():
-            listing, streamed = streamed.result(), None
+        if not streamed.start():  # nothing new: the books are complete already
+            try:
+                listing = streamed.result()
+            finally:
+                streamed.cancel()
+            streamed = None
     else:  # a probe's: its chunks go to the object store now
         listing = dataclasses.replace(listing, refs=[ray.put(chunk) for chunk in listing.refs])
     timings["listing"] = time.time() - started_listing  # streamed: until the first chunk
@@ -314,6 +318,7 @@ def run_streamed(
         if streamed.done:
             streamed.result()  # the listing's own error, when it failed
         raise
+    streamed.cancel()  # done: the feed actor goes
     log_listing(streamed.result(), prepared.input_uri)
 
 
