@@ -206,6 +206,10 @@ def test_compaction_leaves_only_current_rows_and_nightly_runs_go_on(
     assert [u for u, _ in _plain_equals_current(output)] == sorted(
         [*before, str(photos / "p6.jpg")]
     )
+    # Nothing new: the listing ends before any work, and the run commits that.
+    fourth = execute_run(prepare_run(EmbedConfig(**options)), embedder=Identity)
+    assert (fourth.counts.embedded, fourth.counts.unchanged) == (0, 6)
+    assert fourth.status == "committed"
 
 
 @pytest.mark.slow
