@@ -109,7 +109,10 @@ def print_runs(manifest: Manifest, out: TextIO | None = None) -> None:
         rows.append(
             (
                 run.run_id,
-                run.status,
+                # A run killed between checkpoints stays "checkpointed": say how far it got.
+                f"{run.status} ({run.checkpoints + 1})"
+                if run.status == "checkpointed"
+                else run.status,
                 run.finished_at,
                 *(str(v) for v in (c.listed, c.unchanged, c.embedded, c.failed, c.deleted)),
                 f"{run.images_per_second:.2f}",

@@ -87,7 +87,7 @@ def _rows_once(output: Path, table: str) -> list[str]:
 
 @pytest.mark.slow
 def test_a_run_killed_between_checkpoints_keeps_them_and_the_rerun_does_the_rest(
-    tmp_path, ray_session
+    tmp_path, ray_session, capsys
 ) -> None:  # type: ignore[no-untyped-def]
     photos, output = tmp_path / "photos", tmp_path / "out"
     _zero_byte_images(photos, 300)
@@ -147,6 +147,10 @@ def test_a_run_killed_between_checkpoints_keeps_them_and_the_rerun_does_the_rest
             pass
     manifest = read_manifest(str(output))
     assert manifest is not None and manifest.runs[-1].status == "checkpointed"
+    from pipeline.cli import main
+
+    assert main(["status", str(output)]) == 0  # shows how far the killed run got
+    assert f"checkpointed ({manifest.runs[-1].checkpoints + 1})" in capsys.readouterr().out
     kept = _rows_once(output, "errors")  # zero-byte files: an `empty` error row each
     assert len(kept) >= 0.4 * 300, len(kept)  # killed at 50 %: 150 committed
 
