@@ -258,3 +258,59 @@ def test_a_compaction_killed_midway_loses_nothing(
     else:
         assert status == "compacted"
         assert [u for u, _ in _plain_equals_current(output)] == sorted(before)
+
+
+@pytest.mark.slow
+def test_checkpoints_commit_to_s3_and_a_killed_run_resumes(
+    tmp_path, ray_session, s3_bucket, s3_endpoint
+) -> None:  # type: ignore[no-untyped-def]
+    """On S3 a checkpoint's manifest PUT is conditional on the ETag the run's previous PUT
+    returned: a run of several checkpoints commits each, and one that dies mid-way resumes."""
+    s3, bucket = s3_bucket
+    photos, output = tmp_path / "photos", f"s3://{bucket}/out"
+    _zero_byte_images(photos, 120)
+    options = dict(
+        input=str(photos),
+        output=output,
+        weights="random",
+        max_error_rate=1.0,
+        endpoint_url=s3_endpoint,
+        batch_size=10,
+        decode_batch_size=10,
+        rows_per_file=10,
+        commit_every=20,
+    )
+    read = {"endpoint_url": s3_endpoint}
+
+    class DiesAt70(Identity):
+        """Fails for good once 70 images have gone through and two checkpoints are in the
+        manifest: the run stops between checkpoints, as a killed one would."""
+
+        seen = 0
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            type(self).seen += len(batch["uri"])
+            if type(self).seen > 70:
+                deadline = time.time() + 120
+                while time.time() < deadline:
+                    manifest = read_manifest(output, storage_options=read)
+                    if manifest is not None and manifest.runs[-1].checkpoints >= 1:
+                        break
+                    time.sleep(0.2)
+                raise ValueError("model stage down")
+            return super().__call__(batch)
+
+    with pytest.raises(Exception, match="model stage down|pipeline failed"):
+        execute_run(prepare_run(EmbedConfig(**options)), embedder=DiesAt70)
+    manifest = read_manifest(output, storage_options=read)
+    assert manifest is not None and manifest.runs[-1].status == "checkpointed"
+    kept = read_embeddings(output, storage_options=read, table="errors")["uri"].to_pylist()
+    assert len(kept) >= 40 and len(kept) == len(set(kept))  # two checkpoints of 20 at least
+
+    record = execute_run(prepare_run(EmbedConfig(**options)), embedder=Identity)
+    assert record.counts.known_failed == len(kept) and record.counts.failed == 120 - len(kept)
+    assert record.checkpoints >= 1  # this run's own checkpoints, on S3 too
+    done = read_embeddings(output, storage_options=read, table="errors")["uri"].to_pylist()
+    assert sorted(done) == sorted(str(p) for p in photos.iterdir())
+    plain = pads.dataset(f"{bucket}/out/errors", filesystem=s3, format="parquet").to_table()
+    assert sorted(plain["uri"].to_pylist()) == sorted(done)  # no stray or doubled rows
