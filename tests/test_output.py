@@ -211,3 +211,28 @@ def test_the_dataset_reader_gives_the_current_table(tmp_path, ray_session) -> No
     assert rows(table) == expected
     assert table.column_names == ["uri", "run_id", "embedding"]
     assert rows(pa.Table.from_pandas(read_embeddings_dataset(output).to_pandas())) == expected
+
+
+def test_a_racing_run_is_refused_between_the_checkpoints_of_another(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    output = str(tmp_path / "out")
+    out = Output(output)
+    start = out.snapshot()  # both runs start from the same (empty) output
+    a1 = out.commit(
+        start,
+        dataclasses.replace(_record("a"), status="checkpointed"),
+        staged=_stage(output, "a", ["/1.png"]),
+        final=False,
+    )
+    with pytest.raises(ConcurrentCommitError):  # run b's first commit: a committed meanwhile
+        out.commit(start, _record("b"), staged=_stage(output, "b", ["/1.png", "/2.png"]))
+    out.commit(a1, _record("a"), staged=_stage(output, "a", ["/2.png"]))  # a goes on
+    out.discard_uncommitted(out.snapshot())  # what the next run does first
+    assert sorted(read_embeddings(output)["uri"].to_pylist()) == ["/1.png", "/2.png"]
+    plain = pads.dataset(output + "/embeddings", format="parquet", partitioning="hive").to_table()
+    assert sorted(plain["uri"].to_pylist()) == ["/1.png", "/2.png"]  # each image once
+    manifest = read_manifest(output)
+    assert manifest is not None and [(r.run_id, r.status) for r in manifest.runs] == [
+        ("a", "committed")
+    ]
