@@ -7,6 +7,7 @@
     python -m bench.scale manifest --images 10000000 --nights 365 --compact-every 7
     python -m bench.scale local --files 200000
     python -m bench.scale first-chunk --keys 10000000
+    python -m bench.scale first-batch --keys 10000000
 
 No model and no image is involved: each part measures the driver's own work.
 
@@ -513,8 +514,84 @@ def bench_listing_moto(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def first_batch_child(keys: int, folders: int, latency: float, work: str) -> None:
+    """In a fresh process: a run whose listing comes from a ``PagedStore`` of ``keys`` keys
+    (none of them readable here: each becomes an error row, so decode costs nothing); prints
+    the seconds from the run's start to the model stage's first batch, then exits."""
+    import os
+    import threading
+
+    import ray
+
+    from bench.overhead import Identity
+    from pipeline import incremental
+    from pipeline.config import EmbedConfig
+    from pipeline.listing import list_images
+    from pipeline.run import execute_run, prepare_run
+
+    marker = Path(work) / "first-batch"
+    store = PagedStore(folder_keys(keys, folders), latency)
+
+    def from_store(fs: Any, root: str, counts: Any, **kwargs: Any) -> Any:
+        kwargs["concurrency"] = 16
+        for chunk in list_images(store, "bucket/photos", counts, **kwargs):
+            # Local paths that do not exist: each an `unreadable` row, no credentials needed.
+            local = pc.binary_join_element_wise(f"{work}/missing/", chunk["path"], "")
+            yield chunk.set_column(0, "uri", local).set_column(1, "path", local)
+
+    class Marking(Identity):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            marker.touch()
+            return super().__call__(batch)
+
+    incremental.list_images = from_store  # type: ignore[assignment]
+    photos = Path(work) / "photos"
+    photos.mkdir()
+    config = EmbedConfig(
+        input=str(photos), output=str(Path(work) / "out"), weights="random", max_error_rate=1.0
+    )
+    started = time.perf_counter()
+    prepared = prepare_run(config)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+    def watch() -> None:
+        while not marker.exists():
+            time.sleep(0.05)
+        print(json.dumps({"seconds": round(time.perf_counter() - started, 1)}), flush=True)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+    execute_run(prepared, embedder=Marking)
+
+
+def bench_first_batch(args: argparse.Namespace) -> list[str]:
+    with tempfile.TemporaryDirectory(prefix="scale-first-") as tmp:
+        command = [
+            sys.executable,
+            "-m",
+            "bench.scale",
+            "_first_batch_child",
+            str(args.keys),
+            str(args.folders),
+            str(args.page_latency),
+            tmp,
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        figures = json.loads(done.stdout.strip().splitlines()[-1])
+    return [
+        f"- a run (`execute_run`, its own local Ray with 2 CPUs) whose listing is a fake store of "
+        f"{args.keys:,} keys in {args.folders:,} folders at {args.page_latency * 1000:.0f} ms a "
+        "page, 16 requests in flight, all of them new (nothing committed yet)",
+        f"- first batch at the model stage: {figures['seconds']} s after the run started "
+        "(weights, Ray start-up, listing until a 128 MiB read block, decode)",
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_first_batch_child":
+        first_batch_child(int(argv[1]), int(argv[2]), float(argv[3]), argv[4])
+        return
     if argv and argv[0] == "_diff_child":
         print(json.dumps(diff_child(argv[1], int(argv[2]), float(argv[3]))))
         return
@@ -546,6 +623,10 @@ def main(argv: list[str] | None = None) -> None:
     first.add_argument("--folders", type=int, default=10_000)
     first.add_argument("--page-latency", type=float, default=0.1)
     first.add_argument("--block-rows", type=int, default=790_000)
+    batch = sub.add_parser("first-batch")
+    batch.add_argument("--keys", type=int, default=10_000_000)
+    batch.add_argument("--folders", type=int, default=10_000)
+    batch.add_argument("--page-latency", type=float, default=0.1)
     args = parser.parse_args(argv)
     if args.part == "diff":
         append("Scale: incremental diff", bench_diff(args))
@@ -559,6 +640,8 @@ def main(argv: list[str] | None = None) -> None:
         append("Scale: manifest size over a year of nightly runs", bench_manifest(args))
     elif args.part == "local":
         append("Scale: zero-byte files on local disk, first and second run", bench_local(args))
+    elif args.part == "first-batch":
+        append("Scale: time to the first batch at the model stage", bench_first_batch(args))
     elif args.part == "first-chunk":
         append("Scale: time to the first block of listing rows", bench_first_chunk(args))
 
