@@ -31,6 +31,7 @@ No model and no image is involved: each part measures the driver's own work.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import resource
@@ -296,9 +297,10 @@ def bench_listing(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def bench_commit(args: argparse.Namespace) -> list[str]:
-    """Commit ``--files`` staged files to moto's S3 server: the commit's copies go out
-    together; the old way (one move after another) is timed on as many files beside it."""
+@contextlib.contextmanager
+def moto_s3() -> Iterator[tuple[Any, str]]:
+    """moto's S3 server on a free port of 127.0.0.1 (fake credentials, its request log off),
+    with a ``bench`` bucket: ``(s3fs filesystem, endpoint URL)``."""
     import logging
     import os
     import socket
@@ -306,10 +308,7 @@ def bench_commit(args: argparse.Namespace) -> list[str]:
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    from pipeline.manifest import RunCounts, RunRecord
-    from pipeline.output import STAGING_DIR, Output
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault(key, "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
@@ -318,10 +317,23 @@ def bench_commit(args: argparse.Namespace) -> list[str]:
         port = sock.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
     try:
+        endpoint = f"http://127.0.0.1:{port}"
         fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-        fs.mkdir("bench")
+        if not fs.exists("bench"):  # moto keeps buckets per process, across servers
+            fs.mkdir("bench")
+        yield fs, endpoint
+    finally:
+        server.stop()
+
+
+def bench_commit(args: argparse.Namespace) -> list[str]:
+    """Commit ``--files`` staged files to moto's S3 server: the commit's copies go out
+    together; the old way (one move after another) is timed on as many files beside it."""
+    from pipeline.manifest import RunCounts, RunRecord
+    from pipeline.output import STAGING_DIR, Output
+
+    with moto_s3() as (fs, endpoint):
         data = b"x" * args.file_bytes
         lines = [
             f"- moto S3 on 127.0.0.1, {args.files:,} staged files of {args.file_bytes:,} bytes"
@@ -346,8 +358,6 @@ def bench_commit(args: argparse.Namespace) -> list[str]:
                 output.commit(output.snapshot(), record, staged=staged)
             seconds = time.perf_counter() - started
             lines.append(f"- {way}: {seconds:.1f} s ({args.files / seconds:,.0f} files/s)")
-    finally:
-        server.stop()
     return lines
 
 
@@ -470,28 +480,9 @@ def bench_first_chunk(args: argparse.Namespace) -> list[str]:
 def bench_listing_moto(args: argparse.Namespace) -> list[str]:
     """The lister against moto's S3 server (real HTTP, botocore parsing each page in the
     driver): keys/s at concurrency 1 and at the default."""
-    import logging
-    import os
-    import socket
-
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
     from pipeline.listing import ListingCounts, list_images
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        os.environ.setdefault(key, "testing")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-        fs.mkdir("bench")
+    with moto_s3() as (fs, _):
         keys = folder_keys(args.keys, args.folders)
         fs.pipe({f"bench/{k}": b"" for k in keys})
         lines = [f"- moto S3 on 127.0.0.1: {args.keys:,} image keys in {args.folders} folders"]
@@ -509,8 +500,6 @@ def bench_listing_moto(args: argparse.Namespace) -> list[str]:
             lines.append(
                 f"- concurrency {concurrency}: {rows / seconds:,.0f} keys/s ({seconds:.1f} s)"
             )
-    finally:
-        server.stop()
     return lines
 
 
