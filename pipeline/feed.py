@@ -5,10 +5,11 @@
 
 The driver holds no listing beyond the chunks in flight (``FEED_CHUNKS`` in the feed actor)
 and no object ref per chunk. Ray Data hands a read task's output on in blocks of
-``DataContext.target_max_block_size`` (128 MiB by default: some 790,000 listing rows), so
-decoding starts once the listing has found that many new images, or has ended: a constant,
-whatever the input's size. The books (counts, known failures, deletions) are complete once
-the listing is, which is before the last block can be written, so the commit reads them then.
+``DataContext.target_max_block_size``, which the plan lowers to ``plan.PLAN_BLOCK_BYTES``
+(32 MiB: some 197,000 listing rows), so decoding starts once the listing has found that many
+new images, or has ended: a constant, whatever the input's size. The books (counts, known
+failures, deletions) are complete once the listing is, which is before the last block can be
+written, so the commit reads them then.
 """
 
 from __future__ import annotations
