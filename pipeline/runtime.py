@@ -19,6 +19,9 @@ from pipeline.run import Paths, PreparedRun, prepare_run
 
 logger = logging.getLogger(__name__)
 
+# Whether this process started a local Ray of its own (its head processes share its fate).
+started_local_ray = False
+
 
 def prepare_and_start_ray(
     config: EmbedConfig,
@@ -69,6 +72,7 @@ def start_ray(
     quiet_ray(verbose)
     if ray.is_initialized():
         return
+    global started_local_ray
     level = logging.INFO if verbose else logging.WARNING
     if not joins_running_ray(address):
         # A local Ray needs no dashboard.
@@ -78,6 +82,7 @@ def start_ray(
             object_store_memory=object_store_memory,
             logging_level=level,
         )
+        started_local_ray = True
     else:
         if object_store_memory is not None:
             logger.warning(
