@@ -271,7 +271,6 @@ def folder_keys(n: int, folders: int, prefix: str = "photos/") -> list[str]:
 
 
 def bench_listing(args: argparse.Namespace) -> list[str]:
-    from pipeline.listing import ListingCounts, list_images
 
     keys = folder_keys(args.keys, args.folders)
     lines = [
@@ -280,21 +279,24 @@ def bench_listing(args: argparse.Namespace) -> list[str]:
     ]
     for concurrency in args.concurrency:
         store = PagedStore(keys, args.page_latency)
-        counts = ListingCounts()
-        started = time.perf_counter()
-        rows = sum(
-            t.num_rows
-            for t in list_images(
-                store, "bucket/photos", counts, chunk_rows=256, concurrency=concurrency
-            )
-        )
-        seconds = time.perf_counter() - started
-        assert rows == args.keys, (rows, args.keys)
+        rate, seconds = timed_listing(store, "bucket/photos", args.keys, concurrency)
         lines.append(
-            f"- concurrency {concurrency}: {rows / seconds:,.0f} keys/s ({seconds:.1f} s, "
+            f"- concurrency {concurrency}: {rate:,.0f} keys/s ({seconds:.1f} s, "
             f"{store.requests} requests, at most {store.max_in_flight} in flight)"
         )
     return lines
+
+
+def timed_listing(fs: Any, root: str, keys: int, concurrency: int) -> tuple[float, float]:
+    """List every image under ``root`` with the pipeline's lister; (keys/s, seconds)."""
+    from pipeline.listing import ListingCounts, list_images
+
+    started = time.perf_counter()
+    chunks = list_images(fs, root, ListingCounts(), chunk_rows=256, concurrency=concurrency)
+    rows = sum(chunk.num_rows for chunk in chunks)
+    seconds = time.perf_counter() - started
+    assert rows == keys, (rows, keys)
+    return rows / seconds, seconds
 
 
 @contextlib.contextmanager
@@ -480,26 +482,14 @@ def bench_first_chunk(args: argparse.Namespace) -> list[str]:
 def bench_listing_moto(args: argparse.Namespace) -> list[str]:
     """The lister against moto's S3 server (real HTTP, botocore parsing each page in the
     driver): keys/s at concurrency 1 and at the default."""
-    from pipeline.listing import ListingCounts, list_images
 
     with moto_s3() as (fs, _):
         keys = folder_keys(args.keys, args.folders)
         fs.pipe({f"bench/{k}": b"" for k in keys})
         lines = [f"- moto S3 on 127.0.0.1: {args.keys:,} image keys in {args.folders} folders"]
         for concurrency in args.concurrency:
-            counts = ListingCounts()
-            started = time.perf_counter()
-            rows = sum(
-                t.num_rows
-                for t in list_images(
-                    fs, "bench/photos", counts, chunk_rows=256, concurrency=concurrency
-                )
-            )
-            seconds = time.perf_counter() - started
-            assert rows == args.keys, (rows, args.keys)
-            lines.append(
-                f"- concurrency {concurrency}: {rows / seconds:,.0f} keys/s ({seconds:.1f} s)"
-            )
+            rate, seconds = timed_listing(fs, "bench/photos", args.keys, concurrency)
+            lines.append(f"- concurrency {concurrency}: {rate:,.0f} keys/s ({seconds:.1f} s)")
     return lines
 
 
