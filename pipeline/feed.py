@@ -32,6 +32,11 @@ FEED_CHUNKS = 64
 # Read tasks draining the feed: one hands on a chunk in about a millisecond, faster than
 # the listing finds them; each more would hold a block of its own before handing it on.
 FEED_READERS = 1
+# New images the listing may feed beyond those written: a bound on the listing rows held in
+# Ray's object store (the feed read's blocks and their splits run ahead of a slow model
+# stage by up to 64 blocks each). Well above one read block's rows (32 MiB: 197,000 rows of
+# 170 B, 840,000 of the shortest), which must fill before any of them can be written.
+LISTING_AHEAD = 2_000_000
 
 
 class Feed:
@@ -90,14 +95,22 @@ class StreamedListing:
     Args:
         listing: Lists and diffs the input, calling its ``keep`` argument with each chunk of
             new images (:func:`pipeline.run.list_work`).
+        ahead: New images fed beyond those written (``written``) before the listing waits.
     """
 
-    def __init__(self, listing: Callable[[Callable[[pa.Table], None]], NewImages]) -> None:
+    def __init__(
+        self,
+        listing: Callable[[Callable[[pa.Table], None]], NewImages],
+        ahead: int = LISTING_AHEAD,
+    ) -> None:
         import ray
 
         self.feed: Any = ray.remote(num_cpus=0, max_restarts=0)(Feed).remote(FEED_CHUNKS)
         self.readers = FEED_READERS
         self.queued = 0  # new images handed to the feed so far
+        self.ahead = ahead
+        self.written: Callable[[], int] = lambda: 0  # images written so far (the run's sink)
+        self._cancelled = threading.Event()
         self._listing = listing
         self._first = threading.Event()  # a chunk was fed, or the listing ended
         self._result: NewImages | None = None
@@ -115,6 +128,11 @@ class StreamedListing:
     def done(self) -> bool:
         return not self._thread.is_alive()
 
+    @property
+    def failed(self) -> bool:
+        """Whether the listing ended on an error of its own (not on :meth:`cancel`)."""
+        return self.done and self._error is not None and not self._cancelled.is_set()
+
     def datasource(self) -> FeedDatasource:
         return FeedDatasource(self.feed, self.readers)
 
@@ -131,12 +149,16 @@ class StreamedListing:
         fails, and a finished run leaves no actor behind."""
         import ray
 
+        self._cancelled.set()
         ray.kill(self.feed)
         self._thread.join(timeout=30)
 
     def _keep(self, chunk: pa.Table) -> None:
         import ray
 
+        while self.queued - self.written() >= self.ahead:
+            if self._cancelled.wait(0.1):
+                raise PipelineError("listing cancelled")
         ray.get(self.feed.put.remote(chunk))
         self.queued += chunk.num_rows
         self._first.set()

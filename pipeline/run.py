@@ -264,6 +264,7 @@ def execute_run(
     try:
         if streamed is not None:
             sink.listing_done = streamed.result
+            streamed.written = lambda: sink.rows_written
             run_streamed(streamed, sink, prepared, model, num_gpus, embedder, progress)
         elif listing.refs:
             run_plan(
@@ -314,9 +315,10 @@ def run_streamed(
             embedder=embedder,
         )
     except BaseException:
+        failed = streamed.failed  # before the cancel: then a waiting listing fails too
         streamed.cancel()
-        if streamed.done:
-            streamed.result()  # the listing's own error, when it failed
+        if failed:
+            streamed.result()  # the listing's own error is the one raised
         raise
     streamed.cancel()  # done: the feed actor goes
     log_listing(streamed.result(), prepared.input_uri)

@@ -226,6 +226,7 @@ class RunSink:
         # For the run report: seconds per phase, and (seconds since start, images) per task.
         self.timings: dict[str, float] = {}
         self.written: list[tuple[float, int]] = []
+        self.rows_written = 0  # images written so far, embedded or failed
         # Committed by checkpoints so far, and staged since the last commit.
         self.checkpoints = 0
         self.committed_rows = {"embeddings": 0, "errors": 0}
@@ -260,9 +261,9 @@ class RunSink:
         for text in staged:
             returned: Staged = json.loads(text)
             self.pending.append(returned)
-            self.written.append(
-                (returned["finished_at"] - started, sum(n for _, _, n in returned["files"]))
-            )
+            rows = sum(n for _, _, n in returned["files"])
+            self.written.append((returned["finished_at"] - started, rows))
+            self.rows_written += rows
             pending_rows = sum(n for part in self.pending for _, _, n in part["files"])
             if pending_rows >= config.commit_every or (
                 pending_rows and time.time() - self.last_commit >= config.commit_interval

@@ -335,3 +335,34 @@ def test_a_plan_sizes_its_own_blocks() -> None:
     small.target_max_block_size = 16 * 1024
     size_blocks(small)
     assert small.target_max_block_size == 16 * 1024
+
+
+def test_the_listing_runs_a_bounded_number_of_images_ahead_of_the_writers(ray_session) -> None:  # type: ignore[no-untyped-def]
+    """The lister waits while ``ahead`` images are fed and not yet written, goes on as they
+    are written, and a cancel ends a waiting lister."""
+    from pipeline.feed import StreamedListing
+
+    written = {"rows": 0}
+
+    def listing(keep: Any) -> Any:
+        for _ in range(20):
+            keep(pa.table({"uri": [f"u{i}" for i in range(100)]}))
+        return "books"
+
+    streamed = StreamedListing(listing, ahead=300)
+    streamed.written = lambda: written["rows"]
+
+    def settles_at(queued: int) -> None:
+        deadline = time.time() + 30
+        while streamed.queued < queued:
+            assert time.time() < deadline, streamed.queued
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert streamed.queued == queued and not streamed.done
+
+    assert streamed.start()
+    settles_at(300)
+    written["rows"] = 250
+    settles_at(600)  # fed 600, written 250: 350 ahead
+    streamed.cancel()
+    assert streamed.done and not streamed.failed
