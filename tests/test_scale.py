@@ -325,6 +325,8 @@ def test_a_plan_sizes_its_own_blocks() -> None:
 
     process = ray.data.DataContext.get_current()
     ahead = "_max_num_blocks_in_streaming_gen_buffer"
+    # A private field: this fails if a Ray upgrade drops it, rather than setting a dead one.
+    assert ahead in vars(ray.data.DataContext())
     before = (process.target_max_block_size, getattr(process, ahead))
     dataset = ray.data.from_items([{"x": 1}])
     size_blocks(dataset.context)
