@@ -671,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def console() -> NoReturn:
     """The ``embed-images`` console script: :func:`main`, then the exit.
 
-    A process that started its own local Ray exits at once once its output is flushed: Ray
+    A process that started its own local Ray exits as soon as its output is flushed: Ray
     ties the fate of the processes it started to their driver, so they go with it, and
     Ray's orderly shutdown plus the interpreter's teardown (3.3 s after the summary of a
     small run here) would buy a command line nothing. A driver that joined a cluster leaves
