@@ -18,17 +18,23 @@ tasks would), ``decode_on_device`` (nvJPEG) and ``ResNet50Embedder`` on the GPU.
 - the decode cores per GPU each path needs.
 
 Every section runs against one deadline (``--budget``): what does not fit is reported as
-skipped, never guessed. The block goes to bench/RESULTS.md, or to ``--results PATH``.
+skipped, never guessed. A section that overruns the deadline by ``--watchdog-grace`` seconds (a
+``torch.compile`` that hangs, say) is cut off by a watchdog: the figures measured so far are
+still written, with the section that overran and every thread's stack, and the bench exits 3.
+The block goes to bench/RESULTS.md, or to ``--results PATH``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import io
 import multiprocessing as mp
 import os
+import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -48,6 +54,8 @@ MAX_PIXELS = 178_956_970  # the pipeline's default limit (Pillow's)
 IMAGENET_SIZES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (640, 480)]
 PHONE_SIZES = [(4032, 3024), (3024, 4032)]
 DECODE_TASK = 64  # images a CPU decode task takes, as a Ray decode task would
+# Seconds past the budget before the watchdog cuts the bench off, figures so far kept.
+WATCHDOG_GRACE_S = 30
 
 
 class Deadline:
@@ -141,6 +149,12 @@ def main() -> None:  # noqa: C901 - one script, one section after another
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None)
     parser.add_argument("--quick", action="store_true", help="fewer settings, <= 3 minutes")
     parser.add_argument("--budget", type=float, default=None, help="seconds for all sections")
+    parser.add_argument(
+        "--watchdog-grace",
+        type=float,
+        default=WATCHDOG_GRACE_S,
+        help="seconds past the budget before the bench is cut off, figures so far kept",
+    )
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -155,6 +169,7 @@ def main() -> None:  # noqa: C901 - one script, one section after another
     quick = args.quick
     started = time.perf_counter()
     lines: list[str] = []
+    section = ["making the corpus"]  # what runs now, for the watchdog's report
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -163,6 +178,7 @@ def main() -> None:  # noqa: C901 - one script, one section after another
     @contextlib.contextmanager
     def guard(what: str) -> Iterator[None]:
         """A section that fails is reported as failed, and the bench goes on."""
+        section[0] = what
         try:
             yield
         except Exception as exc:  # noqa: BLE001
@@ -205,6 +221,25 @@ def main() -> None:  # noqa: C901 - one script, one section after another
         cuda = device.type == "cuda"
         budget = args.budget or ((170 if quick else 450) if cuda else (170 if quick else 900))
         deadline = Deadline(budget - (time.perf_counter() - started))
+        title = f"GPU bench ({device.type}{', quick' if quick else ''})"
+
+        def cut_off() -> None:
+            """The watchdog: keep what was measured, say where it stuck, and exit."""
+            say("")
+            say(
+                f"**Cut off by the watchdog** {args.watchdog_grace:.0f} s past the {budget:.0f} s budget, "
+                f"{time.perf_counter() - started:.0f} s in, during: {section[0]}. The figures "
+                "above were measured; the sections after it did not run. Stacks on stderr."
+            )
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            append(title, lines, path=args.results)
+            for child in mp.active_children():
+                child.kill()
+            os._exit(3)
+
+        watchdog = threading.Timer(max(0.0, deadline.left() + args.watchdog_grace), cut_off)
+        watchdog.daemon = True
+        watchdog.start()
         slice_s = (1.0 if quick else 2.0) if cuda else 1.0
 
         def sync() -> None:
@@ -255,6 +290,7 @@ def main() -> None:  # noqa: C901 - one script, one section after another
         )
 
         # --- 1. correctness ------------------------------------------------------------------
+        section[0] = "correctness"
         say("")
         say("### Agreement")
         say("")
@@ -307,6 +343,7 @@ def main() -> None:  # noqa: C901 - one script, one section after another
             say(f"Where odd files were decoded by `decode_on_device`: {'; '.join(fell_back)}.")
 
         # --- 2. model-only ceiling ------------------------------------------------------------
+        section[0] = "the model-only ceiling"
         say("")
         say("### Model-only ceiling (images/s)")
         say("")
@@ -352,6 +389,7 @@ def main() -> None:  # noqa: C901 - one script, one section after another
                 say(f"torch.compile, {precision}: skipped (budget).")
                 continue
             t0 = time.perf_counter()
+            section[0] = f"torch.compile, {precision}"
             try:
                 compiled_model = new_model(precision, compile=True, batch_hint=best_batch)
                 compiled_model.embed_on_device(on_gpu[:best_batch])
@@ -373,6 +411,7 @@ def main() -> None:  # noqa: C901 - one script, one section after another
             say("torch.compile: not run in this mode.")
 
         # --- 3. CPU decode per core ------------------------------------------------------------
+        section[0] = "CPU decode per core"
         say("")
         say("### CPU decode + resize, one core (images/s)")
         say("")
@@ -395,6 +434,7 @@ def main() -> None:  # noqa: C901 - one script, one section after another
                 say(f"| {name} | " + " | ".join(cells) + " |")
 
         # --- 4. nvJPEG ---------------------------------------------------------------------------
+        section[0] = "nvJPEG"
         say("")
         say(f"### Decode on the device ({device.type}), batch 256 (images/s)")
         say("")
@@ -431,6 +471,7 @@ def main() -> None:  # noqa: C901 - one script, one section after another
             say(f"| `decode_on_device` (header checks + decode + resize) | {rate_full:,.0f} | |")
 
         # --- 5. end to end ------------------------------------------------------------------------
+        section[0] = "end to end"
         say("")
         say(f"### End to end, one {device.type}, {best_precision}, batch {best_batch}")
         say("")
@@ -621,6 +662,7 @@ def main() -> None:  # noqa: C901 - one script, one section after another
             say(row)
 
         # --- 6. decode cores per GPU ----------------------------------------------------------------
+        section[0] = "decode cores per GPU"
         say("")
         say("### Decode cores a GPU needs at its model-only ceiling")
         say("")
@@ -637,8 +679,9 @@ def main() -> None:  # noqa: C901 - one script, one section after another
             )
         say("")
         say(f"Total wall time of this bench: {time.perf_counter() - started:.0f} s.")
+        watchdog.cancel()
 
-    append(f"GPU bench ({device.type}{', quick' if quick else ''})", lines, path=args.results)
+    append(title, lines, path=args.results)
 
 
 if __name__ == "__main__":
