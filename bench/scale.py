@@ -8,6 +8,7 @@
     python -m bench.scale local --files 200000
     python -m bench.scale first-chunk --keys 10000000
     python -m bench.scale first-batch --keys 10000000
+    python -m bench.scale input-list --keys 10000000
 
 No model and no image is involved: each part measures the driver's own work.
 
@@ -27,6 +28,9 @@ No model and no image is involved: each part measures the driver's own work.
   plan's bookkeeping without decode or model).
 - ``first-chunk``: how soon the lister finds ``--block-rows`` listing rows (a block's worth).
 - ``first-batch``: a run's time to its model stage's first batch, over a fake listing.
+- ``input-list``: an ``--input-list`` of ``--keys`` URIs (Parquet with sizes and versions, and
+  plain text) read into the run's 256-row listing chunks, in the driver (as a dry run does)
+  and by Ray Data (as a run does): wall time, and the driver's CPU per key.
 """
 
 from __future__ import annotations
@@ -457,6 +461,65 @@ def bench_local(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def bench_input_list(args: argparse.Namespace) -> list[str]:
+    """An ``--input-list`` of ``--keys`` URIs into listing chunks: the driver's CPU and the
+    wall time, read in the driver and by Ray Data (2 CPUs, a local Ray)."""
+    import ray
+
+    from pipeline.inventory import list_tables
+    from pipeline.listing import ListingCounts, list_images
+    from pipeline.storage import open_fs
+
+    lines = [
+        f"- {args.keys:,} URIs under one input prefix, into 256-row listing chunks (no diff); "
+        "local Ray with 2 CPUs for the Ray Data rows",
+        "",
+        "| list | read by | wall s | keys/s | driver CPU s | driver CPU us/key |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    with tempfile.TemporaryDirectory(prefix="scale-list-") as tmp:
+        photos = f"{tmp}/photos"
+        uris = pc.binary_join_element_wise(
+            f"{photos}/", pc.cast(pa.array(np.arange(args.keys) // 10_000), pa.string()),
+            "/", pc.cast(pa.array(np.arange(args.keys)), pa.string()), ".jpg", "",
+        )  # fmt: skip
+        table = pa.table(
+            {
+                "uri": uris,
+                "size": pa.array(np.full(args.keys, 123_456, np.int64)),
+                "version": pc.binary_join_element_wise(
+                    "v", pc.cast(pa.array(np.arange(args.keys) % 97), pa.string()), ""
+                ),
+            }
+        )
+        pq.write_table(table, f"{tmp}/list.parquet", row_group_size=1_000_000)
+        with open(f"{tmp}/list.txt", "w") as f:
+            for start in range(0, args.keys, 1_000_000):
+                f.write("\n".join(uris[start : start + 1_000_000].to_pylist()) + "\n")
+        del table, uris
+        fs, root = open_fs(photos)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            for name in ("list.parquet", "list.txt"):
+                for in_ray in (False, True):
+                    counts = ListingCounts()
+                    cpu0, t0 = time.process_time(), time.perf_counter()
+                    tables = list_tables(f"{tmp}/{name}", photos, in_ray=in_ray)
+                    chunks = sum(
+                        1 for _ in list_images(fs, root, counts, chunk_rows=256, tables=tables)
+                    )
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                    assert counts.listed == args.keys and chunks == -(-args.keys // 256)
+                    lines.append(
+                        f"| {name} | {'Ray Data' if in_ray else 'the driver'} | {wall:.1f} | "
+                        f"{args.keys / wall:,.0f} | {cpu:.1f} | {cpu / args.keys * 1e6:.2f} |"
+                    )
+                    print(lines[-1], flush=True)
+        finally:
+            ray.shutdown()
+    return lines
+
+
 def bench_first_chunk(args: argparse.Namespace) -> list[str]:
     """How soon the lister has found ``--block-rows`` listing rows (790,000 by default: one
     block at Ray's default of 128 MiB; the plan's 32 MiB blocks hold some 197,000), from a
@@ -616,6 +679,8 @@ def main(argv: list[str] | None = None) -> None:
     first = sub.add_parser("first-chunk", parents=[big_store])
     first.add_argument("--block-rows", type=int, default=790_000)
     sub.add_parser("first-batch", parents=[big_store])
+    input_list = sub.add_parser("input-list")
+    input_list.add_argument("--keys", type=int, default=10_000_000)
     args = parser.parse_args(argv)
     if args.part == "diff":
         append("Scale: incremental diff", bench_diff(args))
@@ -631,6 +696,8 @@ def main(argv: list[str] | None = None) -> None:
         append("Scale: zero-byte files on local disk, first and second run", bench_local(args))
     elif args.part == "first-batch":
         append("Scale: time to the first batch at the model stage", bench_first_batch(args))
+    elif args.part == "input-list":
+        append("Scale: reading an --input-list", bench_input_list(args))
     elif args.part == "first-chunk":
         append("Scale: time to the first block of listing rows", bench_first_chunk(args))
 

@@ -25,6 +25,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import PipelineError
 from pipeline.incremental import NewImages
+from pipeline.inventory import LIST_SCHEMA, InputList, ReadListFile
 from pipeline.listing import LISTING_SCHEMA
 
 # Chunks (of ``LISTING_BLOCK_ROWS`` new images) the feed holds before the lister waits.
@@ -177,3 +178,22 @@ class StreamedListing:
                 ray.get(self.feed.close.remote(self.readers, error))
             except ray.exceptions.RayError:
                 pass  # cancelled: the feed is gone
+
+
+class ListDatasource(Datasource):
+    """An ``--input-list``'s files, one read task each (:class:`pipeline.inventory.InputList`)."""
+
+    def __init__(self, listed: InputList) -> None:
+        self.listed = listed
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
+        metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+        return [
+            ReadTask(ReadListFile(self.listed, entry), metadata, schema=LIST_SCHEMA)
+            for entry in self.listed.files
+        ]

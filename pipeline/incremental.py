@@ -9,7 +9,7 @@ row per URI (:func:`resolve_current`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,7 +67,7 @@ def list_new_images(
     limit: int | None = None,
     max_listed: int | None = None,
     concurrency: int = 1,
-    files: Iterator[tuple[str, dict[str, Any]]] | None = None,
+    tables: Iterable[pa.Table] | None = None,
 ) -> NewImages:
     """List the input and keep what the committed tables do not already hold.
 
@@ -85,7 +85,8 @@ def list_new_images(
         max_listed: Give up once this many images are listed and more may follow
             (``complete`` is then False).
         concurrency: LIST requests in flight at once, on object stores.
-        files: The input's files from an ``--input-list`` instead of listing ``root``.
+        tables: The input's files from an ``--input-list`` instead of listing ``root``
+            (:func:`pipeline.inventory.list_tables`).
     """
     counts = ListingCounts()
     chunks = list_images(
@@ -95,7 +96,7 @@ def list_new_images(
         chunk_rows=LISTING_BLOCK_ROWS,
         limit=limit,
         concurrency=concurrency,
-        files=files,
+        tables=tables,
     )
     return diff_listing(
         chunks,

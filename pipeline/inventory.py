@@ -6,156 +6,330 @@
                                                    a ``uri`` column (optional ``size`` and
                                                    ``version``), or one URI per line
 
-The list is read a record batch at a time (never whole) and yields ``(path, info)`` like the
-lister does, so the diff and everything after it are the same. Only entries under ``--input``
-are kept: a bucket-wide inventory can feed a run over one prefix. An inventory is a complete
-listing of its bucket (as of its date), so deletions are recorded as with LIST.
+The driver reads only an inventory's ``manifest.json``. A run's list files are read by Ray
+Data, one read task per file (:meth:`InputList.dataset`); a dry run or a small run's probe,
+which start no Ray, read them in-process (:meth:`InputList.tables`). Both yield the same
+Arrow tables of ``LISTING_SCHEMA`` plus an ``image`` flag (the contract's extensions), built
+with Arrow compute a record batch at a time, so the list is never held whole and nothing is
+done per entry in Python but the URL-decoding of the keys that need it. Only entries under
+``--input`` are kept: a bucket-wide inventory can feed a run over one prefix. An inventory is
+a complete listing of its bucket (as of its date), so deletions are recorded as with LIST.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
-from pipeline.listing import InputError
+from pipeline.listing import IMAGE_EXTENSIONS, LISTING_SCHEMA, InputError
 from pipeline.storage import open_fs, to_uri
+
+if TYPE_CHECKING:
+    import ray.data
 
 # The columns of an S3 Inventory report this needs, as its fileSchema names them.
 INVENTORY_FIELDS = {"Bucket": "bucket", "Key": "key", "Size": "size", "ETag": "e_tag"}
 BATCH_ROWS = 65_536
+# Read tasks at once over a list's files: each streams one file, a record batch at a time.
+LIST_READERS = 8
+# What a list's tables carry: the listing's columns, and whether the name is an image's.
+LIST_SCHEMA = LISTING_SCHEMA.append(pa.field("image", pa.bool_(), nullable=False))
+# A name with an image extension, as ``has_image_extension`` (``os.path.splitext``) sees it:
+# a basename's leading dots are not an extension's.
+_IMAGE_NAME = r"(^|/)\.*[^/.][^/]*\.(" + "|".join(sorted(IMAGE_EXTENSIONS)) + r")$"
 
 
-def iter_list_files(
-    list_uri: str,
-    input_fs: Any,
-    input_root: str,
-    storage_options: Mapping[str, Any] | None = None,
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(path on input_fs, info)`` of each file the list names under ``input_root``.
+@dataclasses.dataclass(frozen=True)
+class ListFile:
+    """One file of an input list, and how to read it (picklable: a Ray read task's input).
 
-    ``info`` carries ``size`` and ``ETag`` (or ``version``) as the lister's infos do, so a
-    run from a list and one from LIST make the same keys for the same objects.
-
-    Raises:
-        InputError: the list cannot be read, or has no ``uri`` (or inventory) columns.
+    Args:
+        path: On the list's filesystem.
+        file_format: ``csv``, ``parquet``, ``orc`` or ``text`` (one URI per line).
+        inventory: An S3 Inventory data file (bucket, key, size, ETag columns) rather than a
+            ``uri`` column.
+        csv_columns: The names of a CSV without a header line (an inventory's fileSchema).
+        compression: ``gzip`` for an inventory's CSV files.
     """
-    fs, path = open_fs(list_uri, storage_options)
-    try:
-        under = _Under(input_fs, input_root)
-        if path.endswith("manifest.json"):
-            yield from _inventory(fs, path, under)
-        else:
-            yield from _uri_list(fs, path, under)
-    except FileNotFoundError:
-        raise InputError(f"--input-list not found: {to_uri(fs, path)}") from None
-    except (pa.ArrowInvalid, UnicodeDecodeError, json.JSONDecodeError, KeyError) as exc:
-        raise InputError(f"--input-list {to_uri(fs, path)} cannot be read: {exc}") from None
+
+    path: str
+    file_format: str
+    inventory: bool = False
+    csv_columns: tuple[str, ...] = ()
+    compression: str | None = None
 
 
-class _Under:
-    """Which listed URIs lie under the run's ``--input``, and their paths on its filesystem:
-    string prefixes only (no filesystem is opened per entry)."""
+@dataclasses.dataclass(frozen=True)
+class InputList:
+    """An ``--input-list``: its files, and the ``--input`` prefix its entries must lie under.
 
-    def __init__(self, input_fs: Any, input_root: str) -> None:
-        self.prefix = to_uri(input_fs, input_root.rstrip("/"))
-        self.local = self.prefix.startswith("/")
-        # A store's path drops "proto://"; a local path is the URI itself.
-        self.cut = 0 if self.local else len(self.prefix.split("://", 1)[0]) + 3
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (folder / "list.txt").write_text(f"{folder}/a.jpg\\n{folder}/b.txt\\n/x/c.jpg\\n")
+        >>> listed = InputList.open(str(folder / "list.txt"), str(folder))
+        >>> [(t["path"].to_pylist(), t["image"].to_pylist()) for t in listed.tables()]
+        ... # doctest: +ELLIPSIS
+        [(['.../a.jpg', '.../b.txt'], [True, False])]
+    """
 
-    def path(self, uri: str) -> str | None:
-        if self.local and uri.startswith("file://"):
-            uri = uri[len("file://") :]
-        if uri == self.prefix or uri.startswith(self.prefix + "/"):
-            return uri[self.cut :]
-        return None
+    uri: str
+    files: tuple[ListFile, ...]
+    prefix: str  # --input as a URI, no trailing slash
+    storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def open(
+        cls, list_uri: str, input_uri: str, storage_options: Mapping[str, Any] | None = None
+    ) -> InputList:
+        """Resolve ``list_uri`` to its files (an inventory's manifest is read here).
 
-def _uri_list(fs: Any, path: str, under: _Under) -> Iterator[Any]:
-    suffix = path.rsplit(".", 1)[-1].lower()
-    if suffix in ("parquet", "csv"):
-        dataset = pads.dataset(path, filesystem=fs, format=suffix)
-        if "uri" not in dataset.schema.names:
-            raise InputError(f"--input-list {to_uri(fs, path)} has no 'uri' column")
-        columns = [c for c in ("uri", "size", "version") if c in dataset.schema.names]
-        for batch in dataset.to_batches(columns=columns, batch_size=BATCH_ROWS):
-            yield from _uri_rows(batch, under)
-        return
-    with fs.open(path, "rb") as f:  # one URI per line
-        reader = pacsv.open_csv(
-            f,
-            read_options=pacsv.ReadOptions(column_names=["uri"], block_size=1 << 22),
-            parse_options=pacsv.ParseOptions(delimiter="\x1f", quote_char=False),
-            convert_options=pacsv.ConvertOptions(column_types={"uri": pa.string()}),
+        Raises:
+            InputError: the list, or its manifest, cannot be read.
+        """
+        options = dict(storage_options or {})
+        fs, path = open_fs(list_uri, options)
+        input_fs, input_root = open_fs(input_uri, options)
+        prefix = to_uri(input_fs, input_root.rstrip("/"))
+        with _list_errors(to_uri(fs, path)):
+            if path.endswith("manifest.json"):
+                files = _inventory_files(fs, path)
+            else:
+                suffix = path.rsplit(".", 1)[-1].lower()
+                file_format = suffix if suffix in ("parquet", "csv", "orc") else "text"
+                files = (ListFile(to_uri(fs, path), file_format),)
+                if file_format != "text":
+                    columns = pads.dataset(path, filesystem=fs, format=file_format).schema.names
+                    if "uri" not in columns:
+                        raise InputError(
+                            f"--input-list {to_uri(fs, path)} has no 'uri' column "
+                            f"(it has: {', '.join(columns)})"
+                        )
+        return cls(to_uri(fs, path), files, prefix, options)
+
+    def tables(self) -> Iterator[pa.Table]:
+        """The list's entries under the prefix, read in this process, in the list's order."""
+        for entry in self.files:
+            yield from self.read(entry)
+
+    def dataset(self) -> ray.data.Dataset:
+        """The same tables, read by Ray Data: a task per list file, in the list's order."""
+        import ray.data
+
+        from pipeline.feed import ListDatasource
+
+        dataset = ray.data.read_datasource(
+            ListDatasource(self),
+            override_num_blocks=len(self.files),
+            concurrency=min(LIST_READERS, len(self.files)),
+            # Parsing a list file is light next to decoding an image: the read tasks reserve
+            # no CPU (the ones the decode tasks and model actors reserve stay theirs), and
+            # Ray Data's backpressure, not a reservation, bounds how far ahead they read.
+            num_cpus=0,
         )
-        for batch in reader:
-            yield from _uri_rows(batch, under)
+        # --limit takes the first entries: the order of a list must not depend on timing.
+        dataset.context.execution_options.preserve_order = True
+        return dataset
+
+    def read(self, entry: ListFile) -> Iterator[pa.Table]:
+        """One list file's entries under the prefix, a record batch at a time."""
+        fs, path = open_fs(entry.path, self.storage_options)
+        with _list_errors(entry.path):
+            for batch in _batches(fs, path, entry):
+                table = (
+                    _inventory_rows(batch, url_encoded=entry.file_format == "csv")
+                    if entry.inventory
+                    else _uri_rows(batch)
+                )
+                yield self._under(table)
+
+    def _under(self, table: pa.Table) -> pa.Table:
+        """``uri``/``file_size``/``source_version`` rows -> ``LIST_SCHEMA`` rows under the
+        prefix, with their paths on the input's filesystem."""
+        uri = table["uri"]
+        local = self.prefix.startswith("/")
+        if local:
+            uri = pc.replace_substring_regex(uri, "^file://", "")
+        keep = pc.and_(
+            pc.invert(pc.ends_with(uri, "/")),
+            pc.or_(pc.equal(uri, self.prefix), pc.starts_with(uri, self.prefix + "/")),
+        )
+        keep = pc.fill_null(keep, False)
+        table = table.set_column(0, "uri", uri).filter(keep)
+        uri = table["uri"]
+        # A store's path drops "proto://"; a local path is the URI itself.
+        cut = 0 if local else len(self.prefix.split("://", 1)[0]) + 3
+        path = pc.utf8_slice_codeunits(uri, cut) if cut else uri
+        image = pc.match_substring_regex(pc.utf8_lower(path), _IMAGE_NAME)
+        return pa.table(
+            [uri, path, table["file_size"], table["source_version"], image], schema=LIST_SCHEMA
+        )
 
 
-def _uri_rows(batch: pa.RecordBatch, under: _Under) -> Iterator[tuple[str, dict[str, Any]]]:
-    rows = batch.to_pydict()
-    sizes = rows.get("size") or [None] * batch.num_rows
-    versions = rows.get("version") or [None] * batch.num_rows
-    for uri, size, version in zip(rows["uri"], sizes, versions, strict=True):
-        found = under.path(uri.strip()) if uri else None
-        if found is not None:
-            info: dict[str, Any] = {"size": int(size or 0)}
-            if version:
-                info["version"] = str(version)
-            yield found, info
+@dataclasses.dataclass(frozen=True)
+class ReadListFile:
+    """A read task's function (:class:`pipeline.feed.ListDatasource`): pickled as a reference
+    to this class and its fields, so it runs this module's code where Ray puts it."""
+
+    listed: InputList
+    entry: ListFile
+
+    def __call__(self) -> Iterator[pa.Table]:
+        return self.listed.read(self.entry)
 
 
-def _inventory(fs: Any, path: str, under: _Under) -> Iterator[Any]:
+@contextlib.contextmanager
+def _list_errors(uri: str) -> Iterator[None]:
+    """Turn a list file's read failures into one ``InputError`` line that names it."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise InputError(f"--input-list not found: {uri}") from None
+    except (pa.ArrowInvalid, UnicodeDecodeError, json.JSONDecodeError, KeyError) as exc:
+        message = " ".join(str(exc).split())[:300]
+        raise InputError(f"--input-list {uri} cannot be read: {message}") from None
+
+
+def _inventory_files(fs: Any, path: str) -> tuple[ListFile, ...]:
     manifest = json.loads(fs.cat_file(path))
     file_format = str(manifest["fileFormat"]).lower()
     destination = str(manifest["destinationBucket"]).rsplit(":", 1)[-1]
-    protocol = "s3"
-    for entry in manifest["files"]:
-        data = f"{destination}/{entry['key']}"
-        if file_format == "csv":
-            names = [n.strip() for n in str(manifest["fileSchema"]).split(",")]
-            with fs.open(data, "rb", compression="gzip") as f:
-                reader = pacsv.open_csv(
-                    f, read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 22)
-                )
-                for batch in reader:
-                    yield from _inventory_rows(batch, names, protocol, under, True)
-        else:  # parquet or orc: columns named as the fields, in snake case
-            dataset = pads.dataset(data, filesystem=fs, format=file_format)
-            names = list(dataset.schema.names)
-            for batch in dataset.to_batches(batch_size=BATCH_ROWS):
-                yield from _inventory_rows(batch, names, protocol, under, False)
+    names = tuple(n.strip() for n in str(manifest["fileSchema"]).split(","))
+    csv = file_format == "csv"
+    return tuple(
+        ListFile(
+            f"s3://{destination}/{entry['key']}",
+            file_format,
+            inventory=True,
+            csv_columns=names if csv else (),
+            compression="gzip" if csv else None,
+        )
+        for entry in manifest["files"]
+    )
 
 
-def _inventory_rows(
-    batch: pa.RecordBatch,
-    names: list[str],
-    protocol: str,
-    under: _Under,
-    url_encoded: bool,
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    by_field = {
-        field: next(n for n in names if n in (field, snake))
-        for field, snake in INVENTORY_FIELDS.items()
-        if any(n in (field, snake) for n in names)
-    }
-    rows = batch.to_pydict()
-    for bucket, key, size, etag in zip(
-        *(
-            rows[by_field[f]] if f in by_field else [None] * batch.num_rows
-            for f in INVENTORY_FIELDS
-        ),
-        strict=True,
-    ):
-        if url_encoded:  # CSV inventories URL-encode object keys
-            key = unquote(key.replace("+", " "))
-        if key.endswith("/"):
-            continue
-        found = under.path(f"{protocol}://{bucket}/{key}")
-        if found is not None:
-            yield found, {"size": int(size or 0), "ETag": etag or ""}
+def _batches(fs: Any, path: str, entry: ListFile) -> Iterator[pa.RecordBatch]:
+    if entry.file_format in ("parquet", "orc"):
+        dataset = pads.dataset(path, filesystem=fs, format=entry.file_format)
+        names = dataset.schema.names
+        columns = (
+            [n for n in names if _field_of(n) is not None]
+            if entry.inventory
+            else [c for c in ("uri", "size", "version") if c in names]
+        )
+        yield from dataset.to_batches(columns=columns, batch_size=BATCH_ROWS)
+        return
+    if entry.file_format == "csv" and not entry.inventory:
+        read = pacsv.ReadOptions(block_size=1 << 22)
+        convert = pacsv.ConvertOptions(
+            column_types={"uri": pa.string(), "version": pa.string()},
+            include_columns=["uri", "size", "version"],
+            include_missing_columns=True,
+        )
+        parse = pacsv.ParseOptions()
+    elif entry.file_format == "csv":  # an inventory's: no header; keys URL-encoded
+        read = pacsv.ReadOptions(column_names=list(entry.csv_columns), block_size=1 << 22)
+        convert = pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in entry.csv_columns if _field_of(n) != "size"}
+        )
+        parse = pacsv.ParseOptions()
+    else:  # text: one URI per line, nothing quoted
+        read = pacsv.ReadOptions(column_names=["uri"], block_size=1 << 22)
+        convert = pacsv.ConvertOptions(column_types={"uri": pa.string()})
+        parse = pacsv.ParseOptions(delimiter="\x1f", quote_char=False)
+    with fs.open(path, "rb", compression=entry.compression) as f:
+        yield from pacsv.open_csv(
+            f, read_options=read, parse_options=parse, convert_options=convert
+        )
+
+
+def _field_of(name: str) -> str | None:
+    """The inventory field (``Bucket``, ``Key``...) a column holds, in either spelling."""
+    return next((f for f, snake in INVENTORY_FIELDS.items() if name in (f, snake)), None)
+
+
+def _uri_rows(batch: pa.RecordBatch) -> pa.Table:
+    """A URI list's batch -> ``uri``, ``file_size``, ``source_version`` (as ``source_version``
+    makes them from a ``version``: ``version:<v>``, or nothing)."""
+    n = batch.num_rows
+    names = batch.schema.names
+    uri = pc.utf8_trim_whitespace(batch.column(names.index("uri")))
+    size = _sizes(batch.column(names.index("size")) if "size" in names else None, n)
+    version = batch.column(names.index("version")) if "version" in names else None
+    return _rows(uri, size, _tagged("version:", version, n))
+
+
+def _inventory_rows(batch: pa.RecordBatch, *, url_encoded: bool) -> pa.Table:
+    """An inventory's batch -> the same columns, the version being ``etag:<ETag>``."""
+    n = batch.num_rows
+    columns = {_field_of(name): batch.column(i) for i, name in enumerate(batch.schema.names)}
+    key = columns["Key"].cast(pa.string())
+    if url_encoded:  # CSV inventories URL-encode object keys
+        key = _url_decoded(key)
+    uri = pc.binary_join_element_wise("s3://", columns["Bucket"], "/", key, "")
+    etag = columns.get("ETag")
+    if etag is not None:
+        etag = pc.utf8_trim(etag.cast(pa.string()), '"')
+    return _rows(uri, _sizes(columns.get("Size"), n), _tagged("etag:", etag, n))
+
+
+def _rows(uri: Any, size: pa.Array, version: pa.Array) -> pa.Table:
+    return pa.table({"uri": uri, "file_size": size, "source_version": version})
+
+
+def _sizes(size: pa.Array | None, n: int) -> pa.Array:
+    if size is None:
+        return pa.array([0] * n, pa.int64())
+    return pc.fill_null(size.cast(pa.int64()), 0)
+
+
+def _tagged(tag: str, values: pa.Array | None, n: int) -> pa.Array:
+    """``tag + value`` where a value is given, else ``""``."""
+    if values is None:
+        return pa.array([""] * n, pa.string())
+    values = pc.fill_null(values.cast(pa.string()), "")
+    return pc.if_else(pc.equal(values, ""), "", pc.binary_join_element_wise(tag, values, ""))
+
+
+def _url_decoded(keys: pa.Array) -> pa.Array:
+    """S3 Inventory's CSV keys are URL-encoded (``+`` for a space): decode the ones that hold
+    an escape; the rest, nearly all keys, are not touched in Python."""
+    escaped = pc.or_(pc.match_substring(keys, "%"), pc.match_substring(keys, "+"))
+    rows = pc.indices_nonzero(pc.fill_null(escaped, False)).to_pylist()
+    if not rows:
+        return keys
+    values = keys.to_pylist()
+    for i in rows:
+        values[i] = unquote(values[i].replace("+", " "))
+    return pa.array(values, pa.string())
+
+
+def list_tables(
+    list_uri: str,
+    input_uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    in_ray: bool,
+) -> Iterator[pa.Table]:
+    """The list's ``LIST_SCHEMA`` tables: read by Ray Data (``in_ray``), or in this process."""
+    listed = InputList.open(list_uri, input_uri, storage_options)
+    if not in_ray:
+        yield from listed.tables()
+        return
+    import ray
+
+    try:
+        yield from listed.dataset().iter_batches(batch_size=None, batch_format="pyarrow")
+    except ray.exceptions.RayTaskError as exc:  # a read task's InputError, as one line
+        if isinstance(exc.cause, InputError):
+            raise InputError(str(exc.cause)) from None
+        raise

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.config import PipelineError
@@ -275,7 +276,7 @@ def list_images(
     chunk_rows: int,
     limit: int | None = None,
     concurrency: int = 1,
-    files: Iterator[tuple[str, dict[str, Any]]] | None = None,
+    tables: Iterable[pa.Table] | None = None,
 ) -> Iterator[pa.Table]:
     """List the images under ``root`` as Arrow tables of at most ``chunk_rows`` rows.
 
@@ -286,8 +287,9 @@ def list_images(
         chunk_rows: Rows per yielded table; each becomes one Ray Data block.
         limit: Stop after this many images.
         concurrency: LIST requests in flight at once, on object stores.
-        files: ``(path, info)`` of the input's files from elsewhere (an ``--input-list``:
-            :mod:`pipeline.inventory`) instead of listing ``root``.
+        tables: The input's files from elsewhere, as tables of ``LISTING_SCHEMA`` plus an
+            ``image`` flag (an ``--input-list``: :func:`pipeline.inventory.list_tables`),
+            instead of listing ``root``.
 
     Returns:
         An iterator of tables with ``LISTING_SCHEMA``: ``uri`` (public), ``path`` (on ``fs``),
@@ -299,14 +301,12 @@ def list_images(
         >>> list(list_images(fsspec.filesystem("file"), tempfile.mkdtemp(), counts, chunk_rows=8))
         []
     """
+    if tables is not None:
+        yield from _chunks_of(tables, counts, chunk_rows, limit)
+        return
     rows: dict[str, list[Any]] = {name: [] for name in LISTING_SCHEMA.names}
     taken = 0
-    listed = (
-        iter_image_files(fs, root, counts, concurrency=concurrency)
-        if files is None
-        else _images_of(files, counts)
-    )
-    for path, info in listed:
+    for path, info in iter_image_files(fs, root, counts, concurrency=concurrency):
         rows["uri"].append(to_uri(fs, path))
         rows["path"].append(path)
         rows["file_size"].append(int(info.get("size") or 0))
@@ -321,12 +321,33 @@ def list_images(
         yield pa.table(rows, schema=LISTING_SCHEMA)
 
 
-def _images_of(
-    files: Iterator[tuple[str, dict[str, Any]]], counts: ListingCounts
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    for path, info in files:
-        if has_image_extension(path):
-            counts.listed += 1
-            yield path, info
-        else:
-            counts.skipped_by_extension += 1
+def _chunks_of(
+    tables: Iterable[pa.Table], counts: ListingCounts, chunk_rows: int, limit: int | None
+) -> Iterator[pa.Table]:
+    """Listed tables (with an ``image`` flag) -> ``LISTING_SCHEMA`` chunks of the images,
+    ``chunk_rows`` each but the last: Arrow filters and slices, no per-row Python.
+
+    Each table is made one contiguous chunk first (Ray Data's blocks hold several), so that
+    taking a chunk's rows copies only them; and each chunk is a copy of its rows, because a
+    slice carries its whole table's buffers wherever it is sent.
+    """
+    rest: pa.Table | None = None  # fewer than chunk_rows images, to go first in the next chunk
+    taken = 0
+    for table in tables:
+        images = table.filter(table["image"]).drop_columns(["image"])
+        counts.skipped_by_extension += table.num_rows - images.num_rows
+        if limit is not None:
+            images = images.slice(0, limit - taken)
+        counts.listed += images.num_rows
+        taken += images.num_rows
+        if rest is not None:
+            images = pa.concat_tables([rest, images])
+        images = images.combine_chunks()
+        whole = images.num_rows - images.num_rows % chunk_rows
+        for start in range(0, whole, chunk_rows):
+            yield images.slice(start, chunk_rows).take(np.arange(chunk_rows))
+        rest = images.slice(whole)
+        if limit is not None and taken >= limit:
+            break
+    if rest is not None and rest.num_rows:
+        yield rest.take(np.arange(rest.num_rows))

@@ -26,7 +26,7 @@ from pipeline.incremental import (
     NewImages,
     list_new_images,
 )
-from pipeline.inventory import iter_list_files
+from pipeline.inventory import list_tables
 from pipeline.listing import IMAGE_EXTENSIONS, InputError, ListingCounts
 from pipeline.manifest import Manifest, ModelIdentity, RunRecord
 from pipeline.output import Output, Snapshot
@@ -225,6 +225,7 @@ def execute_run(
                 snapshot if incremental else None,
                 config,
                 keep=keep,
+                in_ray=True,
             )
         )
         if not streamed.start():  # nothing new: the books are complete already
@@ -371,8 +372,12 @@ def list_work(
     *,
     keep: Callable[[Any], Any] | None,
     max_listed: int | None = None,
+    in_ray: bool = False,
 ) -> NewImages:
-    """List the input against ``snapshot``'s current tables (``None``: embed everything)."""
+    """List the input against ``snapshot``'s current tables (``None``: embed everything).
+
+    An ``--input-list`` is read by Ray Data where ``in_ray`` (a run), else in this process
+    (a dry run, or a small run's probe, which start no Ray)."""
     listing = list_new_images(
         fs,
         root,
@@ -382,8 +387,8 @@ def list_work(
         limit=config.limit,
         max_listed=max_listed,
         concurrency=config.list_concurrency,
-        files=(
-            iter_list_files(config.input_list, fs, root, config.fs_options())
+        tables=(
+            list_tables(config.input_list, input_uri, config.fs_options(), in_ray=in_ray)
             if config.input_list
             else None
         ),

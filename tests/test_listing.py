@@ -188,7 +188,7 @@ def test_a_uri_list_feeds_the_listing(tmp_path) -> None:  # type: ignore[no-unty
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.inventory import iter_list_files
+    from pipeline.inventory import list_tables
 
     photos = tmp_path / "photos"
     fs, root = open_fs(str(photos))
@@ -197,32 +197,80 @@ def test_a_uri_list_feeds_the_listing(tmp_path) -> None:  # type: ignore[no-unty
         f"file://{photos}/b.png",
         f"{tmp_path}/elsewhere/c.jpg",
         f"{photos}/notes.txt",
+        f"{photos}2/d.jpg",  # a sibling whose name starts with the input's
     ]
-    pq.write_table(
-        pa.table({"uri": uris, "size": [1, 2, 3, 4], "version": ["v1", "v2", "v3", "v4"]}),
-        tmp_path / "list.parquet",
+    table = pa.table(
+        {"uri": uris, "size": [1, 2, 3, 4, 5], "version": ["v1", "v2", "v3", "v4", "v5"]}
     )
-    counts = ListingCounts()
-    files = iter_list_files(str(tmp_path / "list.parquet"), fs, root)
-    tables = list(list_images(fs, root, counts, chunk_rows=10, files=files))
-    assert _keys(tables) == [
-        (f"{photos}/a.jpg", 1, "version:v1"),
-        (f"{photos}/b.png", 2, "version:v2"),
-    ]
-    assert (counts.listed, counts.skipped_by_extension) == (2, 1)  # c.jpg is outside --input
+    pq.write_table(table, tmp_path / "list.parquet")
+    pa.csv.write_csv(table, tmp_path / "list.csv")
+    for name in ("list.parquet", "list.csv"):
+        counts = ListingCounts()
+        tables = list_tables(str(tmp_path / name), str(photos), in_ray=False)
+        listed = list(list_images(fs, root, counts, chunk_rows=10, tables=tables))
+        assert _keys(listed) == [
+            (f"{photos}/a.jpg", 1, "version:v1"),
+            (f"{photos}/b.png", 2, "version:v2"),
+        ], name
+        assert (counts.listed, counts.skipped_by_extension) == (2, 1)  # c, d: not under input
 
     (tmp_path / "list.txt").write_text(f"{photos}/a.jpg\n\n{photos}/sub/d.webp\n")
-    files = iter_list_files(str(tmp_path / "list.txt"), fs, root)
-    tables = list(list_images(fs, root, ListingCounts(), chunk_rows=10, files=files))
-    assert [k[0] for k in _keys(tables)] == [f"{photos}/a.jpg", f"{photos}/sub/d.webp"]
+    tables = list_tables(str(tmp_path / "list.txt"), str(photos), in_ray=False)
+    listed = list(list_images(fs, root, ListingCounts(), chunk_rows=10, tables=tables))
+    assert [k[0] for k in _keys(listed)] == [f"{photos}/a.jpg", f"{photos}/sub/d.webp"]
+    assert [k[2] for k in _keys(listed)] == ["", ""]  # no version column: none is made up
+    pq.write_table(pa.table({"path": ["x"]}), tmp_path / "bad.parquet")
     with pytest.raises(InputError, match="no 'uri' column"):
-        pq.write_table(pa.table({"path": ["x"]}), tmp_path / "bad.parquet")
-        list(iter_list_files(str(tmp_path / "bad.parquet"), fs, root))
+        list(list_tables(str(tmp_path / "bad.parquet"), str(photos), in_ray=False))
+    with pytest.raises(InputError, match="--input-list not found"):
+        list(list_tables(str(tmp_path / "missing.txt"), str(photos), in_ray=False))
 
 
-@pytest.mark.parametrize("file_format", ["CSV", "Parquet"])
+@pytest.mark.parametrize("limit", [None, 7])
+def test_listed_tables_become_chunks_of_images_in_order(limit) -> None:  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+
+    from pipeline.inventory import LIST_SCHEMA
+
+    def table(names: list[str]) -> pa.Table:
+        n = len(names)
+        return pa.table(
+            [names, names, [0] * n, [""] * n, [name.endswith(".jpg") for name in names]],
+            schema=LIST_SCHEMA,
+        )
+
+    names = [[f"{i}.jpg" for i in range(5)], ["x.txt"], [f"{i}.jpg" for i in range(5, 12)]]
+    # Several chunks per table, as Ray Data's blocks come.
+    tables = [pa.concat_tables([table(n[:2]), table(n[2:])]) for n in names]
+    counts = ListingCounts()
+    chunks = list(list_images(None, "", counts, chunk_rows=3, limit=limit, tables=tables))
+    wanted = [f"{i}.jpg" for i in range(12)][:limit]
+    assert [c["path"].to_pylist() for c in chunks] == [
+        wanted[i : i + 3] for i in range(0, len(wanted), 3)
+    ]
+    assert all(c["path"].num_chunks == 1 for c in chunks)
+    assert (counts.listed, counts.skipped_by_extension) == (len(wanted), 1)
+
+
+def test_a_list_names_images_as_the_listing_does(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The list's vectorized extension check agrees with ``has_image_extension``."""
+    from pipeline.inventory import list_tables
+
+    names = [
+        "a.jpg", "b.JPEG", "c.Png", "d.webp", "e.BMP", "f.tif", "g.TIFF", "h.gif", "a.txt",
+        "b.eps", "c", "d.jpg.bak", ".jpg.json", ".jpg", "..jpeg", ".hidden.png", "x.y.gif",
+        "dir.jpg/file", "dir.jpg/.png", "a b.jpg", "é.jpg", "jpg",
+    ]  # fmt: skip
+    (tmp_path / "list.txt").write_text("".join(f"{tmp_path}/in/{n}\n" for n in names))
+    (table,) = list_tables(str(tmp_path / "list.txt"), str(tmp_path / "in"), in_ray=False)
+    assert table["image"].to_pylist() == [has_image_extension(n) for n in names]
+
+
+@pytest.mark.parametrize(
+    ("file_format", "in_ray"), [("CSV", False), ("Parquet", False), ("ORC", False), ("CSV", True)]
+)
 def test_an_s3_inventory_gives_the_keys_list_gives(
-    corpus, s3_bucket, s3_endpoint, file_format
+    corpus, s3_bucket, s3_endpoint, file_format, in_ray, request
 ) -> None:  # type: ignore[no-untyped-def]
     import gzip
     import io
@@ -230,17 +278,22 @@ def test_an_s3_inventory_gives_the_keys_list_gives(
     from urllib.parse import quote_plus
 
     import pyarrow as pa
+    import pyarrow.orc as orc
     import pyarrow.parquet as pq
 
-    from pipeline.inventory import iter_list_files
+    from pipeline.inventory import list_tables
 
+    if in_ray:
+        request.getfixturevalue("ray_session")
     root, _ = corpus
     s3, bucket = s3_bucket
     s3.put(str(root) + "/", f"{bucket}/photos/", recursive=True)
+    s3.pipe(f"{bucket}/photos/with space+plus%.jpg", b"x")  # a key CSV inventories escape
     options = {"endpoint_url": s3_endpoint}
     fs, path = open_fs(f"s3://{bucket}/photos/", options)
     listed = _keys(list_images(fs, path, ListingCounts(), chunk_rows=100))
-    # The report as S3 Inventory writes it: the bucket's objects (and one of another prefix).
+    # The report as S3 Inventory writes it: the bucket's objects (and one of another prefix),
+    # in two data files.
     objects = [o for o in s3.find(bucket, detail=True).values() if o["type"] == "file"]
     objects.append({"name": f"{bucket}/other/x.jpg", "size": 1, "ETag": '"0"'})
     rows = {
@@ -249,28 +302,37 @@ def test_an_s3_inventory_gives_the_keys_list_gives(
         "size": [int(o["size"]) for o in objects],
         "e_tag": [str(o["ETag"]).strip('"') for o in objects],
     }
-    if file_format == "CSV":
-        text = "".join(
-            f'"{b}","{quote_plus(k, safe="/")}","{s}","{e}"\n'
-            for b, k, s, e in zip(*rows.values(), strict=True)
-        )
-        data, name = gzip.compress(text.encode()), "data/part-0.csv.gz"
-    else:
+    files = []
+    for part, (start, stop) in enumerate([(0, 5), (5, len(objects))]):
+        chunk = {k: v[start:stop] for k, v in rows.items()}
         buffer = io.BytesIO()
-        pq.write_table(pa.table(rows), buffer)
-        data, name = buffer.getvalue(), "data/part-0.parquet"
-    s3.pipe(f"{bucket}/inventory/{name}", data)
+        if file_format == "CSV":
+            text = "".join(
+                f'"{b}","{quote_plus(k, safe="/")}","{s}","{e}"\n'
+                for b, k, s, e in zip(*chunk.values(), strict=True)
+            )
+            data, name = gzip.compress(text.encode()), f"data/part-{part}.csv.gz"
+        elif file_format == "Parquet":
+            pq.write_table(pa.table(chunk), buffer)
+            data, name = buffer.getvalue(), f"data/part-{part}.parquet"
+        else:
+            orc.write_table(pa.table(chunk), buffer)
+            data, name = buffer.getvalue(), f"data/part-{part}.orc"
+        s3.pipe(f"{bucket}/inventory/{name}", data)
+        files.append({"key": f"inventory/{name}", "size": len(data), "MD5checksum": ""})
     manifest = {
         "sourceBucket": bucket,
         "destinationBucket": f"arn:aws:s3:::{bucket}",
         "fileFormat": file_format,
         "fileSchema": "Bucket, Key, Size, ETag",
-        "files": [{"key": f"inventory/{name}", "size": len(data), "MD5checksum": ""}],
+        "files": files,
     }
     s3.pipe(f"{bucket}/inventory/manifest.json", json.dumps(manifest).encode())
     counts = ListingCounts()
-    files = iter_list_files(f"s3://{bucket}/inventory/manifest.json", fs, path, options)
-    from_list = _keys(list_images(fs, path, counts, chunk_rows=100, files=files))
+    tables = list_tables(
+        f"s3://{bucket}/inventory/manifest.json", f"s3://{bucket}/photos/", options, in_ray=in_ray
+    )
+    from_list = _keys(list_images(fs, path, counts, chunk_rows=100, tables=tables))
     assert from_list == listed  # same URIs, sizes and versions: the diff treats them alike
     assert counts.skipped_by_extension == 1
 

@@ -73,6 +73,37 @@ def test_work_starts_while_the_listing_goes_on(tmp_path, ray_session, monkeypatc
     assert read_embeddings(str(tmp_path / "out"), table="errors").num_rows == 600
 
 
+@pytest.mark.slow
+def test_a_runs_input_list_is_read_by_ray_data_not_the_driver(
+    tmp_path, ray_session, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.inventory import InputList
+    from pipeline.run import dry_run
+
+    photos = tmp_path / "photos"
+    _zero_byte_images(photos, 300)
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"{p}\n" for p in sorted(photos.iterdir())) + "/elsewhere/x.jpg\n")
+
+    def not_here(self: InputList, entry: Any) -> Iterator[pa.Table]:
+        raise AssertionError(f"the driver read {entry.path}")
+
+    # Patched in this process only: Ray's workers import the module afresh.
+    monkeypatch.setattr(InputList, "read", not_here)
+    config = EmbedConfig(
+        input=str(photos),
+        output=str(tmp_path / "out"),
+        input_list=str(listed),
+        weights="random",
+        max_error_rate=1.0,
+    )
+    with pytest.raises(AssertionError, match="the driver read"):
+        dry_run(config)  # no Ray there: the driver reads the list itself, so the patch bites
+    record = execute_run(prepare_run(config), embedder=Identity)
+    assert record.counts.listed == 300 and record.counts.failed == 300
+    assert read_embeddings(str(tmp_path / "out"), table="errors").num_rows == 300
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
