@@ -25,7 +25,9 @@ def _record(run_id: str) -> RunRecord:
     )
 
 
-def _stage(output: str, run_id: str, uris: list[str]) -> dict[str, list[str]]:
+def _stage(
+    output: str, run_id: str, uris: list[str], storage_options: dict[str, str] | None = None
+) -> dict[str, list[str]]:
     n = len(uris)
     batch = {
         "uri": np.array(uris, dtype=object),
@@ -40,8 +42,8 @@ def _stage(output: str, run_id: str, uris: list[str]) -> dict[str, list[str]]:
     }
     out = write_batch(
         batch,
-        staging_uri=Output(output).staging_uri(run_id),
-        storage_options={},
+        staging_uri=Output(output, storage_options).staging_uri(run_id),
+        storage_options=storage_options or {},
         metadata=METADATA,
     )
     return {"embeddings": list(out["path"])}
@@ -213,26 +215,41 @@ def test_the_dataset_reader_gives_the_current_table(tmp_path, ray_session) -> No
     assert rows(pa.Table.from_pandas(read_embeddings_dataset(output).to_pandas())) == expected
 
 
-def test_a_racing_run_is_refused_between_the_checkpoints_of_another(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_racing_run_is_refused_between_the_checkpoints_of_another(
+    tmp_path, request, store
+) -> None:  # type: ignore[no-untyped-def]
+    """The refusal is S3's conditional PUT there, a lock file and a version check locally."""
     import dataclasses
 
-    output = str(tmp_path / "out")
-    out = Output(output)
+    if store == "s3":
+        fs, bucket = request.getfixturevalue("s3_bucket")
+        output = f"s3://{bucket}/out"
+        options = {"endpoint_url": request.getfixturevalue("s3_endpoint")}
+    else:
+        fs, output, options = None, str(tmp_path / "out"), {}
+    out = Output(output, options)
     start = out.snapshot()  # both runs start from the same (empty) output
     a1 = out.commit(
         start,
         dataclasses.replace(_record("a"), status="checkpointed"),
-        staged=_stage(output, "a", ["/1.png"]),
+        staged=_stage(output, "a", ["/1.png"], options),
         final=False,
     )
     with pytest.raises(ConcurrentCommitError):  # run b's first commit: a committed meanwhile
-        out.commit(start, _record("b"), staged=_stage(output, "b", ["/1.png", "/2.png"]))
-    out.commit(a1, _record("a"), staged=_stage(output, "a", ["/2.png"]))  # a goes on
+        out.commit(start, _record("b"), staged=_stage(output, "b", ["/1.png", "/2.png"], options))
+    out.commit(a1, _record("a"), staged=_stage(output, "a", ["/2.png"], options))  # a goes on
     out.discard_uncommitted(out.snapshot())  # what the next run does first
-    assert sorted(read_embeddings(output)["uri"].to_pylist()) == ["/1.png", "/2.png"]
-    plain = pads.dataset(output + "/embeddings", format="parquet", partitioning="hive").to_table()
+    current = read_embeddings(output, storage_options=options)["uri"].to_pylist()
+    assert sorted(current) == ["/1.png", "/2.png"]
+    plain = pads.dataset(
+        output.removeprefix("s3://") + "/embeddings",
+        filesystem=fs,
+        format="parquet",
+        partitioning="hive",
+    ).to_table()
     assert sorted(plain["uri"].to_pylist()) == ["/1.png", "/2.png"]  # each image once
-    manifest = read_manifest(output)
+    manifest = read_manifest(output, storage_options=options)
     assert manifest is not None and [(r.run_id, r.status) for r in manifest.runs] == [
         ("a", "committed")
     ]

@@ -192,18 +192,24 @@ def test_a_run_killed_between_checkpoints_keeps_them_and_the_rerun_does_the_rest
     assert not (output / "_staging").exists()
 
 
-def _plain_rows(output: Path) -> list[tuple[str, str]]:
+def _plain_rows(output: Path | str, fs: Any = None) -> list[tuple[str, str]]:
+    """The rows a plain ``pyarrow.dataset`` read of the embeddings sees (on ``fs``: S3)."""
     plain = pads.dataset(
-        str(output / "embeddings"), format="parquet", partitioning="hive"
+        str(output).removeprefix("s3://") + "/embeddings",
+        filesystem=fs,
+        format="parquet",
+        partitioning="hive",
     ).to_table(columns=["uri", "run_id"])
     return sorted(zip(plain["uri"].to_pylist(), plain["run_id"].to_pylist(), strict=True))
 
 
-def _plain_equals_current(output: Path) -> list[tuple[str, str]]:
+def _plain_equals_current(
+    output: Path | str, fs: Any = None, options: dict[str, str] | None = None
+) -> list[tuple[str, str]]:
     """A plain ``pyarrow.dataset`` read of the embeddings equals ``read_embeddings``."""
-    current = read_embeddings(str(output), columns=["uri", "run_id"])
+    current = read_embeddings(str(output), columns=["uri", "run_id"], storage_options=options)
     rows = sorted(zip(current["uri"].to_pylist(), current["run_id"].to_pylist(), strict=True))
-    assert _plain_rows(output) == rows
+    assert _plain_rows(output, fs) == rows
     return rows
 
 
@@ -248,23 +254,37 @@ def test_compaction_leaves_only_current_rows_and_nightly_runs_go_on(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("store", ["local", "s3"])
 @pytest.mark.parametrize("killed", ["before its manifest", "after its manifest"])
 def test_a_compaction_killed_midway_loses_nothing(
-    tmp_path, make_image, ray_session, monkeypatch, killed
+    tmp_path, make_image, ray_session, monkeypatch, request, killed, store
 ) -> None:  # type: ignore[no-untyped-def]
     from pipeline.compact import compact
     from pipeline.output import Output
 
-    photos, output = tmp_path / "photos", tmp_path / "out"
+    photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(3):
         (photos / f"p{i}.jpg").write_bytes(make_image((20 + i, 16), seed=i))
-    options = dict(input=str(photos), output=str(output), weights="random")
-    execute_run(prepare_run(EmbedConfig(**options)), embedder=Identity)
+    fs, options, s3 = None, {}, {}
+    if store == "s3":  # the manifest is a conditional PUT there, files are server-side copies
+        fs, bucket = request.getfixturevalue("s3_bucket")
+        options = {"endpoint_url": request.getfixturevalue("s3_endpoint")}
+        output: str = f"s3://{bucket}/out"
+        s3 = {"endpoint_url": options["endpoint_url"]}
+    else:
+        output = str(tmp_path / "out")
+    config = dict(input=str(photos), output=output, weights="random", **s3)
+    execute_run(prepare_run(EmbedConfig(**config)), embedder=Identity)
     (photos / "p0.jpg").write_bytes(make_image((30, 30), seed=50))
-    execute_run(prepare_run(EmbedConfig(**options)), embedder=Identity)
-    before = read_embeddings(str(output), columns=["uri"])["uri"].to_pylist()
-    plain_before = _plain_rows(output)
+    execute_run(prepare_run(EmbedConfig(**config)), embedder=Identity)
+
+    def current() -> list[str]:
+        uris = read_embeddings(output, columns=["uri"], storage_options=options)["uri"]
+        return sorted(uris.to_pylist())
+
+    before = current()
+    plain_before = _plain_rows(output, fs)
 
     def power_cut(*args: Any, **kwargs: Any) -> None:
         raise OSError("power cut")
@@ -273,22 +293,20 @@ def test_a_compaction_killed_midway_loses_nothing(
     with monkeypatch.context() as patch:
         patch.setattr(Output, target, power_cut)
         with pytest.raises(OSError, match="power cut"):
-            compact(str(output))
+            compact(output, storage_options=options)
     # Readers that go through the manifest see each image once, either way.
-    assert sorted(read_embeddings(str(output), columns=["uri"])["uri"].to_pylist()) == sorted(
-        before
-    )
+    assert current() == before
     # What the next run does first: no file of the compaction, or of before it, is left
     # beside the table its manifest names.
-    out = Output(str(output))
+    out = Output(output, options)
     assert out.discard_uncommitted(out.snapshot()) > 0
-    status = read_manifest(str(output)).runs[-1].status  # type: ignore[union-attr]
+    status = read_manifest(output, storage_options=options).runs[-1].status  # type: ignore[union-attr]
     if killed == "before its manifest":
         assert status == "committed"
-        assert _plain_rows(output) == plain_before  # the table before (with its changed row)
+        assert _plain_rows(output, fs) == plain_before  # the table before (with its changed row)
     else:
         assert status == "compacted"
-        assert [u for u, _ in _plain_equals_current(output)] == sorted(before)
+        assert [u for u, _ in _plain_equals_current(output, fs, options)] == before
 
 
 @pytest.mark.slow
