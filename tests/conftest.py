@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- images
 
@@ -189,3 +196,64 @@ def readme_examples() -> dict[str, str]:
     """The README's tested examples: code blocks right after a `<!-- tested: NAME -->` line."""
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     return dict(re.findall(r"<!-- tested: (\w+) -->\n```(?:python|sql)\n(.*?)```", text, re.S))
+
+
+# ----------------------------------------------------------------------------- a killed driver
+
+
+def kill_stalled_driver(
+    tmp_path: Path,
+    options: dict[str, object],
+    *,
+    stage: str,
+    stall_after: int,
+    ready: Callable[[], bool],
+    timeout: float = 240,
+) -> None:
+    """SIGKILL a run's driver mid-run, as a crash or an OOM kill would.
+
+    The run gets a driver process of its own, with its own local Ray. Its model stage,
+    ``stage`` (``module:Class``), stalls after ``stall_after`` batches, so the run cannot end
+    first. Once ``ready()`` holds, the driver alone is killed, then its process group (the
+    local Ray it started).
+    """
+    module, name = stage.split(":")
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import time, ray\n"
+        f"from {module} import {name}\n"
+        "from pipeline.config import EmbedConfig\n"
+        "from pipeline.run import execute_run, prepare_run\n"
+        f"class Stall({name}):\n"
+        "    calls = 0\n"
+        "    def __call__(self, batch):\n"
+        "        type(self).calls += 1\n"
+        f"        if type(self).calls > {stall_after}:\n"
+        "            time.sleep(600)\n"
+        "        return super().__call__(batch)\n"
+        f"prepared = prepare_run(EmbedConfig(**{options!r}))\n"
+        "ray.init(include_dashboard=False)\n"
+        "execute_run(prepared, embedder=Stall)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = f"{ROOT}:{env.get('PYTHONPATH', '')}"
+    driver = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and driver.poll() is None and not ready():
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before it could be killed"
+        os.kill(driver.pid, signal.SIGKILL)  # the driver alone
+        driver.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # its local Ray too
+        except ProcessLookupError:
+            pass

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+from conftest import kill_stalled_driver
 from ray import cloudpickle
 
 from pipeline.cli import main
@@ -65,55 +66,23 @@ def test_driver_killed_mid_write_then_rerun_finishes_exactly_once(
 
     more = [f"b{i:02d}.jpg" for i in range(12)]
     _photos(photos, make_image, more)
-    # The driver runs in its own process with its own local Ray; its model stage stalls after
-    # four batches, so that the kill lands mid-run with files already in staging.
-    script = tmp_path / "driver.py"
-    script.write_text(
-        "import sys, time\n"
-        "from pipeline.config import EmbedConfig\n"
-        "from pipeline.embed import ResNet50Embedder\n"
-        "from pipeline.run import execute_run, prepare_run\n"
-        "import ray\n"
-        "class Stall(ResNet50Embedder):\n"
-        "    calls = 0\n"
-        "    def __call__(self, batch):\n"
-        "        type(self).calls += 1\n"
-        "        if type(self).calls > 4:\n"
-        "            time.sleep(600)\n"
-        "        return super().__call__(batch)\n"
-        f"config = EmbedConfig(input={str(photos)!r}, output={str(output)!r}, weights='random',\n"
-        "                     batch_size=2, decode_batch_size=2, rows_per_file=2)\n"
-        "prepared = prepare_run(config)\n"
-        "ray.init(include_dashboard=False)\n"
-        "execute_run(prepared, embedder=Stall)\n"
-    )
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env["PYTHONPATH"] = f"{ROOT}:{env.get('PYTHONPATH', '')}"
-    driver = subprocess.Popen(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     staging = output / "_staging"
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and driver.poll() is None:
-            if any(staging.glob("*/embeddings/*.parquet")):
-                break
-            time.sleep(0.2)
-        assert driver.poll() is None, "the run ended before it could be killed"
-        os.kill(driver.pid, signal.SIGKILL)  # the driver alone, mid-write
-        driver.wait(timeout=30)
-    finally:
-        # The local Ray that driver started is in its process group: clean it up too.
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    # The model stage stalls after four batches: the kill lands mid-run, with files already
+    # in staging.
+    kill_stalled_driver(
+        tmp_path,
+        dict(
+            input=str(photos),
+            output=str(output),
+            weights="random",
+            batch_size=2,
+            decode_batch_size=2,
+            rows_per_file=2,
+        ),
+        stage="pipeline.embed:ResNet50Embedder",
+        stall_after=4,
+        ready=lambda: any(staging.glob("*/embeddings/*.parquet")),
+    )
     # The killed run committed nothing: readers see exactly the first run.
     assert _check_each_once(output, photos, first) == committed
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
+from conftest import kill_stalled_driver
 
 from bench.overhead import Identity
 from pipeline.config import EmbedConfig
@@ -107,89 +104,79 @@ def test_a_runs_input_list_is_read_by_ray_data_not_the_driver(
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rows_once(output: Path, table: str) -> list[str]:
-    """The current rows' URIs, each once, and the plain dataset read agrees."""
-    uris = read_embeddings(str(output), table=table)["uri"].to_pylist()
+def _rows_once(
+    output: Path | str, table: str, fs: Any = None, options: dict[str, str] | None = None
+) -> list[str]:
+    """The current rows' URIs, each once, and the plain dataset read (on ``fs``) agrees."""
+    uris = read_embeddings(str(output), table=table, storage_options=options)["uri"].to_pylist()
     assert len(uris) == len(set(uris))
-    plain = pads.dataset(str(output / table), format="parquet", partitioning="hive").to_table()
+    plain = pads.dataset(
+        f"{str(output).removeprefix('s3://')}/{table}",
+        filesystem=fs,
+        format="parquet",
+        partitioning="hive",
+    ).to_table()
     assert sorted(plain["uri"].to_pylist()) == sorted(uris)  # no uncommitted or doubled rows
     return uris
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("store", ["local", "s3"])
 def test_a_run_killed_between_checkpoints_keeps_them_and_the_rerun_does_the_rest(
-    tmp_path, ray_session, capsys
+    tmp_path, ray_session, capsys, request, store
 ) -> None:  # type: ignore[no-untyped-def]
-    photos, output = tmp_path / "photos", tmp_path / "out"
+    photos = tmp_path / "photos"
     _zero_byte_images(photos, 300)
+    fs, read, s3 = None, {}, {}
+    if store == "s3":  # checkpoints are conditional PUTs there, files server-side copies
+        fs, bucket = request.getfixturevalue("s3_bucket")
+        output: str = f"s3://{bucket}/out"
+        read = {"endpoint_url": request.getfixturevalue("s3_endpoint")}
+        s3 = {"endpoint_url": read["endpoint_url"]}
+    else:
+        output = str(tmp_path / "out")
     options = dict(
         input=str(photos),
-        output=str(output),
+        output=output,
         weights="random",
         max_error_rate=1.0,
         batch_size=25,
         decode_batch_size=25,
         rows_per_file=25,
         commit_every=50,
+        **s3,
     )
-    # The driver runs in its own process with its own local Ray; its model stage stalls after
-    # eight batches (200 images), so the kill lands between checkpoints with work left.
-    script = tmp_path / "driver.py"
-    script.write_text(
-        "import time, ray\n"
-        "from bench.overhead import Identity\n"
-        "from pipeline.config import EmbedConfig\n"
-        "from pipeline.run import execute_run, prepare_run\n"
-        "class Stall(Identity):\n"
-        "    calls = 0\n"
-        "    def __call__(self, batch):\n"
-        "        type(self).calls += 1\n"
-        "        if type(self).calls > 8:\n"
-        "            time.sleep(600)\n"
-        "        return super().__call__(batch)\n"
-        f"prepared = prepare_run(EmbedConfig(**{options!r}))\n"
-        "ray.init(include_dashboard=False)\n"
-        "execute_run(prepared, embedder=Stall)\n"
+
+    def between_checkpoints() -> bool:
+        manifest = read_manifest(output, storage_options=read)
+        return manifest is not None and manifest.runs[-1].checkpoints >= 2
+
+    # The model stage stalls after eight batches (200 images): the kill lands between
+    # checkpoints (after the third, at 150), with work left.
+    kill_stalled_driver(
+        tmp_path,
+        options,
+        stage="bench.overhead:Identity",
+        stall_after=8,
+        ready=between_checkpoints,
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = f"{ROOT}:{env.get('PYTHONPATH', '')}"
-    driver = subprocess.Popen(
-        [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 240
-        checkpoints = 0
-        while time.time() < deadline and driver.poll() is None and checkpoints < 3:
-            manifest = read_manifest(str(output))
-            checkpoints = manifest.runs[-1].checkpoints + 1 if manifest else 0
-            time.sleep(0.2)
-        assert driver.poll() is None, "the run ended before it could be killed"
-        os.kill(driver.pid, signal.SIGKILL)  # the driver alone, between checkpoints
-        driver.wait(timeout=30)
-    finally:
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)  # its local Ray too
-        except ProcessLookupError:
-            pass
-    manifest = read_manifest(str(output))
+    manifest = read_manifest(output, storage_options=read)
     assert manifest is not None and manifest.runs[-1].status == "checkpointed"
     from pipeline.cli import main
 
-    assert main(["status", str(output)]) == 0  # shows how far the killed run got
+    endpoint = ["--endpoint-url", read["endpoint_url"]] if read else []
+    assert main(["status", output, *endpoint]) == 0  # shows how far the killed run got
     assert f"checkpointed ({manifest.runs[-1].checkpoints + 1})" in capsys.readouterr().out
-    kept = _rows_once(output, "errors")  # zero-byte files: an `empty` error row each
+    kept = _rows_once(output, "errors", fs, read)  # zero-byte files: an `empty` row each
     assert len(kept) >= 0.4 * 300, len(kept)  # killed at 50 %: 150 committed
 
     record = execute_run(prepare_run(EmbedConfig(**options)), embedder=Identity)
     assert record.counts.known_failed == len(kept)  # committed ones are not redone
     assert record.counts.failed == 300 - len(kept)
-    assert sorted(_rows_once(output, "errors")) == sorted(str(p) for p in photos.iterdir())
-    assert not (output / "_staging").exists()
+    done = _rows_once(output, "errors", fs, read)
+    assert sorted(done) == sorted(str(p) for p in photos.iterdir())
+    staging = f"{output.removeprefix('s3://')}/_staging"
+    assert not (fs.exists(staging) if fs is not None else Path(staging).exists())
 
 
 def _plain_rows(output: Path | str, fs: Any = None) -> list[tuple[str, str]]:
