@@ -149,9 +149,12 @@ def _gpu_nodes(dashboard: int, env: dict[str, str]) -> int:
     return int(out) if out.isdigit() else 0
 
 
+@pytest.mark.parametrize(("num_gpus", "actors"), [("1", 1), ("0.5", 2)])
 def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
-    cluster, tmp_path, make_image
+    cluster, tmp_path, make_image, num_gpus, actors
 ) -> None:  # type: ignore[no-untyped-def]
+    """The model actors go to the GPU node, decode and write tasks to the CPU node; with
+    ``--num-gpus 0.5``, two actors share the node's one GPU."""
     photos, output = tmp_path / "photos", tmp_path / "out"
     photos.mkdir()
     for i in range(5):
@@ -178,7 +181,9 @@ def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
             "--weights",
             "random",
             "--num-gpus",
-            "1",
+            num_gpus,
+            "--concurrency",
+            str(actors),
             "--batch-size",
             "4",
         ],
@@ -195,16 +200,19 @@ def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
         "from ray.util.state import list_actors, list_nodes, list_tasks\n"
         "nodes = {n.node_id: ('gpu' if n.resources_total.get('GPU') else 'cpu')\n"
         "         for n in list_nodes(address='ADDR')}\n"
-        "for a in list_actors(address='ADDR', limit=1000):\n"
-        "    if 'ResNet50Embedder' in a.class_name: print('model', nodes.get(a.node_id))\n"
+        "for a in list_actors(address='ADDR', limit=1000, detail=True):\n"
+        "    if 'ResNet50Embedder' in a.class_name:\n"
+        "        print('model', nodes.get(a.node_id), a.required_resources.get('GPU'))\n"
         "for t in list_tasks(address='ADDR', limit=10000):\n"
         "    if t.name in ('MapBatches(decode_batch)', 'MapBatches(write_files)'):\n"
         "        print(t.name, nodes.get(t.node_id))\n"
     )
     dashboard = int(cluster["dashboard"].rsplit(":", 1)[1])
-    placements = set(_state(dashboard, env, code).splitlines())
+    lines = _state(dashboard, env, code).splitlines()
+    assert lines.count(f"model gpu {float(num_gpus)}") == actors, lines  # one GPU, shared
+    placements = set(lines)
     assert placements == {
-        "model gpu",
+        f"model gpu {float(num_gpus)}",
         "MapBatches(decode_batch) cpu",
         "MapBatches(write_files) cpu",  # the writer tasks
     }, placements
