@@ -95,6 +95,40 @@ def start_ray(
         logger.info("Ray's own logs: %s", node.get_logs_dir_path())
 
 
+def kill_local_ray() -> None:
+    """SIGKILL every process of the local Ray this process started, at once: the GCS, the
+    raylet, its agents and its workers.
+
+    For a command that exits without Ray's orderly shutdown (:func:`pipeline.cli.console`).
+    Ray's fate sharing takes the raylet and its workers with the driver, but the raylet's
+    dashboard and runtime-env agents outlive it by a minute or more, holding their ports: a
+    local Ray started meanwhile waits some 3.3 s for its agent's port, then goes without it.
+    """
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None:
+        return
+    # Ray's own copy (ray/thirdparty_files), on sys.path once ray is imported.
+    import psutil
+
+    found: list[psutil.Process] = []
+    for infos in node.all_processes.values():
+        for info in infos:
+            if info.process is None:
+                continue
+            try:
+                root = psutil.Process(info.process.pid)
+                found += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+    for process in found:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def quiet_ray(verbose: bool) -> None:
     """Ray's INFO lines and Ray Data's progress stay off the console unless ``verbose``.
 
