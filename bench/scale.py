@@ -15,8 +15,9 @@ No model and no image is involved: each part measures the driver's own work.
 - ``diff``: an output with two committed runs (``--keys`` images, then ``--changed`` of them
   changed) is written as narrow Parquet files (the key columns only); then, in a fresh
   process, the real diff reads the current keys from it and diffs a listing of ``--keys``
-  images (the same ``--changed`` share changed again) in 1,000-key pages. It reports the
-  time to read and index the committed keys, the time per listed page, and the process's
+  images (the same ``--changed`` share changed again) in the run's listing chunks
+  (``LISTING_BLOCK_ROWS``). It reports the time to read and index the committed keys, the
+  time to diff the listing, and the process's
   peak RSS.
 - ``listing``: the concurrent lister against a fake paginated store that answers each page
   of 1,000 keys after ``--page-latency`` seconds: keys/s at concurrency 1 and at the
@@ -128,8 +129,9 @@ def write_committed(root: Path, keys: int, changed: float) -> None:
 
 
 def diff_child(root: str, keys: int, changed: float) -> dict[str, Any]:
-    """In a fresh process: read the committed keys, index them, diff a listing in pages."""
-    from pipeline.incremental import diff_listing
+    """In a fresh process: read the committed keys, index them, diff a listing in the chunks
+    a run diffs."""
+    from pipeline.incremental import LISTING_BLOCK_ROWS, diff_listing
     from pipeline.listing import ListingCounts
     from pipeline.output import Output
 
@@ -143,9 +145,10 @@ def diff_child(root: str, keys: int, changed: float) -> dict[str, Any]:
     made = [0.0]
 
     def pages() -> Any:
-        for start in range(0, keys, PAGE):
+        for start in range(0, keys, LISTING_BLOCK_ROWS):
             t = time.perf_counter()
-            page = synthetic_keys(start, min(keys, start + PAGE), generation=2, changed=changed)
+            stop = min(keys, start + LISTING_BLOCK_ROWS)
+            page = synthetic_keys(start, stop, generation=2, changed=changed)
             counts.listed += page.num_rows
             made[0] += time.perf_counter() - t
             yield page
@@ -161,6 +164,7 @@ def diff_child(root: str, keys: int, changed: float) -> dict[str, Any]:
     diff_s = time.perf_counter() - t - made[0]
     return {
         "keys": keys,
+        "chunk_rows": LISTING_BLOCK_ROWS,
         "committed_rows": rows,
         "read_current_s": round(read_s, 1),
         "diff_s": round(diff_s, 1),
@@ -199,7 +203,8 @@ def bench_diff(args: argparse.Namespace) -> list[str]:
         f"(two committed runs), {args.changed:.0%} changed: {figures['new']:,} new, "
         f"{figures['unchanged']:,} unchanged, {figures['deleted']} deleted",
         f"- read, resolve and index the current keys: {figures['read_current_s']} s; diff "
-        f"in {PAGE:,}-key pages: {figures['diff_s']} s; total {figures['total_s']} s",
+        f"in {figures['chunk_rows']:,}-key chunks: {figures['diff_s']} s; total "
+        f"{figures['total_s']} s",
         f"- driver peak RSS: {figures['peak_rss_gb']} GB",
     ]
 

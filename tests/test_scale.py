@@ -56,6 +56,7 @@ def test_work_starts_while_the_listing_goes_on(tmp_path, ray_session, monkeypatc
             yield chunk
 
     monkeypatch.setattr(incremental, "list_images", gated)
+    monkeypatch.setattr(incremental, "LISTING_BLOCK_ROWS", 256)  # 600 images: three chunks
     # Ray Data hands a read task's output on by the block (128 MiB by default): a block
     # here is one chunk of the listing.
     import ray
