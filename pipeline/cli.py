@@ -519,6 +519,7 @@ def run_and_report(
     most ``PROBE_LISTED`` images is listed before anything starts, so that a run with nothing
     to embed commits (its deletions) in seconds, with no Ray and no weights.
     """
+    from pipeline.logs import native_stderr_filtered
     from pipeline.report import print_summary
     from pipeline.run import check_run, commit_without_work, execute_run, probe_run
     from pipeline.runtime import Stopped, catch_stop_signals, prepare_and_start_ray, stopped_run
@@ -529,19 +530,25 @@ def run_and_report(
         record = commit_without_work(config, probe, run_id=run_id)
         output = probe.output
     else:
-        prepared = prepare_and_start_ray(
-            config, address, paths=paths, run_id=run_id, verbose=verbose
-        )
-        catch_stop_signals()  # again: ray.init installs a SIGTERM handler of its own
-        try:
-            record = execute_run(
-                prepared,
-                snapshot=probe.snapshot if probe else snapshot,
-                listing=probe.listing if probe else None,
-                progress=progress,
+        if progress == "auto":  # decided here: stderr is a pipe to the filter below
+            progress = "bar" if sys.stderr.isatty() else "log"
+        stopped: Stopped | None = None
+        with native_stderr_filtered(enabled=not verbose):
+            prepared = prepare_and_start_ray(
+                config, address, paths=paths, run_id=run_id, verbose=verbose
             )
-        except Stopped as stop:
-            return stopped_run(stop, prepared)
+            catch_stop_signals()  # again: ray.init installs a SIGTERM handler of its own
+            try:
+                record = execute_run(
+                    prepared,
+                    snapshot=probe.snapshot if probe else snapshot,
+                    listing=probe.listing if probe else None,
+                    progress=progress,
+                )
+            except Stopped as stop:
+                stopped = stop
+        if stopped is not None:
+            return stopped_run(stopped, prepared)
         output = prepared.output
     print_summary(record, output.uri, report=output.report_uri(record.run_id))
     return 0

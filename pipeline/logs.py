@@ -1,11 +1,21 @@
-"""Logging for the entry points: our own loggers at ``--log-level``, libraries at WARNING, and
-every known credential replaced by ``***`` in whatever is logged."""
+"""Logging for the entry points: our own loggers at ``--log-level``, libraries at WARNING,
+every known credential replaced by ``***`` in whatever is logged, and Ray core's known noise
+kept off the console.
+
+Run as a script (``python -I -S pipeline/logs.py PATTERN...``), this file is the stderr filter
+of :func:`native_stderr_filtered`: it imports nothing of the package, so it starts in
+milliseconds.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 SECRET_OPTION_KEYS = frozenset(
@@ -75,3 +85,108 @@ def configure_logging(
     root.setLevel(logging.WARNING)
     logging.getLogger("pipeline").setLevel(level)
     logging.getLogger("jobs").setLevel(level)
+
+
+# Lines of Ray core's C++ logger (ERROR level, so also on the driver's stderr) that tell the
+# user nothing they can act on. Each still lands in Ray's log folder
+# (``python-core-driver-*.log``); the console is spared it.
+RAY_CORE_NOISE = (
+    # Ray Data 2.60 passes its actor pools their map function and DataContext by object
+    # reference, with restarts on (ray-project/ray#57733): core_worker.cc warns on every run.
+    "has constructor arguments in the object store and max_restarts > 0",
+)
+
+
+def drop_lines(source: int, sink: int, patterns: Sequence[bytes]) -> None:
+    """Copy ``source`` to ``sink`` until end of file, less the lines holding any of
+    ``patterns``.
+
+    Bytes pass on as they arrive, so that a progress bar's partial line shows at once. Only a
+    partial line that starts with ``[``, as every Ray core log line does, waits for its end
+    (or 64 KiB) before it is judged. A sink that goes away is drained into nothing, so that
+    the writer never sees a broken pipe on our account.
+    """
+    held = b""  # a partial line that may yet be one to drop
+    mid_line = False  # in a partial line already passed on
+    sink_open = True
+
+    def emit(data: bytes) -> None:
+        nonlocal sink_open
+        while data and sink_open:
+            try:
+                data = data[os.write(sink, data) :]
+            except OSError:
+                sink_open = False
+
+    while chunk := os.read(source, 65536):
+        data, held = held + chunk, b""
+        out: list[bytes] = []
+        for line in data.splitlines(keepends=True):
+            if mid_line:
+                out.append(line)
+            elif not line.endswith((b"\n", b"\r")):
+                if line.startswith(b"[") and len(line) < 65536:
+                    held = line
+                    break
+                out.append(line)
+            elif not any(pattern in line for pattern in patterns):
+                out.append(line)
+            mid_line = not line.endswith((b"\n", b"\r"))
+        emit(b"".join(out))
+    emit(held)
+
+
+@contextlib.contextmanager
+def native_stderr_filtered(
+    enabled: bool = True, patterns: Sequence[str] = RAY_CORE_NOISE
+) -> Iterator[None]:
+    """Within the block, what this process writes to file descriptor 2 passes through a
+    filter process that drops the lines holding ``patterns`` (:data:`RAY_CORE_NOISE`).
+
+    Ray core's C++ logger writes its ERROR lines to the driver's stderr itself, below Python,
+    so no logging setting reaches them. Python's own writes take the same path, in order.
+    The filter is a child process in a session of its own: a Ctrl-C to the terminal does not
+    stop it, and should this process die, it still passes on what was written. ``isatty()``
+    of stderr is ``False`` within the block: ask before.
+    """
+    if not enabled:
+        yield
+        return
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to filter
+        yield
+        return
+    read_end, write_end = os.pipe()
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-I", "-S", os.path.abspath(__file__), *patterns],
+            stdin=read_end,
+            stdout=saved,
+            stderr=saved,
+            start_new_session=True,
+        )
+    except OSError:
+        for fd in (read_end, write_end, saved):
+            os.close(fd)
+        yield
+        return
+    os.close(read_end)
+    sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the filter sees the end of its input once no one else holds it
+        os.close(saved)
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass  # a process we started holds the pipe: the filter ends with it
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    drop_lines(0, 1, [pattern.encode() for pattern in sys.argv[1:]])

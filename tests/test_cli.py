@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from pipeline.logs import drop_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -272,9 +276,49 @@ def test_a_piped_run_prints_a_few_lines_and_names_rays_log_folder(tmp_path, make
         assert time.time() < deadline, left
         time.sleep(0.5)
     assert not [line for line in lines if "streaming_executor" in line or "Progress" in line]
-    # -v brings Ray's and Ray Data's own lines back.
+    # Ray core's line about Ray Data's actor constructor arguments stays in Ray's log folder.
+    noise = "has constructor arguments in the object store"
+    assert not [line for line in lines if noise in line]
+    (driver_log,) = Path(logs.split("Ray's own logs: ")[1]).glob("python-core-driver-*.log")
+    assert noise in driver_log.read_text()
+    # -v brings Ray's and Ray Data's own lines back, Ray core's included.
     verbose = piped("-v", "--full")
     assert [line for line in verbose if "streaming_executor" in line], "\n".join(verbose)
+    assert [line for line in verbose if noise in line], "\n".join(verbose)
+
+
+def test_the_stderr_filter_drops_only_its_lines_and_holds_back_nothing_else() -> None:
+    source_read, source_write = os.pipe()
+    sink_read, sink_write = os.pipe()
+    filter_thread = threading.Thread(
+        target=drop_lines, args=(source_read, sink_write, [b"NOISE"]), daemon=True
+    )
+    filter_thread.start()
+
+    def send(data: bytes) -> None:
+        os.write(source_write, data)
+        time.sleep(0.05)
+
+    def received() -> bytes:
+        ready, _, _ = select.select([sink_read], [], [], 0.5)
+        return os.read(sink_read, 65536) if ready else b""
+
+    send(b"INFO first line\n")
+    assert received() == b"INFO first line\n"
+    send(b"\r3/24 images \x1b[K")  # a progress bar's partial line passes on at once
+    assert received() == b"\r3/24 images \x1b[K"
+    send(b"\r4/24 images\n[2026-11-27 E 1 1] core_worker.cc: NO")  # a Ray line: judged whole
+    assert received() == b"\r4/24 images\n"
+    send(b"ISE here\n[2026-11-27 E 1 1] core_worker.cc: a real error\n")
+    assert received() == b"[2026-11-27 E 1 1] core_worker.cc: a real error\n"
+    send(b"[partial with no end")
+    assert received() == b""
+    os.close(source_write)
+    filter_thread.join(timeout=5)
+    assert received() == b"[partial with no end"  # the end of the input lets it go
+    os.close(sink_write)
+    os.close(sink_read)
+    os.close(source_read)
 
 
 def _ray_processes() -> set[str]:

@@ -148,6 +148,19 @@ def test_model_actor_dying_mid_run_is_restarted_and_nothing_doubles(
     _check_each_once(output, photos, names)
 
 
+def _stderr_filters() -> list[int]:
+    """Live stderr filters (``python pipeline/logs.py``) of this checkout's runs."""
+    script = str(ROOT / "pipeline" / "logs.py").encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if script in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def _session_processes(sid: int) -> list[int]:
     """Live processes of a session (a driver started with start_new_session, and its Ray)."""
     found = []
@@ -187,6 +200,7 @@ def test_a_stop_signal_mid_run_says_one_line_and_leaves_nothing_behind(
                 break
             time.sleep(0.2)
         assert driver.poll() is None, "the run ended before it could be stopped"
+        assert _stderr_filters()
         driver.send_signal(signum)
         _, err = driver.communicate(timeout=120)
         assert driver.returncode == status, err[-3000:]
@@ -200,6 +214,8 @@ def test_a_stop_signal_mid_run_says_one_line_and_leaves_nothing_behind(
         while _session_processes(driver.pid) and time.time() < deadline:
             time.sleep(0.5)
         assert not _session_processes(driver.pid)
+        # The stderr filter (a session of its own, spared the terminal's signal) ends too.
+        assert not _stderr_filters()
     finally:
         try:
             os.killpg(driver.pid, signal.SIGKILL)
