@@ -11,10 +11,13 @@ tasks would), ``decode_on_device`` (nvJPEG) and ``ResNet50Embedder`` on the GPU.
 - correctness: CUDA embeddings against the CPU model's, each precision, and the GPU decode
   path's pixels and embeddings against the CPU decode path's, with which files fell back;
 - the model-only ceiling in fp32 (TF32 convolutions), bf16 and fp16, batch 64-512,
-  channels_last, on inputs already on the GPU and from host memory, compile off and on;
+  channels_last, on inputs already on the GPU and from host memory (one call at a time, and
+  two at once as ``--calls-per-actor 2`` runs them: a copy overlaps a forward pass), compile
+  off and on;
 - CPU decode images/s per core, ImageNet-size and 12 MP JPEGs, exact and draft;
 - nvJPEG decode images/s (the device decoder alone, and with header checks and resize);
-- end-to-end images/s per GPU with CPU decode (a pool of processes) and with GPU decode;
+- end-to-end images/s per GPU with CPU decode (a pool of processes) and with GPU decode, the
+  pipeline's model stage with one and with two calls at once;
 - the decode cores per GPU each path needs.
 
 Every section runs against one deadline (``--budget``): what does not fit is reported as
@@ -256,6 +259,20 @@ def main() -> None:  # noqa: C901 - one script, one section after another
 
             return timed(one, slice_s)[0]
 
+        def at_once(step: Callable[[], object], images: int, calls: int) -> float:
+            """Images/s of ``calls`` threads calling ``step`` (``images`` each) over and over,
+            as a model actor with ``--calls-per-actor calls`` does, the device's queue drained."""
+
+            def one() -> int:
+                step()
+                return images
+
+            with ThreadPoolExecutor(calls) as pool:
+                t0 = time.perf_counter()
+                done = sum(pool.map(lambda _: timed(one, slice_s)[1], range(calls)))
+                sync()
+                return done / (time.perf_counter() - t0)
+
         weights = load_weights("random", seed=0)
         precisions = ["fp32", "bf16", "fp16"] if cuda else ["fp32"]
         if cuda:
@@ -350,9 +367,9 @@ def main() -> None:  # noqa: C901 - one script, one section after another
         say(
             "| precision | "
             + " | ".join(f"batch {b}" for b in batches)
-            + " | from host memory, best batch |"
+            + " | from host memory, best batch | the same, 2 calls at once |"
         )
-        say("| --- | " + " | ".join("---" for _ in batches) + " | --- |")
+        say("| --- | " + " | ".join("---" for _ in batches) + " | --- | --- |")
         rng = np.random.default_rng(0)
         host = rng.integers(0, 255, (max(batches), crop, crop, 3), dtype=np.uint8)
         on_gpu = torch.from_numpy(host).to(device).permute(0, 3, 1, 2).contiguous()
@@ -376,8 +393,13 @@ def main() -> None:  # noqa: C901 - one script, one section after another
                     m.embed(host[:best_b])
                     host_rate = throughput(partial(m.embed, host[:best_b]), best_b)
                     cells.append(f"{host_rate:,.0f} (batch {best_b})")
+                    # --calls-per-actor 2: one call's copy overlaps the other's forward pass.
+                    m2 = new_model(precision, batch_hint=best_b, concurrent_calls=2)
+                    m2.embed(host[:best_b])
+                    two = at_once(partial(m2.embed, host[:best_b]), best_b, 2)
+                    cells.append(f"{two:,.0f}")
                 else:
-                    cells.append("skipped")
+                    cells += ["skipped", "skipped"]
                 say(f"| {precision} | " + " | ".join(cells) + " |")
         best_precision = max(ceiling, key=lambda p: ceiling[p][0]) if ceiling else "fp32"
         best_rate, best_batch = ceiling.get(best_precision, (float("nan"), batches[-1]))
@@ -573,9 +595,10 @@ def main() -> None:  # noqa: C901 - one script, one section after another
                 memory.close()
                 memory.unlink()
 
-        def model_stage_path(compiled: bool) -> tuple[float, float]:
+        def model_stage_path(compiled: bool, calls: int) -> tuple[float, float]:
             """The pipeline's own model stage, as a Ray actor runs it: ``ResNet50Embedder``
-            with ``decode_spec`` called on ``fetch_batch``'s batches (the files' bytes)."""
+            with ``decode_spec`` called on ``fetch_batch``'s batches (the files' bytes), from
+            ``calls`` threads at once (``--calls-per-actor``)."""
             from pipeline.decode import fetch_batch
 
             stage = new_model(
@@ -584,33 +607,45 @@ def main() -> None:  # noqa: C901 - one script, one section after another
                 batch_hint=best_batch,
                 decode_spec=spec,
                 max_image_pixels=MAX_PIXELS,
+                concurrent_calls=calls,
             )
             fetched = fetch_batch(listing_batch(paths), storage_options={})
             index = np.arange(best_batch) % len(paths)
             batch = {key: value[index] for key, value in fetched.items()}
             stage(batch)
             stage(batch)
-            n_batches = max(1, e2e_images // best_batch)
+            n_batches = max(calls, e2e_images // best_batch)
+
+            def share(k: int) -> set[str]:
+                errors: set[str] = set()
+                for _ in range(k, n_batches, calls):
+                    errors |= set(stage(batch)["error_type"])
+                return errors
+
             cpu0, t0 = time.process_time(), time.perf_counter()
-            for _ in range(n_batches):
-                out = stage(batch)
+            with ThreadPoolExecutor(calls) as pool:
+                errors = set().union(*pool.map(share, range(calls)))
+            sync()
             wall = time.perf_counter() - t0
-            assert not any(out["error_type"]), set(out["error_type"])
+            assert errors == {""}, errors
             return n_batches * best_batch / wall, (time.process_time() - cpu0) / wall
 
         gpu_rate = cpu_rate = gpu_cores = 0.0
         for compiled in use_compile:
-            what = "compiled" if compiled else "eager"
-            if deadline.left() < 30:
-                rows.append(f"| the model stage, {what} | skipped (budget) | | |")
-                continue
-            with guard(f"the model stage, {what}"):
-                rate, cores = model_stage_path(compiled)
-                rows.append(
-                    f"| the pipeline's model stage (`ResNet50Embedder` with `decode_spec` on "
-                    f"`fetch_batch` batches, as a `--decode-device cuda` actor), {what} | "
-                    f"{rate:,.0f} | {rate / best_rate:.2f} | {cores:.1f} |"
+            for calls in (1, 2):
+                what = ("compiled" if compiled else "eager") + (
+                    f", {calls} calls at once (`--calls-per-actor {calls}`)" if calls > 1 else ""
                 )
+                if deadline.left() < 30:
+                    rows.append(f"| the model stage, {what} | skipped (budget) | | |")
+                    continue
+                with guard(f"the model stage, {what}"):
+                    rate, cores = model_stage_path(compiled, calls)
+                    rows.append(
+                        f"| the pipeline's model stage (`ResNet50Embedder` with `decode_spec` "
+                        f"on `fetch_batch` batches, as a `--decode-device cuda` actor), {what} | "
+                        f"{rate:,.0f} | {rate / best_rate:.2f} | {cores:.1f} |"
+                    )
         variants = [(1, False, False), (1, True, False), (2, True, False)]
         variants += [(2, True, True)] if True in use_compile else []
         for threads, pipelined, compiled in variants:

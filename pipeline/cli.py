@@ -305,6 +305,13 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="model actors: fixed N or autoscaling MIN,MAX (default %(default)s)",
     )
     speed.add_argument(
+        "--calls-per-actor",
+        type=int,
+        metavar="N",
+        help="batches each model actor works on at once, a thread and CUDA stream each, so "
+        "copies and GPU decode overlap forward passes; 1 on CPU actors (default %(default)s)",
+    )
+    speed.add_argument(
         "--num-gpus",
         type=float,
         metavar="F",

@@ -73,6 +73,11 @@ class EmbedConfig:
         list_concurrency: LIST requests in flight at once on an object store (a prefix is
             split by its "subfolders"; see ``pipeline.listing.ShardedLister``).
         concurrency: Model actors: a fixed count or an autoscaling ``(min, max)``.
+        calls_per_actor: Batches each model actor works on at once, each in a thread (and,
+            on GPU, a CUDA stream) of its own: one batch is copied to or decoded on the GPU
+            while another's forward pass runs. Ray Data's
+            ``max_concurrent_calls_per_actor`` with ``enable_true_multi_threading``. Leave 1
+            on CPU actors, whose one forward pass already uses every core.
         num_gpus: GPUs per model actor; ``None`` means 1 where the cluster has GPUs, else 0.
         model_threads: torch intra-op threads per CPU model actor (``None``: every core of
             the node; with several CPU actors per node, give cores / actors).
@@ -116,6 +121,7 @@ class EmbedConfig:
     list_concurrency: int = 16
     input_list: str | None = None
     concurrency: int | tuple[int, int] = 1
+    calls_per_actor: int = 1
     num_gpus: float | None = None
     model_threads: int | None = None
     precision: Precision = "fp32"
@@ -157,6 +163,7 @@ class EmbedConfig:
             "rows_per_file",
             "commit_every",
             "list_concurrency",
+            "calls_per_actor",
             "max_image_pixels",
         ):
             value = getattr(self, name)

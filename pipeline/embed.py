@@ -1,14 +1,18 @@
 """Stage 3 (actor pool): ResNet50 with ``fc`` = identity -> 2048-d pooled features.
 
 One model per actor, loaded in ``__init__``; ``__call__`` runs under ``torch.inference_mode``.
-The same class runs on GPU actors (optional fp16/bf16 autocast) and on CPU actors (fp32).
+The same class runs on GPU actors (optional fp16/bf16 autocast) and on CPU actors (fp32). An
+actor may run several calls at once (``concurrent_calls``), each in a thread of its own with its
+own pinned buffer and CUDA stream, over the one model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -88,6 +92,10 @@ class ResNet50Embedder:
             this model's device with this spec, instead of decoded pixels (``image``).
             Refused where torch sees no CUDA, unless ``device`` is given.
         max_image_pixels: The header pixel limit of the images decoded here.
+        concurrent_calls: Calls that may run at once, from as many threads (Ray Data's
+            ``max_concurrent_calls_per_actor``). Above 1, each thread gets its own pinned
+            buffer and, on CUDA, its own stream, so one call's copy or decode overlaps
+            another's forward pass; a compiled model compiles on one thread only.
 
     Example:
         >>> weights = load_weights("random")  # doctest: +SKIP
@@ -112,6 +120,7 @@ class ResNet50Embedder:
         batch_hint: int = 0,
         decode_spec: PreprocessSpec | None = None,
         max_image_pixels: int = 0,
+        concurrent_calls: int = 1,
     ) -> None:
         import torch
         from torchvision.models import resnet50
@@ -170,17 +179,43 @@ class ResNet50Embedder:
         if compile:
             self.model = torch.compile(self.model, dynamic=False)
         self.batch_hint = batch_hint
-        self._pinned: torch.Tensor | None = None
+        # Per calling thread: its pinned host buffer and, with concurrent calls, CUDA stream.
+        self._local = threading.local()
+        self.concurrent_calls = concurrent_calls
+        self._first_call = threading.Lock()
+        self._warm = not compile
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(shape)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(shape)
         self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        if self.device.type == "cuda" and concurrent_calls > 1:
+            # The weights were copied on the default stream; the calls' own streams do not
+            # wait for it.
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def _own_stream(self) -> Iterator[None]:
+        """Run the block on this thread's own CUDA stream, when calls run concurrently.
+
+        Each call ends by copying its features to the host, which waits for its stream only:
+        another thread's forward pass may go on meanwhile.
+        """
+        if self.device.type != "cuda" or self.concurrent_calls == 1:
+            yield
+            return
+        import torch
+
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            yield
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``(N, H, W, 3)`` pixels on the host -> float32 ``(N, 2048)`` features."""
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), self._own_stream():
             # np.require copies only when needed: torch wants a C-contiguous, writable array.
             x = torch.from_numpy(np.require(images, requirements=["C", "W"]))
             if self.device.type == "cuda":
@@ -189,18 +224,21 @@ class ResNet50Embedder:
             return self.embed_on_device(x.permute(0, 3, 1, 2))
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        """Copy a host batch to the GPU through a pinned buffer allocated once and reused.
+        """Copy a host batch to the GPU through a pinned buffer allocated once (per calling
+        thread) and reused.
 
         Pinned memory makes the copy asynchronous; ``embed_on_device`` ends in a copy back to
-        the host, which waits for the stream, so the buffer is free again by the next call.
+        the host, which waits for the stream, so the buffer is free again by the thread's next
+        call.
         """
         import torch
 
         n, shape = x.shape[0], tuple(x.shape[1:])
-        if self._pinned is None or self._pinned.shape[0] < n or self._pinned.shape[1:] != shape:
+        pinned = getattr(self._local, "pinned", None)
+        if pinned is None or pinned.shape[0] < n or pinned.shape[1:] != shape:
             rows = max(n, self.batch_hint)
-            self._pinned = torch.empty((rows, *shape), dtype=x.dtype).pin_memory()
-        staging = self._pinned[:n]
+            pinned = self._local.pinned = torch.empty((rows, *shape), dtype=x.dtype).pin_memory()
+        staging = pinned[:n]
         staging.copy_(x)
         return staging.to(self.device, non_blocking=True)
 
@@ -221,15 +259,26 @@ class ResNet50Embedder:
                 x = torch.cat([x, x.new_zeros((self.batch_hint - n, *x.shape[1:]))])
             x = x.float().div_(255.0)
             x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-            if self.autocast_dtype is not None:
-                with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
-                    features = self.model(x)
+            if self._warm:
+                features = self._forward(x)
             else:
-                features = self.model(x)
+                # torch.compile compiles on the first call: one thread compiles, the others
+                # wait for it and then run what it compiled.
+                with self._first_call:
+                    features = self._forward(x)
+                    self._warm = True
             features = features[:n].float()
             if self.normalize:
                 features = torch.nn.functional.normalize(features, dim=1)
             return features
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if self.autocast_dtype is None:
+            return self.model(x)
+        with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+            return self.model(x)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.decode_spec is not None:
@@ -256,13 +305,14 @@ class ResNet50Embedder:
         embeddings = np.zeros((n, EMBEDDING_DIM), dtype=np.float32)
         read = np.flatnonzero(error_type == "")
         if len(read):
-            decoded = decode_on_device(
-                [bytes(batch["data"][i]) for i in read],
-                self.decode_spec,
-                max_image_pixels=self.max_image_pixels,
-                device=self.device,
-            )
-            features = self.embed_on_device(decoded.pixels)
+            with self._own_stream():
+                decoded = decode_on_device(
+                    [bytes(batch["data"][i]) for i in read],
+                    self.decode_spec,
+                    max_image_pixels=self.max_image_pixels,
+                    device=self.device,
+                )
+                features = self.embed_on_device(decoded.pixels)
             ok = np.asarray([e == "" for e in decoded.error_type], dtype=bool)
             embeddings[read[ok]] = features[ok]
             widths[read], heights[read] = decoded.original_width, decoded.original_height

@@ -101,6 +101,7 @@ def run_plan(
         "num_threads": config.model_threads,
         "compile": config.compiles(num_gpus),
         "batch_hint": batch_size,
+        "concurrent_calls": config.calls_per_actor,
     }
     first_stage: Any
     first_kwargs: dict[str, Any]
@@ -150,7 +151,7 @@ def run_plan(
             batch_size=batch_size,
             batch_format="numpy",
             fn_constructor_kwargs=model_kwargs,
-            compute=_actor_pool(config.concurrency),
+            compute=_actor_pool(config.concurrency, config.calls_per_actor),
             **model_remote_args(num_gpus),
         )
     )
@@ -213,12 +214,19 @@ def resolve_num_gpus(config: EmbedConfig) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def _actor_pool(concurrency: int | tuple[int, int]) -> Any:
+def _actor_pool(concurrency: int | tuple[int, int], calls: int = 1) -> Any:
+    """The model stage's actor pool: ``concurrency`` actors, each running ``calls`` batches at
+    once in threads of its own (Ray Data otherwise runs one call of an actor at a time)."""
     import ray
 
+    threads: dict[str, Any] = (
+        {}
+        if calls == 1
+        else {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True}
+    )
     if isinstance(concurrency, int):
-        return ray.data.ActorPoolStrategy(size=concurrency)
-    return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
+        return ray.data.ActorPoolStrategy(size=concurrency, **threads)
+    return ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1], **threads)
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -153,11 +153,11 @@ def test_the_pinned_host_buffer_is_allocated_once() -> None:
     )
     pixels = np.random.default_rng(0).integers(0, 255, (8, 224, 224, 3), dtype=np.uint8)
     first = model.embed(pixels)
-    assert model._pinned is not None and model._pinned.is_pinned()
-    pointer = model._pinned.data_ptr()
+    pinned = model._local.pinned
+    assert pinned.is_pinned()
     model.embed(pixels[:5])
     again = model.embed(pixels)
-    assert model._pinned.data_ptr() == pointer
+    assert model._local.pinned.data_ptr() == pinned.data_ptr()
     np.testing.assert_allclose(again, first, rtol=1e-4, atol=1e-4)
 
 
@@ -223,6 +223,47 @@ def test_a_compiled_model_sees_one_batch_shape() -> None:
     np.testing.assert_allclose(padded, eager, rtol=1e-4, atol=1e-4)
 
 
+def test_a_compiled_model_compiles_on_one_thread_then_runs_on_all() -> None:
+    """With concurrent calls, the first call (torch.compile's compile) runs alone; later
+    calls run at once."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = preprocess_spec("center-crop")
+    model = ResNet50Embedder(
+        state_dict=load_weights("random", seed=0).state_dict,
+        mean=spec.mean,
+        std=spec.std,
+        device="cpu",
+        compile=False,
+        batch_hint=2,
+        concurrent_calls=2,
+    )
+    running, most = 0, []
+    lock = threading.Lock()
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        nonlocal running
+        with lock:
+            running += 1
+            most.append(running)
+        time.sleep(0.3)
+        with lock:
+            running -= 1
+        return x.new_zeros((x.shape[0], 2048))
+
+    # As torch.compile(model) would be called, before its first call.
+    model.model, model.compiled, model._warm = recording, True, False
+    pixels = torch.zeros((2, 3, 224, 224), dtype=torch.uint8)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(model.features_on_device, [pixels, pixels]))
+        assert max(most) == 1  # the first call ran alone, and the one waiting after it
+        most.clear()
+        list(pool.map(model.features_on_device, [pixels, pixels]))
+        assert max(most) == 2
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("compile", [False, True])
@@ -266,3 +307,57 @@ def test_the_gpu_model_stage_decodes_fetched_bytes_like_the_cpu_path(
     assert ok.sum() == 10 and not got["embedding"][~ok].any()
     relative = np.linalg.norm(got["embedding"][ok] - want["embedding"][ok], axis=1)
     assert (relative / np.linalg.norm(want["embedding"][ok], axis=1)).max() < 0.02
+
+
+@pytest.mark.parametrize("decode", [False, True])
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
+)
+def test_concurrent_calls_on_their_own_streams_give_what_calls_in_turn_give(
+    tmp_path, decode: bool, device: str
+) -> None:  # type: ignore[no-untyped-def]
+    """``--calls-per-actor 2``: two threads call one model stage at once, each with its own
+    pinned buffer and CUDA stream (on a GPU); every batch's embeddings equal those of calls in
+    turn. On CPU, the device decode path is torchvision's CPU decoder."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.decode import fetch_batch
+
+    spec = preprocess_spec("center-crop")
+    weights = load_weights("random", seed=0)
+    common = {"state_dict": weights.state_dict, "mean": spec.mean, "std": spec.std}
+    if decode:
+        common |= {"decode_spec": spec, "max_image_pixels": LIMIT}
+    rng = np.random.default_rng(0)
+    batches = []
+    for b in range(8):
+        if decode:
+            paths = []
+            for i in range(6):
+                path = tmp_path / f"b{b}-{i}.jpg"
+                path.write_bytes(image_bytes(SIZES[(b + i) % len(SIZES)], seed=10 * b + i))
+                paths.append(str(path))
+            listing = {
+                "uri": np.asarray(paths, dtype=object),
+                "path": np.asarray(paths, dtype=object),
+                "file_size": np.zeros(len(paths), dtype=np.int64),
+                "source_version": np.asarray([""] * len(paths), dtype=object),
+            }
+            batches.append(fetch_batch(listing, storage_options={}))
+        else:
+            batches.append(
+                {
+                    "uri": np.asarray([f"b{b}-{i}" for i in range(6)], dtype=object),
+                    "error_type": np.asarray([""] * 6, dtype=object),
+                    "image": rng.integers(0, 255, (6, 224, 224, 3), dtype=np.uint8),
+                }
+            )
+    in_turn = ResNet50Embedder(**common, device=device, batch_hint=6)
+    want = [in_turn(batch)["embedding"] for batch in batches]
+    at_once = ResNet50Embedder(**common, device=device, batch_hint=6, concurrent_calls=2)
+    with ThreadPoolExecutor(2) as pool:
+        got = [out["embedding"] for out in pool.map(at_once, batches)]
+    for g, w in zip(got, want, strict=True):
+        # cuDNN may pick other kernels at another moment; another batch's rows are far off.
+        relative = np.linalg.norm(g - w, axis=1) / np.linalg.norm(w, axis=1)
+        assert relative.max() < 0.01, relative

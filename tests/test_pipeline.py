@@ -320,6 +320,53 @@ def test_decoding_on_the_model_device_gives_the_cpu_paths_rows(
     assert relative.max() < 0.01
 
 
+def test_calls_per_actor_runs_batches_at_once_in_one_actor(corpus, tmp_path, ray_session) -> None:  # type: ignore[no-untyped-def]
+    """``--calls-per-actor 2``: Ray Data runs two of the one actor's calls at a time, in two
+    threads, and every image is still embedded once."""
+    import os
+    import threading
+    import time
+
+    from pipeline.config import EmbedConfig
+    from pipeline.embed import ResNet50Embedder
+    from pipeline.run import execute_run, prepare_run
+
+    calls = tmp_path / "calls"
+    calls.mkdir()
+
+    class Recording(ResNet50Embedder):
+        def __init__(self, **kwargs: Any) -> None:
+            assert kwargs["concurrent_calls"] == 2
+            super().__init__(**kwargs)
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            start = time.time()
+            time.sleep(0.5)  # long enough for the other thread's call to begin meanwhile
+            out = super().__call__(batch)
+            record = f"{os.getpid()} {threading.get_ident()} {start} {time.time()}"
+            (calls / f"{start}-{threading.get_ident()}").write_text(record)
+            return out
+
+    root, _ = corpus
+    config = EmbedConfig(
+        input=str(root),
+        output=str(tmp_path / "out"),
+        weights="random",
+        batch_size=2,
+        decode_batch_size=2,
+        calls_per_actor=2,
+        max_error_rate=1.0,
+    )
+    run = execute_run(prepare_run(config), embedder=Recording)
+    assert run.counts.embedded == 10 and run.counts.failed == 3
+    assert len(read_embeddings(str(tmp_path / "out"))) == 10
+    records = [path.read_text().split() for path in calls.iterdir()]
+    assert len({pid for pid, *_ in records}) == 1  # one actor
+    assert len({thread for _, thread, *_ in records}) >= 2
+    spans = sorted((float(a), float(b)) for *_, a, b in records)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+
+
 def test_decode_device_cuda_is_refused_in_one_line_without_gpus() -> None:
     from pipeline.config import ConfigError, EmbedConfig
     from pipeline.run import check_decode_device
