@@ -311,10 +311,15 @@ def test_the_gpu_model_stage_decodes_fetched_bytes_like_the_cpu_path(
 
 @pytest.mark.parametrize("decode", [False, True])
 @pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
+    "device, compile",
+    [
+        ("cpu", False),
+        pytest.param("cuda", False, marks=[pytest.mark.gpu, needs_cuda]),
+        pytest.param("cuda", True, marks=[pytest.mark.gpu, needs_cuda]),
+    ],
 )
 def test_concurrent_calls_on_their_own_streams_give_what_calls_in_turn_give(
-    tmp_path, decode: bool, device: str
+    tmp_path, decode: bool, device: str, compile: bool
 ) -> None:  # type: ignore[no-untyped-def]
     """``--calls-per-actor 2``: two threads call one model stage at once, each with its own
     pinned buffer and CUDA stream (on a GPU); every batch's embeddings equal those of calls in
@@ -354,7 +359,9 @@ def test_concurrent_calls_on_their_own_streams_give_what_calls_in_turn_give(
             )
     in_turn = ResNet50Embedder(**common, device=device, batch_hint=6)
     want = [in_turn(batch)["embedding"] for batch in batches]
-    at_once = ResNet50Embedder(**common, device=device, batch_hint=6, concurrent_calls=2)
+    at_once = ResNet50Embedder(
+        **common, device=device, batch_hint=6, concurrent_calls=2, compile=compile
+    )
     with ThreadPoolExecutor(2) as pool:
         got = [out["embedding"] for out in pool.map(at_once, batches)]
     for g, w in zip(got, want, strict=True):
