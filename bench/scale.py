@@ -30,7 +30,8 @@ No model and no image is involved: each part measures the driver's own work.
 - ``first-chunk``: how soon the lister finds ``--block-rows`` listing rows (a block's worth).
 - ``first-batch``: a run's time to its model stage's first batch, over a fake listing.
 - ``input-list``: an ``--input-list`` of ``--keys`` URIs (Parquet with sizes and versions, and
-  plain text) read into the run's 256-row listing chunks, in the driver (as a dry run does)
+  plain text) read into the run's listing chunks (``LISTING_BLOCK_ROWS``), in the driver (as a
+  dry run does)
   and by Ray Data (as a run does): wall time, and the driver's CPU per key.
 """
 
@@ -299,10 +300,13 @@ def bench_listing(args: argparse.Namespace) -> list[str]:
 
 def timed_listing(fs: Any, root: str, keys: int, concurrency: int) -> tuple[float, float]:
     """List every image under ``root`` with the pipeline's lister; (keys/s, seconds)."""
+    from pipeline.incremental import LISTING_BLOCK_ROWS
     from pipeline.listing import ListingCounts, list_images
 
     started = time.perf_counter()
-    chunks = list_images(fs, root, ListingCounts(), chunk_rows=256, concurrency=concurrency)
+    chunks = list_images(
+        fs, root, ListingCounts(), chunk_rows=LISTING_BLOCK_ROWS, concurrency=concurrency
+    )
     rows = sum(chunk.num_rows for chunk in chunks)
     seconds = time.perf_counter() - started
     assert rows == keys, (rows, keys)
@@ -471,12 +475,14 @@ def bench_input_list(args: argparse.Namespace) -> list[str]:
     wall time, read in the driver and by Ray Data (2 CPUs, a local Ray)."""
     import ray
 
+    from pipeline.incremental import LISTING_BLOCK_ROWS as ROWS
     from pipeline.inventory import list_tables
     from pipeline.listing import ListingCounts, list_images
     from pipeline.storage import open_fs
 
     lines = [
-        f"- {args.keys:,} URIs under one input prefix, into 256-row listing chunks (no diff); "
+        f"- {args.keys:,} URIs under one input prefix, into {ROWS:,}-row listing chunks (the "
+        "run's; no diff); "
         "local Ray with 2 CPUs for the Ray Data rows",
         "",
         "| list | read by | wall s | keys/s | driver CPU s | driver CPU us/key |",
@@ -511,10 +517,10 @@ def bench_input_list(args: argparse.Namespace) -> list[str]:
                     cpu0, t0 = time.process_time(), time.perf_counter()
                     tables = list_tables(f"{tmp}/{name}", photos, in_ray=in_ray)
                     chunks = sum(
-                        1 for _ in list_images(fs, root, counts, chunk_rows=256, tables=tables)
+                        1 for _ in list_images(fs, root, counts, chunk_rows=ROWS, tables=tables)
                     )
                     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-                    assert counts.listed == args.keys and chunks == -(-args.keys // 256)
+                    assert counts.listed == args.keys and chunks == -(-args.keys // ROWS)
                     lines.append(
                         f"| {name} | {'Ray Data' if in_ray else 'the driver'} | {wall:.1f} | "
                         f"{args.keys / wall:,.0f} | {cpu:.1f} | {cpu / args.keys * 1e6:.2f} |"
