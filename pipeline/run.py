@@ -198,6 +198,12 @@ def execute_run(
     snapshot = snapshot or output.snapshot()
     num_gpus = resolve_num_gpus(config)
     check_decode_device(config, num_gpus)
+    if num_gpus == 0 and config.calls_per_actor > 1:
+        logger.warning(
+            "--calls-per-actor %d on CPU model actors: that many forward passes share the "
+            "node's cores at once (one already uses them all)",
+            config.calls_per_actor,
+        )
     model = ModelIdentity(
         weights=prepared.weights.name,
         weights_sha256=prepared.weights.sha256,

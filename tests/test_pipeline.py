@@ -320,7 +320,9 @@ def test_decoding_on_the_model_device_gives_the_cpu_paths_rows(
     assert relative.max() < 0.01
 
 
-def test_calls_per_actor_runs_batches_at_once_in_one_actor(corpus, tmp_path, ray_session) -> None:  # type: ignore[no-untyped-def]
+def test_calls_per_actor_runs_batches_at_once_in_one_actor(
+    corpus, tmp_path, ray_session, caplog
+) -> None:  # type: ignore[no-untyped-def]
     """``--calls-per-actor 2``: Ray Data runs two of the one actor's calls at a time, in two
     threads, and every image is still embedded once."""
     import os
@@ -359,6 +361,7 @@ def test_calls_per_actor_runs_batches_at_once_in_one_actor(corpus, tmp_path, ray
     )
     run = execute_run(prepare_run(config), embedder=Recording)
     assert run.counts.embedded == 10 and run.counts.failed == 3
+    assert "--calls-per-actor 2 on CPU model actors" in caplog.text  # said, not refused
     assert len(read_embeddings(str(tmp_path / "out"))) == 10
     records = [path.read_text().split() for path in calls.iterdir()]
     assert len({pid for pid, *_ in records}) == 1  # one actor
