@@ -3,7 +3,7 @@
     python -m bench.gpu                 # full, <= 8 minutes on an H100/H200
     python -m bench.gpu --quick         # <= 3 minutes
     python -m bench.gpu --quick --device cpu   # the smoke test any machine can run
-    OUT=folder bash bench/gpu_machine.sh 240   # on a lent GPU machine: CUDA tests, then this
+    OUT=folder bash bench/gpu_machine.sh 300   # on a lent GPU machine: CUDA tests, then this
 
 A lent GPU machine has torch, torchvision, Pillow, pyarrow, fsspec and numpy, but no Ray and no
 s3fs, so this runs the stages directly: ``decode_batch`` in a pool of processes (as Ray's decode
