@@ -287,6 +287,22 @@ def test_a_piped_run_prints_a_few_lines_and_names_rays_log_folder(tmp_path, make
     assert [line for line in verbose if noise in line], "\n".join(verbose)
 
 
+def test_what_a_killed_process_wrote_still_passes_the_stderr_filter() -> None:
+    """The filter is a process of its own: a driver SIGKILLed mid-line loses nothing it wrote
+    to stderr, and Ray core's noise is still dropped."""
+    code = (
+        "import os, signal\n"
+        "from pipeline.logs import RAY_CORE_NOISE, native_stderr_filtered\n"
+        "with native_stderr_filtered():\n"
+        "    os.write(2, b'before\\n[2026 E 1 1] core_worker.cc: ' + RAY_CORE_NOISE[0].encode()"
+        " + b'\\n[2026 E 1 1] a real error\\nthe last, unfinished')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60)
+    assert result.returncode == -9
+    assert result.stderr == b"before\n[2026 E 1 1] a real error\nthe last, unfinished"
+
+
 def test_the_stderr_filter_drops_only_its_lines_and_holds_back_nothing_else() -> None:
     source_read, source_write = os.pipe()
     sink_read, sink_write = os.pipe()
