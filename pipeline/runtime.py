@@ -50,7 +50,7 @@ def prepare_and_start_ray(
         return prepared
     # Ray's and Ray Data's imports (1 s of Python) come first: beside the weights' torch
     # import they share the GIL and take twice that, and they lie on the way to ray.init, the
-    # longer of the two. A 24-image cold run here: 13.1 s against 13.9 (5 runs each, in turn).
+    # longer of the two. A 24-image cold run here: 13.0 s against 13.6 (11 pairs, in turn).
     paths = paths or check_run(config)  # what fails in a second still fails first
     quiet_ray(verbose)
     return prepare_run(config, paths=paths, run_id=run_id, meanwhile=start)
