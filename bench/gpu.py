@@ -642,6 +642,8 @@ def main() -> None:  # noqa: C901 - one script, one section after another
                     continue
                 with guard(f"the model stage, {what}"):
                     rate, cores = model_stage_path(compiled, calls)
+                    if rate > gpu_rate:
+                        gpu_rate, gpu_cores = rate, cores
                     rows.append(
                         f"| the pipeline's model stage (`ResNet50Embedder` with `decode_spec` "
                         f"on `fetch_batch` batches, as a `--decode-device cuda` actor), {what} | "
