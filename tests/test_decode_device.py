@@ -197,16 +197,21 @@ def test_a_model_actor_without_cuda_refuses_to_decode_on_device() -> None:
         )
 
 
-def test_a_compiled_model_sees_one_batch_shape() -> None:
-    """Short batches are padded to the usual size (and cut back), so nothing recompiles."""
+def _cpu_model(**options: object) -> ResNet50Embedder:
+    """The model stage on this machine's CPU, seeded random weights."""
     spec = preprocess_spec("center-crop")
-    model = ResNet50Embedder(
+    return ResNet50Embedder(
         state_dict=load_weights("random", seed=0).state_dict,
         mean=spec.mean,
         std=spec.std,
         device="cpu",
-        batch_hint=4,
+        **options,  # type: ignore[arg-type]
     )
+
+
+def test_a_compiled_model_sees_one_batch_shape() -> None:
+    """Short batches are padded to the usual size (and cut back), so nothing recompiles."""
+    model = _cpu_model(batch_hint=4)
     pixels = np.random.default_rng(0).integers(0, 255, (4, 224, 224, 3), dtype=np.uint8)
     eager = model.embed(pixels[:3])
     shapes: list[tuple[int, ...]] = []
@@ -230,16 +235,7 @@ def test_a_compiled_model_compiles_on_one_thread_then_runs_on_all() -> None:
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    spec = preprocess_spec("center-crop")
-    model = ResNet50Embedder(
-        state_dict=load_weights("random", seed=0).state_dict,
-        mean=spec.mean,
-        std=spec.std,
-        device="cpu",
-        compile=False,
-        batch_hint=2,
-        concurrent_calls=2,
-    )
+    model = _cpu_model(batch_hint=2, concurrent_calls=2)
     running, most = 0, []
     lock = threading.Lock()
 
