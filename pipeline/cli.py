@@ -539,7 +539,6 @@ def run_and_report(
     else:
         if progress == "auto":  # decided here: stderr is a pipe to the filter below
             progress = "bar" if sys.stderr.isatty() else "log"
-        stopped: Stopped | None = None
         with native_stderr_filtered(enabled=not verbose):
             prepared = prepare_and_start_ray(
                 config, address, paths=paths, run_id=run_id, verbose=verbose
@@ -553,9 +552,7 @@ def run_and_report(
                     progress=progress,
                 )
             except Stopped as stop:
-                stopped = stop
-        if stopped is not None:
-            return stopped_run(stopped, prepared)
+                return stopped_run(stop, prepared)
         output = prepared.output
     print_summary(record, output.uri, report=output.report_uri(record.run_id))
     return 0
