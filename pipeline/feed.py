@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -58,24 +58,29 @@ class Feed:
             await self.queue.put(error)
 
 
-class FeedDatasource(Datasource):
+class _UnsizedDatasource(Datasource):
+    """A datasource whose blocks' rows and bytes are known only as its read tasks make them."""
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    @staticmethod
+    def _read_tasks(reads: Sequence[Callable[[], Any]], schema: pa.Schema) -> list[ReadTask]:
+        metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+        return [ReadTask(read, metadata, schema=schema) for read in reads]
+
+
+class FeedDatasource(_UnsizedDatasource):
     """``FEED_READERS`` read tasks, each yielding the feed's chunks as blocks until it closes."""
 
     def __init__(self, feed: Any, readers: int = FEED_READERS) -> None:
         self.feed, self.readers = feed, readers
 
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
     ) -> list[ReadTask]:
         feed = self.feed
-        metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
-        return [
-            ReadTask(lambda: drain(feed), metadata, schema=LISTING_SCHEMA)
-            for _ in range(self.readers)
-        ]
+        return self._read_tasks([lambda: drain(feed)] * self.readers, LISTING_SCHEMA)
 
 
 def drain(feed: Any) -> Iterator[Block]:
@@ -180,20 +185,14 @@ class StreamedListing:
                 pass  # cancelled: the feed is gone
 
 
-class ListDatasource(Datasource):
+class ListDatasource(_UnsizedDatasource):
     """An ``--input-list``'s files, one read task each (:class:`pipeline.inventory.InputList`)."""
 
     def __init__(self, listed: InputList) -> None:
         self.listed = listed
 
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
     ) -> list[ReadTask]:
-        metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
-        return [
-            ReadTask(ReadListFile(self.listed, entry), metadata, schema=LIST_SCHEMA)
-            for entry in self.listed.files
-        ]
+        reads = [ReadListFile(self.listed, entry) for entry in self.listed.files]
+        return self._read_tasks(reads, LIST_SCHEMA)
