@@ -198,6 +198,21 @@ def readme_examples() -> dict[str, str]:
     return dict(re.findall(r"<!-- tested: (\w+) -->\n```(?:python|sql)\n(.*?)```", text, re.S))
 
 
+# ----------------------------------------------------------------------------- processes
+
+
+def command_lines() -> list[tuple[int, str]]:
+    """``(pid, command line)`` of this machine's live processes."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended meanwhile
+            continue
+        found.append((int(cmdline.parent.name), line))
+    return found
+
+
 # ----------------------------------------------------------------------------- a killed driver
 
 

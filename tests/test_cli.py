@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import command_lines
 
 from pipeline.logs import drop_lines
 
@@ -342,26 +343,15 @@ def _ray_processes() -> set[str]:
     its workers, which a Ray that runs on, as the tests' own, starts and ends as it likes)."""
     names = ("raylet", "gcs_server", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
     return {
-        f"{path.parent.name} {line}"
-        for path, line in _cmdlines()
+        f"{pid} {line[:200]}"
+        for pid, line in command_lines()
         if any(name in line for name in names)
     }
 
 
-def _cmdlines() -> list[tuple[Path, str]]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # the process ended meanwhile
-            continue
-        found.append((cmdline, line[:200]))
-    return found
-
-
 def _processes_naming(text: str) -> list[str]:
     """Command lines of this machine's processes that contain ``text``."""
-    return [line for _, line in _cmdlines() if text in line]
+    return [line[:200] for _, line in command_lines() if text in line]
 
 
 def test_a_config_file_gives_the_options_and_flags_override_it(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
-from conftest import kill_stalled_driver
+from conftest import command_lines, kill_stalled_driver
 from ray import cloudpickle
 
 from pipeline.cli import main
@@ -150,15 +150,8 @@ def test_model_actor_dying_mid_run_is_restarted_and_nothing_doubles(
 
 def _stderr_filters() -> list[int]:
     """Live stderr filters (``python pipeline/logs.py``) of this checkout's runs."""
-    script = str(ROOT / "pipeline" / "logs.py").encode()
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if script in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    script = str(ROOT / "pipeline" / "logs.py")
+    return [pid for pid, line in command_lines() if script in line]
 
 
 def _session_processes(sid: int) -> list[int]:
