@@ -17,8 +17,7 @@ No model and no image is involved: each part measures the driver's own work.
   process, the real diff reads the current keys from it and diffs a listing of ``--keys``
   images (the same ``--changed`` share changed again) in the run's listing chunks
   (``LISTING_BLOCK_ROWS``). It reports the time to read and index the committed keys, the
-  time to diff the listing, and the process's
-  peak RSS.
+  time to diff the listing, and the process's peak RSS.
 - ``listing``: the concurrent lister against a fake paginated store that answers each page
   of 1,000 keys after ``--page-latency`` seconds: keys/s at concurrency 1 and at the
   default.
@@ -31,8 +30,7 @@ No model and no image is involved: each part measures the driver's own work.
 - ``first-batch``: a run's time to its model stage's first batch, over a fake listing.
 - ``input-list``: an ``--input-list`` of ``--keys`` URIs (Parquet with sizes and versions, and
   plain text) read into the run's listing chunks (``LISTING_BLOCK_ROWS``), in the driver (as a
-  dry run does)
-  and by Ray Data (as a run does): wall time, and the driver's CPU per key.
+  dry run does) and by Ray Data (as a run does): wall time, and the driver's CPU per key.
 """
 
 from __future__ import annotations
@@ -482,8 +480,7 @@ def bench_input_list(args: argparse.Namespace) -> list[str]:
 
     lines = [
         f"- {args.keys:,} URIs under one input prefix, into {ROWS:,}-row listing chunks (the "
-        "run's; no diff); "
-        "local Ray with 2 CPUs for the Ray Data rows",
+        "run's; no diff); local Ray with 2 CPUs for the Ray Data rows",
         "",
         "| list | read by | wall s | keys/s | driver CPU s | driver CPU us/key |",
         "| --- | --- | --- | --- | --- | --- |",
