@@ -11,6 +11,7 @@ exits. No listing, decoding, Ray or writing: what it costs is cost no pipeline c
 from __future__ import annotations
 
 import argparse
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,9 +45,26 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--rate-at",
+        type=float,
+        metavar="EPOCH",
+        help="instead: warm up, wait for this time.time(), forward for --seconds, print the rate "
+        "(several such processes at once give the ceiling of a layout, bench.efficiency)",
+    )
+    parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
 
     embedder, pixels = model_and_inputs(args.batch_size, args.threads)
+    if args.rate_at is not None:
+        embedder.embed(pixels)  # warm-up
+        time.sleep(max(0.0, args.rate_at - time.time()))
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < args.seconds:
+            embedder.embed(pixels)
+            done += args.batch_size
+        print(f"rate {done / (time.perf_counter() - start):.4f}")
+        return
     done = 0
     while done < args.images:
         n = min(args.batch_size, args.images - done)

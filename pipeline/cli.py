@@ -325,6 +325,13 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         "share a node)",
     )
     speed.add_argument(
+        "--model-cpus",
+        type=float,
+        metavar="F",
+        help="CPUs reserved per CPU model actor, fractions allowed; the rest decode and write "
+        "(default %(default)s)",
+    )
+    speed.add_argument(
         "--decode-batch-size",
         type=int,
         metavar="N",

@@ -81,6 +81,10 @@ class EmbedConfig:
         num_gpus: GPUs per model actor; ``None`` means 1 where the cluster has GPUs, else 0.
         model_threads: torch intra-op threads per CPU model actor (``None``: every core of
             the node; with several CPU actors per node, give cores / actors).
+        model_cpus: Logical CPUs each CPU model actor reserves. One by default: its threads
+            use the node's cores anyway, and the node's other CPUs stay free for decode and
+            writer tasks. Several actors on a small node need less each (e.g. two actors of
+            one thread on 2 cores: 0.5), or nothing is left to decode on.
         precision: Autocast dtype. GPU actors: fp16 or bf16. CPU actors: bf16 on CPUs with
             AVX512-BF16 or AMX (refused on others); fp16 is computed, and recorded, as fp32.
         normalize: L2-normalize each embedding.
@@ -124,6 +128,7 @@ class EmbedConfig:
     calls_per_actor: int = 1
     num_gpus: float | None = None
     model_threads: int | None = None
+    model_cpus: float = 1.0
     precision: Precision = "fp32"
     normalize: bool = False
     limit: int | None = None
@@ -175,7 +180,7 @@ class EmbedConfig:
             raise ConfigError(f"--max-error-rate {self.max_error_rate}: must be between 0 and 1")
         if self.model_threads is not None and self.model_threads < 1:
             raise ConfigError(f"--model-threads {self.model_threads}: must be >= 1")
-        for name in ("decode_cpus", "write_cpus", "commit_interval"):
+        for name in ("decode_cpus", "write_cpus", "model_cpus", "commit_interval"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be > 0")
         if self.object_store_memory is not None and self.object_store_memory < 78 * 2**20:

@@ -152,7 +152,7 @@ def run_plan(
             batch_format="numpy",
             fn_constructor_kwargs=model_kwargs,
             compute=_actor_pool(config.concurrency, config.calls_per_actor),
-            **model_remote_args(num_gpus),
+            **model_remote_args(num_gpus, config.model_cpus),
         )
     )
     results = dataset.map_batches(
@@ -194,15 +194,16 @@ def size_blocks(context: Any) -> None:
     context._max_num_blocks_in_streaming_gen_buffer = TASK_BLOCKS_AHEAD
 
 
-def model_remote_args(num_gpus: float) -> dict[str, Any]:
+def model_remote_args(num_gpus: float, cpus: float = 1.0) -> dict[str, Any]:
     """Ray options of the model stage's actors.
 
-    A CPU actor reserves one CPU (its threads use the node's cores, see ResNet50Embedder) and
-    starts with ``CPU_ACTOR_ENV``; Ray merges those variables into the job's runtime_env.
+    A CPU actor reserves ``cpus`` (``--model-cpus``; its threads use the node's cores, see
+    ResNet50Embedder) and starts with ``CPU_ACTOR_ENV``; Ray merges those variables into the
+    job's runtime_env.
     """
     if num_gpus > 0:
         return {"num_gpus": num_gpus, "num_cpus": 0}
-    return {"num_gpus": 0, "num_cpus": 1, "runtime_env": {"env_vars": dict(CPU_ACTOR_ENV)}}
+    return {"num_gpus": 0, "num_cpus": cpus, "runtime_env": {"env_vars": dict(CPU_ACTOR_ENV)}}
 
 
 def resolve_num_gpus(config: EmbedConfig) -> float:

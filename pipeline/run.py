@@ -153,6 +153,12 @@ def check_paths(config: EmbedConfig) -> Paths:
     return Paths(in_fs, in_root, input_uri, output)
 
 
+def _started_local_ray() -> bool:
+    from pipeline import runtime  # imports this module: here, not at the top
+
+    return runtime.started_local_ray
+
+
 def check_decode_device(config: EmbedConfig, num_gpus: float) -> None:
     """``--decode-device cuda`` needs GPU model actors: refuse it, in one line, elsewhere."""
     if config.decode_device == "cuda" and num_gpus <= 0:
@@ -160,6 +166,36 @@ def check_decode_device(config: EmbedConfig, num_gpus: float) -> None:
             "--decode-device cuda needs GPU model actors, and this cluster has no GPU "
             "(or --num-gpus is 0): use --decode-device cpu"
         )
+
+
+def check_cpu_actors_fit(config: EmbedConfig, num_gpus: float, cpus: float, fixed: bool) -> None:
+    """CPU model actors and a decode task must fit the Ray's ``cpus`` together: actors that
+    reserve every CPU leave decode none, and the run would wait forever. Refused in one line
+    on a Ray of fixed size (``fixed``: the one this process started); on a cluster, whose
+    autoscaler may add nodes, a warning."""
+    if num_gpus > 0:
+        return
+    actors = config.concurrency if isinstance(config.concurrency, int) else config.concurrency[0]
+    task = max(config.decode_cpus, config.write_cpus)
+    need = actors * config.model_cpus + task
+    if need <= cpus + 1e-9:
+        return
+    what = (
+        f"--concurrency {actors}: CPU model actors reserve {config.model_cpus:g} CPU each "
+        f"(--model-cpus) and decode and writer tasks {task:g} (--decode-cpus, --write-cpus), "
+        f"{need:g} CPUs in all, and this Ray has {cpus:g}"
+    )
+    if fixed:
+        if task < cpus:
+            fits = f"--model-cpus {(cpus - task) / actors:.3g}"
+        else:  # a task alone takes every CPU: halve it
+            half = cpus / 2
+            fits = f"--model-cpus {half / actors:.3g} --decode-cpus {half:g} --write-cpus {half:g}"
+        raise ConfigError(
+            f"{what}: nothing would be left to decode on; lower --concurrency, or reserve "
+            f"less (e.g. {fits}, and --model-threads cores/actors)"
+        )
+    logger.warning("%s now: the run waits until the cluster grows", what)
 
 
 def execute_run(
@@ -198,6 +234,9 @@ def execute_run(
     snapshot = snapshot or output.snapshot()
     num_gpus = resolve_num_gpus(config)
     check_decode_device(config, num_gpus)
+    check_cpu_actors_fit(
+        config, num_gpus, ray.cluster_resources().get("CPU", 0.0), fixed=_started_local_ray()
+    )
     if num_gpus == 0 and config.calls_per_actor > 1:
         logger.warning(
             "--calls-per-actor %d on CPU model actors: that many forward passes share the "

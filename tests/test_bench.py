@@ -59,3 +59,30 @@ def test_gpu_bench_cut_off_by_its_watchdog_keeps_what_it_measured(tmp_path: Path
     text = results.read_text()
     assert "## GPU bench (cpu, quick)" in text and "Cut off by the watchdog" in text, text
     assert "Thread" in done.stderr  # every thread's stack, for the one that stuck
+
+
+def test_efficiency_reads_a_runs_steady_state_off_its_progress_bar() -> None:
+    """``bench.efficiency`` times each new count the run's bar shows (redrawn with ``\\r``,
+    as into a terminal), and takes the rate between two shares of the total."""
+    from bench.efficiency import rate_between, run_counted
+
+    script = (
+        "import sys\n"
+        "assert sys.argv[1:] == ['--progress', 'bar']\n"
+        "for done in (0, 0, 10, 10, 50, 90, 100):\n"
+        "    sys.stderr.write(f'\\r{done:,}/100 images ({done}%) · 1.0 images/s\\033[K')\n"
+        "sys.stderr.write('\\nsummary line\\n')\n"
+    )
+    wall, points = run_counted([sys.executable, "-c", script])
+    assert [(done, total) for _, done, total in points] == [
+        (0, 100), (10, 100), (50, 100), (90, 100), (100, 100)
+    ]  # fmt: skip
+    assert wall >= points[-1][0] >= points[0][0] >= 0
+    shown = [
+        (0.0, 0, 1000),
+        (1.0, 100, 1000),
+        (2.0, 300, 1000),
+        (9.0, 950, 1000),
+        (9.5, 1000, 1000),
+    ]
+    assert rate_between(shown, 0.15, 0.97) == (950 - 300) / (9.0 - 2.0)

@@ -128,6 +128,32 @@ def test_bad_weights_file_fails_before_ray_with_one_line(tmp_path: Path) -> None
     assert not (tmp_path / "out" / "_manifest.json").exists()
 
 
+def test_cpu_actors_that_take_every_cpu_are_refused_not_left_waiting(
+    tmp_path: Path, make_image
+) -> None:  # type: ignore[no-untyped-def]
+    # As many CPU model actors as the machine has CPUs, a CPU reserved each: nothing could
+    # decode, and the run used to wait forever. The local Ray is the command's own: refused.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(make_image((40, 30), seed=0))
+    cpus = os.cpu_count() or 1
+    result = run(
+        "run",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--weights",
+        "random",
+        "--concurrency",
+        str(cpus),
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"embed-images: error: --concurrency {cpus}: CPU model actors"), last
+    assert "nothing would be left to decode on" in last and "--model-cpus" in last
+    assert not (tmp_path / "out" / "_manifest.json").exists()
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

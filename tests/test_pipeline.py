@@ -320,6 +320,79 @@ def test_decoding_on_the_model_device_gives_the_cpu_paths_rows(
     assert relative.max() < 0.01
 
 
+@pytest.mark.timeout(300)
+def test_two_cpu_actors_of_half_a_cpu_each_leave_a_two_cpu_ray_room_to_decode(
+    corpus, tmp_path, ray_session, caplog
+) -> None:  # type: ignore[no-untyped-def]
+    """``--concurrency 2 --model-threads 1 --model-cpus 0.5`` on 2 CPUs: the actors leave a
+    CPU to decode and write on, and both embed. (With a CPU reserved each, nothing could
+    decode and the run waited forever.)"""
+    import os
+
+    import torch
+
+    from pipeline.config import EmbedConfig
+    from pipeline.embed import ResNet50Embedder
+    from pipeline.run import execute_run, prepare_run
+
+    calls = tmp_path / "calls"
+    calls.mkdir()
+
+    class Recording(ResNet50Embedder):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            out = super().__call__(batch)
+            (calls / f"{os.getpid()}-{len(list(calls.iterdir()))}").write_text(
+                str(torch.get_num_threads())
+            )
+            return out
+
+    root, _ = corpus
+    config = EmbedConfig(
+        input=str(root),
+        output=str(tmp_path / "out"),
+        weights="random",
+        batch_size=1,
+        decode_batch_size=1,
+        concurrency=2,
+        model_threads=1,
+        model_cpus=0.5,
+        max_error_rate=1.0,
+    )
+    run = execute_run(prepare_run(config), embedder=Recording)
+    assert run.counts.embedded == 10 and run.counts.failed == 3
+    assert "CPU model actors reserve" not in caplog.text  # they fit: no warning
+    records = {path.name.split("-")[0]: path.read_text() for path in calls.iterdir()}
+    assert len(records) == 2 and set(records.values()) == {"1"}  # two actors, a thread each
+
+
+def test_cpu_actors_that_leave_no_cpu_to_decode_are_refused_in_one_line(caplog) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.config import ConfigError, EmbedConfig
+    from pipeline.run import check_cpu_actors_fit
+
+    def config(**knobs: Any) -> EmbedConfig:
+        return EmbedConfig(input="in", output="out", **knobs)
+
+    with pytest.raises(
+        ConfigError,
+        match=r"^--concurrency 2: .* 3 CPUs in all, and this Ray has 2: .*--model-cpus 0\.5",
+    ):
+        check_cpu_actors_fit(config(concurrency=2), 0.0, 2.0, fixed=True)
+    # An autoscaling pool needs room for its minimum; one actor on one CPU leaves none.
+    with pytest.raises(
+        ConfigError, match=r"--model-cpus 0\.25 --decode-cpus 0\.5 --write-cpus 0\.5"
+    ):
+        check_cpu_actors_fit(config(concurrency=(2, 4)), 0.0, 1.0, fixed=True)
+    with pytest.raises(ConfigError, match="this Ray has 1:"):
+        check_cpu_actors_fit(config(), 0.0, 1.0, fixed=True)
+    check_cpu_actors_fit(config(), 0.0, 2.0, fixed=True)  # the default on 2 CPUs
+    check_cpu_actors_fit(config(concurrency=2, model_cpus=0.5), 0.0, 2.0, fixed=True)
+    check_cpu_actors_fit(config(concurrency=8), 1.0, 2.0, fixed=True)  # GPU actors: no CPU
+    assert not caplog.text
+    # A cluster may grow (an autoscaler): said, not refused.
+    check_cpu_actors_fit(config(concurrency=4), 0.0, 2.0, fixed=False)
+    assert "the run waits until the cluster grows" in caplog.text
+
+
 def test_calls_per_actor_runs_batches_at_once_in_one_actor(
     corpus, tmp_path, ray_session, caplog
 ) -> None:  # type: ignore[no-untyped-def]
