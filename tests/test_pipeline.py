@@ -279,15 +279,27 @@ def test_embed_images_names_an_unknown_option() -> None:
         embed_images(input="photos", output="out", batchsize=8)
 
 
+def _run_on_corpus(corpus, output: Path, embedder: Any = None, **knobs: Any) -> RunRecord:  # type: ignore[no-untyped-def]
+    """``execute_run`` on the ``corpus`` fixture's images (seeded random weights, bad images
+    kept as errors) into ``output``, with a model stage class of the test's own."""
+    from pipeline.config import EmbedConfig
+    from pipeline.embed import ResNet50Embedder
+    from pipeline.run import execute_run, prepare_run
+
+    root, _ = corpus
+    config = EmbedConfig(
+        input=str(root), output=str(output), weights="random", max_error_rate=1.0, **knobs
+    )
+    return execute_run(prepare_run(config), embedder=embedder or ResNet50Embedder)
+
+
 def test_decoding_on_the_model_device_gives_the_cpu_paths_rows(
     corpus, tmp_path, ray_session, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     """``--decode-device cuda`` with the actors' device forced to this machine's CPU: the
     fetch stage, the actor's decode and the sink give the rows the CPU path gives."""
     from pipeline import run as run_module
-    from pipeline.config import EmbedConfig
     from pipeline.embed import ResNet50Embedder
-    from pipeline.run import execute_run, prepare_run
 
     class OnThisCpu(ResNet50Embedder):
         def __init__(self, **kwargs: Any) -> None:
@@ -295,13 +307,8 @@ def test_decoding_on_the_model_device_gives_the_cpu_paths_rows(
             super().__init__(**kwargs, device="cpu")
 
     monkeypatch.setattr(run_module, "check_decode_device", lambda config, num_gpus: None)
-    root, _ = corpus
-    options = {"input": str(root), "weights": "random", "batch_size": 4, "max_error_rate": 1.0}
-    execute_run(prepare_run(EmbedConfig(output=str(tmp_path / "cpu"), **options)))
-    run = execute_run(
-        prepare_run(EmbedConfig(output=str(tmp_path / "dev"), decode_device="cuda", **options)),
-        embedder=OnThisCpu,
-    )
+    _run_on_corpus(corpus, tmp_path / "cpu", batch_size=4)
+    run = _run_on_corpus(corpus, tmp_path / "dev", OnThisCpu, batch_size=4, decode_device="cuda")
     assert run.counts.embedded == 10 and run.counts.failed == 3
     for table in ("embeddings", "errors"):
         want = read_embeddings(str(tmp_path / "cpu"), table=table).sort_by("uri")
@@ -331,9 +338,7 @@ def test_two_cpu_actors_of_half_a_cpu_each_leave_a_two_cpu_ray_room_to_decode(
 
     import torch
 
-    from pipeline.config import EmbedConfig
     from pipeline.embed import ResNet50Embedder
-    from pipeline.run import execute_run, prepare_run
 
     calls = tmp_path / "calls"
     calls.mkdir()
@@ -346,19 +351,16 @@ def test_two_cpu_actors_of_half_a_cpu_each_leave_a_two_cpu_ray_room_to_decode(
             )
             return out
 
-    root, _ = corpus
-    config = EmbedConfig(
-        input=str(root),
-        output=str(tmp_path / "out"),
-        weights="random",
+    run = _run_on_corpus(
+        corpus,
+        tmp_path / "out",
+        Recording,
         batch_size=1,
         decode_batch_size=1,
         concurrency=2,
         model_threads=1,
         model_cpus=0.5,
-        max_error_rate=1.0,
     )
-    run = execute_run(prepare_run(config), embedder=Recording)
     assert run.counts.embedded == 10 and run.counts.failed == 3
     assert "CPU model actors reserve" not in caplog.text  # they fit: no warning
     records = {path.name.split("-")[0]: path.read_text() for path in calls.iterdir()}
@@ -402,9 +404,7 @@ def test_calls_per_actor_runs_batches_at_once_in_one_actor(
     import threading
     import time
 
-    from pipeline.config import EmbedConfig
     from pipeline.embed import ResNet50Embedder
-    from pipeline.run import execute_run, prepare_run
 
     calls = tmp_path / "calls"
     calls.mkdir()
@@ -422,17 +422,9 @@ def test_calls_per_actor_runs_batches_at_once_in_one_actor(
             (calls / f"{start}-{threading.get_ident()}").write_text(record)
             return out
 
-    root, _ = corpus
-    config = EmbedConfig(
-        input=str(root),
-        output=str(tmp_path / "out"),
-        weights="random",
-        batch_size=2,
-        decode_batch_size=2,
-        calls_per_actor=2,
-        max_error_rate=1.0,
+    run = _run_on_corpus(
+        corpus, tmp_path / "out", Recording, batch_size=2, decode_batch_size=2, calls_per_actor=2
     )
-    run = execute_run(prepare_run(config), embedder=Recording)
     assert run.counts.embedded == 10 and run.counts.failed == 3
     assert "--calls-per-actor 2 on CPU model actors" in caplog.text  # said, not refused
     assert len(read_embeddings(str(tmp_path / "out"))) == 10
