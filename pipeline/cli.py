@@ -61,9 +61,11 @@ RUN_EPILOG = """examples:
 
 exit status:
   0    committed
-  1    failed, nothing of this run committed (a retry may help)
-  2    bad command line or --config
-  3    too many bad images (--max-error-rate; earlier runs' lasting failures count)
+  1    failed, nothing more of this run committed (a retry may help)
+  2    a retry cannot help: bad command line or --config, input not found, output
+       inside input, another model in the output, a bad manifest
+  3    too many bad images (--max-error-rate: this run's failures and those earlier
+       runs were refused for count; failures an earlier run accepted do not)
   130  stopped by Ctrl-C, 143 by SIGTERM (nothing of this run committed; a rerun resumes)
 """
 
@@ -210,6 +212,13 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         metavar="F",
         help="fail (committing only errors/) when more than this fraction of "
         "images fail (default %(default)s)",
+    )
+    io.add_argument(
+        "--cleanup-retention",
+        type=float,
+        metavar="SECONDS",
+        help="the clean-up at a run's start deletes files no manifest lists only once they "
+        "are this old (default %(default)s); live runs' files are never touched",
     )
     io.add_argument(
         "--max-image-pixels",
@@ -535,32 +544,42 @@ def run_and_report(
     """
     from pipeline.logs import native_stderr_filtered
     from pipeline.report import print_summary
-    from pipeline.run import check_run, commit_without_work, execute_run, probe_run
+    from pipeline.run import (
+        check_run,
+        commit_without_work,
+        execute_run,
+        new_run_id,
+        probe_run,
+    )
     from pipeline.runtime import Stopped, catch_stop_signals, prepare_and_start_ray, stopped_run
 
     paths = check_run(config)  # once: the probe and the run share it
-    probe = probe_run(config, paths, snapshot=snapshot)
-    if probe is not None and probe.listing.to_embed == 0:
-        record = commit_without_work(config, probe, run_id=run_id)
-        output = probe.output
-    else:
-        if progress == "auto":  # decided here: stderr is a pipe to the filter below
-            progress = "bar" if sys.stderr.isatty() else "log"
-        with native_stderr_filtered(enabled=not verbose):
-            prepared = prepare_and_start_ray(
-                config, address, paths=paths, run_id=run_id, verbose=verbose
-            )
-            catch_stop_signals()  # again: ray.init installs a SIGTERM handler of its own
-            try:
-                record = execute_run(
-                    prepared,
-                    snapshot=probe.snapshot if probe else snapshot,
-                    listing=probe.listing if probe else None,
-                    progress=progress,
+    run_id = run_id or new_run_id()
+    # Held from here to the end: a second run into this output is refused before it
+    # lists anything, and whatever way this one ends, its staging goes.
+    with paths.output.lease(run_id):
+        probe = probe_run(config, paths, snapshot=snapshot)
+        if probe is not None and probe.listing.to_embed == 0:
+            record = commit_without_work(config, probe, run_id=run_id)
+            output = probe.output
+        else:
+            if progress == "auto":  # decided here: stderr is a pipe to the filter below
+                progress = "bar" if sys.stderr.isatty() else "log"
+            with native_stderr_filtered(enabled=not verbose):
+                prepared = prepare_and_start_ray(
+                    config, address, paths=paths, run_id=run_id, verbose=verbose
                 )
-            except Stopped as stop:
-                return stopped_run(stop, prepared)
-        output = prepared.output
+                catch_stop_signals()  # again: ray.init installs a SIGTERM handler of its own
+                try:
+                    record = execute_run(
+                        prepared,
+                        snapshot=probe.snapshot if probe else snapshot,
+                        listing=probe.listing if probe else None,
+                        progress=progress,
+                    )
+                except Stopped as stop:
+                    return stopped_run(stop, prepared)
+            output = prepared.output
     print_summary(record, output.uri, report=output.report_uri(record.run_id))
     return 0
 
@@ -631,10 +650,13 @@ def export_command(args: argparse.Namespace) -> int:
 
 def report_failure(exc: PipelineError) -> int:
     """Print the one line a failed command owes its user; return the exit status."""
+    from pipeline.config import NotRetryableError
     from pipeline.sink import ErrorRateExceededError
 
     print(f"{PROG}: error: {exc}", file=sys.stderr)
-    return EXIT_BAD_DATA if isinstance(exc, ErrorRateExceededError) else EXIT_FAILED
+    if isinstance(exc, ErrorRateExceededError):
+        return EXIT_BAD_DATA
+    return EXIT_USAGE if isinstance(exc, NotRetryableError) else EXIT_FAILED
 
 
 def compact_command(args: argparse.Namespace) -> int:

@@ -7,9 +7,10 @@ Nightly runs add small files and leave superseded rows (changed or deleted image
 readers that go through the manifest skip them, a plain ``pyarrow.dataset`` read does not.
 After a compaction the table is current rows only, in files of ``rows_per_file`` rows, in the
 compaction's own ``run_id=…`` folder; deletions are applied and the manifest lists only the
-new files. A compaction killed before its manifest is written changes nothing (its files are
-discarded by the next run); one killed after it leaves superseded files that no manifest
-lists, which the next run deletes.
+A compaction holds a lease like a run (a run or compaction alive on the output refuses it,
+and it refuses them). One killed before its manifest is written changes nothing; one killed
+after it leaves superseded files that no manifest lists. Either way the clean-up at a later
+start removes the leftovers once they are older than its retention.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ import pyarrow.parquet as pq
 
 from pipeline.config import PipelineError
 from pipeline.manifest import COMPACTED, RunCounts, RunRecord
-from pipeline.output import Output, read_embeddings_dataset
+from pipeline.output import (
+    CLEANUP_RETENTION_SECONDS,
+    Output,
+    Snapshot,
+    read_embeddings_dataset,
+)
 from pipeline.storage import join, make_parent, open_fs
 from pipeline.write import EMBEDDINGS_SCHEMA, ERRORS_SCHEMA, file_metadata
 
@@ -66,9 +72,14 @@ def compact(
     *,
     storage_options: Mapping[str, Any] | None = None,
     rows_per_file: int = COMPACT_ROWS_PER_FILE,
+    cleanup_retention: float = CLEANUP_RETENTION_SECONDS,
 ) -> RunRecord:
     """Rewrite ``output``'s current embeddings and errors into fresh files (on the running
     Ray) and commit them in place of every earlier file.
+
+    A ``--full`` run's pending files (:class:`pipeline.manifest.Pending`) are left as they
+    are. Failures that runs' verdicts refused are rewritten with the rest and count as
+    accepted from then on.
 
     Returns:
         The compaction's record in the manifest (status ``compacted``).
@@ -76,7 +87,6 @@ def compact(
     Raises:
         PipelineError: nothing committed yet, or another run committed meanwhile.
     """
-    from pipeline.output import read_embeddings
     from pipeline.run import new_run_id
     from pipeline.sink import utc_iso
 
@@ -87,6 +97,25 @@ def compact(
     if manifest is None or manifest.model is None:
         raise PipelineError(f"nothing to compact: no run has committed to {out.uri}")
     run_id = f"{new_run_id()}-compact"
+    with out.lease(run_id, what="compaction"):
+        out.remove_orphans(retention=cleanup_retention)
+        return _compact(out, snapshot, run_id, rows_per_file, started, started_at)
+
+
+def _compact(
+    out: Output,
+    snapshot: Snapshot,
+    run_id: str,
+    rows_per_file: int,
+    started: float,
+    started_at: str,
+) -> RunRecord:
+    from pipeline.output import read_embeddings
+    from pipeline.sink import utc_iso
+
+    manifest = snapshot.manifest
+    assert manifest is not None and manifest.model is not None
+    output, storage_options = out.uri, out.storage_options
     kwargs = {
         "staging_uri": out.staging_uri(run_id),
         "storage_options": out.storage_options,
@@ -94,7 +123,6 @@ def compact(
             model=manifest.model, preprocessing=manifest.preprocessing or {}, run_id=run_id
         ),
     }
-    out.discard_uncommitted(snapshot)
     staged: dict[str, list[str]] = {"embeddings": [], "errors": []}
     counts = {"embeddings": 0, "errors": 0}
     if manifest.current.get("embeddings"):

@@ -30,7 +30,13 @@ class PipelineError(Exception):
     """A failure the user can fix; the command line prints it as one line and exits non-zero."""
 
 
-class ConfigError(PipelineError, ValueError):
+class NotRetryableError(PipelineError):
+    """A failure that running again unchanged cannot fix (a missing input, an output inside the
+    input, a bad manifest, another model in the output): the commands exit 2, so that a
+    scheduler does not retry it."""
+
+
+class ConfigError(NotRetryableError, ValueError):
     """A knob has a value the pipeline cannot run with."""
 
 
@@ -92,7 +98,11 @@ class EmbedConfig:
         full: Re-embed everything, replacing what the output holds (default: only images that
             are new or changed since the committed runs).
         max_error_rate: Fraction of failed images above which the run commits only its
-            errors table and fails.
+            errors table and fails. The verdict is the run's, on its totals: its failures
+            plus those earlier verdicts refused, over its images plus those; failures an
+            earlier run accepted never count again.
+        cleanup_retention: Seconds a file no manifest lists must have existed before the
+            clean-up at a run's start deletes it (the staging of live runs is never touched).
         max_image_pixels: Images whose header claims more pixels are refused as bombs.
         storage_options: fsspec options for both input and output (never logged).
         endpoint_url: S3 endpoint override; ``None`` leaves it to the AWS chain.
@@ -134,6 +144,7 @@ class EmbedConfig:
     limit: int | None = None
     full: bool = False
     max_error_rate: float = 0.1
+    cleanup_retention: float = 3600.0
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
     endpoint_url: str | None = None
@@ -176,6 +187,8 @@ class EmbedConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r}: must be an integer >= 1")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit {self.limit}: must be >= 1")
+        if not self.cleanup_retention >= 0:
+            raise ConfigError(f"--cleanup-retention {self.cleanup_retention}: must be >= 0")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ConfigError(f"--max-error-rate {self.max_error_rate}: must be between 0 and 1")
         if self.model_threads is not None and self.model_threads < 1:

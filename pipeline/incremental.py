@@ -50,6 +50,8 @@ class NewImages:
     known_failures: dict[str, Failures]
     deleted: pa.Array
     complete: bool = True  # False: stopped at max_listed, the rest not listed
+    # Of ``known_failures``, those of runs whose verdict refused them: they count again.
+    unaccepted_failures: dict[str, Failures] = dataclasses.field(default_factory=dict)
 
     @property
     def known_failed(self) -> int:
@@ -57,7 +59,7 @@ class NewImages:
 
     @property
     def to_embed(self) -> int:
-        return self.counts.listed - self.unchanged - self.known_failed
+        return self.counts.listed - self.counts.duplicates - self.unchanged - self.known_failed
 
 
 def list_new_images(
@@ -107,6 +109,7 @@ def list_new_images(
         keep=keep,
         limited=limit is not None,
         max_listed=max_listed,
+        unique=UriSet() if tables is not None else None,
     )
 
 
@@ -118,12 +121,15 @@ def diff_listing(
     keep: Callable[[pa.Table], Any] | None,
     limited: bool = False,
     max_listed: int | None = None,
+    unique: UriSet | None = None,
 ) -> NewImages:
     """Diff listing chunks, as they come, against the committed tables (see
     :func:`list_new_images`); ``counts`` is the lister's, read as it goes.
 
     Each chunk costs time in proportion to its own rows: the committed keys are indexed
-    once (``known``). ``keep``'s non-``None`` results become ``refs``.
+    once (``known``). ``keep``'s non-``None`` results become ``refs``. ``unique``: drop the
+    rows whose URI an earlier row had (an input list may name a URI twice; a listing of a
+    folder or prefix cannot), counted in ``counts.duplicates``.
     """
     known = known or CommittedImages.empty()
     refs, unchanged, failed_rows, complete = [], 0, [], True
@@ -131,6 +137,11 @@ def diff_listing(
         if max_listed is not None and counts.listed > max_listed:
             complete = False
             break
+        if unique is not None:
+            first = unique.add(chunk["uri"])
+            if not first.all():
+                counts.duplicates += int((~first).sum())
+                chunk = chunk.filter(pa.array(first))
         diff = known.diff(chunk)
         unchanged += diff.unchanged
         if len(diff.known_failed_rows):
@@ -142,14 +153,61 @@ def diff_listing(
     # Only a complete listing can tell that an image is gone.
     full_listing = not limited and complete
     deleted = known.unseen() if full_listing else pa.array([], pa.large_string())
+    failed = np.concatenate([np.zeros(0, np.int64), *failed_rows])
     return NewImages(
         refs=refs,
         counts=counts,
         unchanged=unchanged,
-        known_failures=known.failures(np.concatenate([np.zeros(0, np.int64), *failed_rows])),
+        known_failures=known.failures(failed),
         deleted=deleted,
         complete=complete,
+        unaccepted_failures=known.failures(failed[known.refused[failed]]),
     )
+
+
+class UriSet:
+    """The URIs seen so far, by two independent 64-bit hashes (16 bytes a URI, no strings
+    kept): :meth:`add` says which of a batch are seen for the first time.
+
+    Sorted runs of hashes are merged as they double in size (a log-structured merge), so a
+    batch costs ``O(n log N)`` lookups and each hash is merged ``O(log N)`` times. Two URIs
+    would be taken for one only if both 64-bit hashes of each collided (some 1e-20 for a
+    billion URIs).
+
+    Example:
+        >>> seen = UriSet()
+        >>> seen.add(pa.array(["a", "b", "a"])).tolist(), seen.add(pa.array(["b", "c"])).tolist()
+        ([True, True, False], [False, True])
+    """
+
+    _SECOND_KEY = "embed-images-2nd"  # pandas' hash_key: 16 bytes
+
+    def __init__(self) -> None:
+        self.levels: list[np.ndarray] = []  # structured (h1, h2) arrays, sorted
+
+    def add(self, uris: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        from pandas.util import hash_array
+
+        values = pc.cast(uris, pa.large_string()).to_numpy(zero_copy_only=False)
+        keys = np.empty(len(values), dtype=[("h1", np.uint64), ("h2", np.uint64)])
+        keys["h1"] = hash_array(values, categorize=False)
+        keys["h2"] = hash_array(values, hash_key=self._SECOND_KEY, categorize=False)
+        first = np.ones(len(keys), dtype=bool)
+        # Within the batch: the first occurrence of each key.
+        order = np.argsort(keys, kind="stable", order=("h1", "h2"))
+        ordered = keys[order]
+        repeat = np.zeros(len(keys), dtype=bool)
+        repeat[1:] = ordered[1:] == ordered[:-1]
+        first[order[repeat]] = False
+        # Against the earlier batches.
+        for level in self.levels:
+            at = np.minimum(np.searchsorted(level, keys), len(level) - 1)
+            first &= level[at] != keys
+        new = np.sort(keys[first], order=("h1", "h2"))
+        while self.levels and len(self.levels[-1]) <= len(new):
+            new = np.sort(np.concatenate([self.levels.pop(), new]), order=("h1", "h2"))
+        self.levels.append(new)
+        return first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +312,7 @@ class CommittedImages:
         embeddings: Committed rows with ``EMBEDDINGS_KEY_COLUMNS``.
         errors: Committed rows with ``ERRORS_KEY_COLUMNS``.
         current: The rows of each that are current (:func:`resolve_rows`); default: all.
+        refused: Runs whose failures no verdict has accepted (``Manifest.refused``).
 
     Example:
         >>> known = CommittedImages(embeddings, errors)  # doctest: +SKIP
@@ -265,8 +324,18 @@ class CommittedImages:
         embeddings: pa.Table,
         errors: pa.Table,
         current: tuple[np.ndarray, np.ndarray] | None = None,
+        *,
+        refused: Sequence[str] = (),
     ) -> None:
         self.errors = errors
+        # Error rows of runs whose verdict refused them (their failures count again).
+        self.refused = (
+            pc.is_in(errors["run_id"], pa.array(list(refused), errors["run_id"].type))
+            .to_numpy(zero_copy_only=False)
+            .astype(bool)
+            if refused and "run_id" in errors.column_names and errors.num_rows
+            else np.zeros(errors.num_rows, dtype=bool)
+        )
         self.n_embedded = embeddings.num_rows
         emb_rows, err_rows = current or (np.arange(embeddings.num_rows), np.arange(errors.num_rows))
         # Both tables end to end (embedded rows first), as they lie: large_string, because
@@ -335,16 +404,24 @@ def _key_columns(table: pa.Table, columns: Sequence[str]) -> pa.Table:
 
 
 def resolve_current(
-    embeddings: pa.Table, errors: pa.Table, deletions: pa.Table
+    embeddings: pa.Table,
+    errors: pa.Table,
+    deletions: pa.Table,
+    *,
+    order: Sequence[str] | None = None,
 ) -> tuple[pa.Table, pa.Table]:
     """Keep, per URI, only its latest row across both tables, and drop URIs deleted since
     (the rows :func:`resolve_rows` picks)."""
-    emb_rows, err_rows = resolve_rows(embeddings, errors, deletions)
+    emb_rows, err_rows = resolve_rows(embeddings, errors, deletions, order=order)
     return embeddings.take(emb_rows), errors.take(err_rows)
 
 
 def resolve_rows(
-    embeddings: pa.Table, errors: pa.Table, deletions: pa.Table
+    embeddings: pa.Table,
+    errors: pa.Table,
+    deletions: pa.Table,
+    *,
+    order: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Which rows are current: per URI its latest row across both tables, unless deleted since.
 
@@ -356,10 +433,13 @@ def resolve_rows(
         embeddings: Rows with at least ``uri`` and ``run_id``.
         errors: Likewise.
         deletions: ``uri`` and ``run_id`` of images found gone in that run.
+        order: The run ids in commit order (:meth:`Manifest.commit_order`): "latest" is the
+            run committed last, whatever its id or its driver's clock. ``None``: run ids in
+            sorted order (what a manifest without a commit sequence implies).
 
     Returns:
-        The current rows of embeddings and of errors, in order. Run ids sort in time order,
-        so "latest" is the greatest ``run_id``; a deletion removes a URI whose latest row is
+        The current rows of embeddings and of errors, in order; one per URI (a URI listed
+        twice in one run keeps one row). A deletion removes a URI whose latest row is
         older than it.
     """
     n_emb = embeddings.num_rows
@@ -368,18 +448,25 @@ def resolve_rows(
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     run_ids = _column(embeddings, errors, "run_id")
     gone_runs = deletions["run_id"].cast(pa.large_string())
-    runs = pc.unique(pa.chunked_array([*run_ids.chunks, *gone_runs.chunks], pa.large_string()))
-    runs = runs.take(pc.sort_indices(runs))
+    found = pc.unique(pa.chunked_array([*run_ids.chunks, *gone_runs.chunks], pa.large_string()))
+    found = found.take(pc.sort_indices(found))
+    if order is not None:  # commit order; a run id it lacks sorts before every listed one
+        listed = set(order)
+        runs = pa.array(
+            [r for r in found.to_pylist() if r not in listed] + list(order), pa.large_string()
+        )
+    else:
+        runs = found
     rank = pc.index_in(run_ids, value_set=runs).to_numpy(zero_copy_only=False)
     hashes = hash_keys(pa.table({"uri": uris}), ["uri"])
-    order = np.lexsort((-rank, hashes))  # by hash, then latest run first
-    sorted_hashes = hashes[order]
-    first = np.ones(len(order), dtype=bool)
+    by_key = np.lexsort((-rank, hashes))  # by hash, then latest run first
+    sorted_hashes = hashes[by_key]
+    first = np.ones(len(by_key), dtype=bool)
     first[1:] = sorted_hashes[1:] != sorted_hashes[:-1]
     later = np.flatnonzero(~first)  # an older row of the URI before it, unless a collision
-    if later.size and not _all_equal(uris, order[later], order[later - 1]):
-        return _rows_by_sort(embeddings, errors, deletions)
-    keep = order[first]
+    if later.size and not _all_equal(uris, by_key[later], by_key[later - 1]):
+        return _rows_by_sort(embeddings, errors, deletions, runs)
+    keep = by_key[first]
     if deletions.num_rows:
         gone = pa.table({"uri": deletions["uri"].cast(pa.large_string()), "run": gone_runs})
         gone = gone.group_by("uri").aggregate([("run", "max")])
@@ -421,14 +508,14 @@ def _equal_rows(
 
 
 def _rows_by_sort(
-    embeddings: pa.Table, errors: pa.Table, deletions: pa.Table
+    embeddings: pa.Table, errors: pa.Table, deletions: pa.Table, runs: pa.Array
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`resolve_rows` by an exact sort of the URIs (slower, and more memory)."""
+    """:func:`resolve_rows` by an exact sort of the URIs (slower, and more memory); ``runs``
+    holds the run ids in commit order."""
     n_emb = embeddings.num_rows
-    narrow = pa.table(
-        {"uri": _column(embeddings, errors, "uri"), "run_id": _column(embeddings, errors, "run_id")}
-    )
-    order = pc.sort_indices(narrow, [("uri", "ascending"), ("run_id", "descending")]).to_numpy()
+    rank = pc.index_in(_column(embeddings, errors, "run_id"), value_set=runs)
+    narrow = pa.table({"uri": _column(embeddings, errors, "uri"), "rank": rank})
+    order = pc.sort_indices(narrow, [("uri", "ascending"), ("rank", "descending")]).to_numpy()
     uris = narrow["uri"].take(order)
     first = np.ones(len(order), dtype=bool)
     if len(order) > 1:
@@ -437,16 +524,23 @@ def _rows_by_sort(
     if deletions.num_rows:
         latest = narrow.take(keep)
         gone = (
-            pa.table({c: deletions[c].cast(pa.large_string()) for c in ("uri", "run_id")})
+            pa.table(
+                {
+                    "uri": deletions["uri"].cast(pa.large_string()),
+                    "rank": pc.index_in(
+                        deletions["run_id"].cast(pa.large_string()), value_set=runs
+                    ),
+                }
+            )
             .group_by("uri")
-            .aggregate([("run_id", "max")])
+            .aggregate([("rank", "max")])
         )
         joined = latest.append_column("row", pa.array(keep)).join(
             gone, keys="uri", join_type="left outer"
         )
         alive = pc.or_kleene(
-            pc.is_null(joined["run_id_max"]),
-            pc.greater(joined["run_id"], joined["run_id_max"]),
+            pc.is_null(joined["rank_max"]),
+            pc.greater(joined["rank"], joined["rank_max"]),
         )
         keep = joined.filter(pc.fill_null(alive, True))["row"].to_numpy()
     keep = np.sort(keep)

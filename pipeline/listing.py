@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import PipelineError
+from pipeline.config import NotRetryableError
 from pipeline.storage import to_uri
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"})
@@ -25,7 +25,7 @@ LISTING_SCHEMA = pa.schema(
 )
 
 
-class InputError(PipelineError):
+class InputError(NotRetryableError):
     """The input cannot be listed, or holds no image."""
 
 
@@ -33,6 +33,7 @@ class InputError(PipelineError):
 class ListingCounts:
     listed: int = 0
     skipped_by_extension: int = 0
+    duplicates: int = 0  # listed again after their first time (an input list): taken once
 
 
 def has_image_extension(name: str) -> bool:

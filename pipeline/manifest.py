@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
-from pipeline.config import Precision
+from pipeline.config import NotRetryableError, Precision
 from pipeline.embed import EMBEDDING_DIM
 
 MANIFEST_FORMAT = "embed-images/manifest"
@@ -31,6 +31,35 @@ COMPACTED: Final = "compacted"
 # Run records the manifest keeps: older ones go (their files, if still current, stay listed
 # under ``current``), so that the manifest stays small after years of nightly runs.
 RUN_LOG = 100
+
+
+class ManifestError(NotRetryableError, ValueError):
+    """``_manifest.json`` is not one this build can read: corrupt, foreign, newer, or listing a
+    path outside the output's tables."""
+
+
+def check_table_path(path: Any, where: str) -> str:
+    """A manifest's file path, confined to the output's table folders: relative, inside one of
+    ``TABLES``, with no ``..``, ``.`` or empty part. Anything else is refused before any file
+    is read or deleted through it.
+
+    Example:
+        >>> check_table_path("embeddings/run_id=r1/part-0.parquet", "m")
+        'embeddings/run_id=r1/part-0.parquet'
+    """
+    parts = path.split("/") if isinstance(path, str) else []
+    if (
+        len(parts) < 2
+        or parts[0] not in TABLES
+        or any(part in ("", ".", "..") for part in parts)
+        or "\\" in path
+        or "\x00" in path
+    ):
+        raise ManifestError(
+            f"{where} lists {path!r}, which is not a file under its "
+            f"{', '.join(TABLES)} folders; nothing was read or deleted through it"
+        )
+    return str(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +176,7 @@ class RunCounts:
     skipped_by_extension: int = 0
     unchanged: int = 0  # embedded by an earlier run, same bytes
     known_failed: int = 0  # failed in an earlier run for a lasting reason: not retried
+    duplicates: int = 0  # listed more than once (an input list): taken once
     embedded: int = 0
     failed: int = 0
     deleted: int = 0
@@ -234,55 +264,142 @@ class RunRecord:
 
 
 @dataclasses.dataclass(frozen=True)
+class Pending:
+    """A ``--full`` run's checkpoints: committed files that are not current yet. They become
+    the whole table at once at the run's last commit; until then readers see the old table
+    and its model. A ``--full`` run of the same model that finds them resumes them."""
+
+    model: ModelIdentity
+    preprocessing: Mapping[str, Any]
+    files: Mapping[str, Sequence[str]]
+    runs: Sequence[str]  # in commit order
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_json(),
+            "preprocessing": dict(self.preprocessing),
+            "files": {table: list(paths) for table, paths in self.files.items()},
+            "runs": list(self.runs),
+        }
+
+    def matches(self, model: ModelIdentity | None, preprocessing: Mapping[str, Any]) -> bool:
+        """A ``--full`` run of this model and preprocessing resumes these files."""
+        return (
+            model is not None
+            and self.model.first_difference(model) is None
+            and _plain(self.preprocessing) == _plain(preprocessing)
+        )
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Pending:
+        return cls(
+            model=ModelIdentity.from_json(data["model"]),
+            preprocessing=dict(data.get("preprocessing") or {}),
+            files={t: list(p) for t, p in (data.get("files") or {}).items()},
+            runs=[str(r) for r in data.get("runs", [])],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Manifest:
     """The commit point of an output: its current files per table, and every run.
 
-    ``model`` and ``preprocessing`` are those of the latest run; a run that would mix vectors
-    of another model into the table is refused before it starts.
+    ``model`` and ``preprocessing`` are those of every current vector: only a commit that
+    replaces the whole table (a ``--full`` run's last) changes them, and a run that would mix
+    vectors of another model into the table is refused before it starts.
+
+    ``sequence`` gives each run with current files its place in commit order: a URI's current
+    row is the one of the run committed last, whatever the run ids or the drivers' clocks.
+    ``refused`` names runs whose failures no verdict has accepted yet (see :mod:`sink`).
     """
 
     current: Mapping[str, Sequence[str]]
     runs: Sequence[RunRecord]
     model: ModelIdentity | None = None
     preprocessing: Mapping[str, Any] | None = None
+    sequence: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    pending: Pending | None = None
+    refused: Sequence[str] = ()
 
     @classmethod
     def empty(cls) -> Manifest:
         return cls(current={table: [] for table in TABLES}, runs=[])
 
+    def listed_paths(self) -> set[str]:
+        """Every file this manifest lists: current, and a ``--full`` run's pending ones."""
+        listed = {path for paths in self.current.values() for path in paths}
+        if self.pending is not None:
+            listed |= {path for paths in self.pending.files.values() for path in paths}
+        return listed
+
     def committed_run_ids(self) -> set[str]:
         """Runs whose folders hold committed files: those in the run log, and those any
         current file lives in (older runs leave the log, not the table)."""
         return {run.run_id for run in self.runs} | {
-            path.split("/run_id=", 1)[1].split("/", 1)[0]
-            for paths in self.current.values()
-            for path in paths
-            if "/run_id=" in path
+            _run_of(path) for path in self.listed_paths() if "/run_id=" in path
         }
 
-    def checkpointed_run_ids(self) -> set[str]:
-        """Runs with some files committed whose last commit may not have happened."""
-        return {run.run_id for run in self.runs if run.status == CHECKPOINTED}
+    def commit_order(self) -> list[str]:
+        """The run ids of the current files, first committed first."""
+        runs = {_run_of(path) for path in self.listed_paths() if "/run_id=" in path}
+        runs |= set(self.sequence)
+        return sorted(runs, key=lambda run_id: (self.sequence.get(run_id, -1), run_id))
 
-    def with_run(self, run: RunRecord, *, replace: bool = False) -> tuple[Manifest, list[str]]:
-        """This manifest with ``run`` added (its ``files`` become current).
+    def with_run(
+        self, run: RunRecord, *, replace: bool = False, pending: bool = False
+    ) -> tuple[Manifest, list[str]]:
+        """This manifest with ``run`` added.
 
-        A run already recorded (an earlier checkpoint of it) is replaced by ``run``, whose
-        ``files`` are then the ones this commit adds.
+        Args:
+            run: The run's record; its ``files`` are the ones this commit adds. A run already
+                recorded (an earlier checkpoint of it) is replaced by ``run``.
+            replace: The run's last commit replaces the whole table: the current files become
+                its files (with the pending ones of the ``--full`` runs it resumed), its model
+                the table's, and every earlier file stops being current.
+            pending: A checkpoint of a run that will replace the table: its files are added to
+                ``pending``, and nothing current changes (not the model either).
 
         Returns:
-            The new manifest, and the files that stopped being current (``replace``: all the
-            earlier runs' ones, for a run that re-embedded everything).
+            The new manifest, and the files that stopped being current.
         """
         superseded: list[str] = []
-        current: dict[str, list[str]] = {}
-        own = f"/run_id={run.run_id}/"
-        for table in TABLES:
-            before = list(self.current.get(table, []))
+        current: dict[str, list[str]] = {t: list(self.current.get(t, [])) for t in TABLES}
+        sequence = dict(self.sequence)
+        next_seq = max(sequence.values(), default=-1) + 1
+        model, preprocessing, waiting = self.model, self.preprocessing, self.pending
+        if replace and run.status == COMPACTED:
+            # The current table rewritten: a --full run's pending files stay pending.
+            mine = {p for paths in run.files.values() for p in paths}
+            superseded = [p for paths in current.values() for p in paths if p not in mine]
+            current = {t: sorted(run.files.get(t, [])) for t in TABLES}
+            sequence = {run.run_id: next_seq}
+        elif pending or replace:
+            resumed = (
+                waiting
+                if waiting is not None and waiting.matches(run.model, run.preprocessing)
+                else None
+            )
+            files = {
+                t: [*(resumed.files.get(t, []) if resumed else []), *run.files.get(t, [])]
+                for t in TABLES
+            }
+            runs = [*(r for r in (resumed.runs if resumed else []) if r != run.run_id), run.run_id]
+            assert run.model is not None, "a run that replaces the table names its model"
+            waiting = Pending(
+                model=run.model, preprocessing=run.preprocessing, files=files, runs=runs
+            )
             if replace:
-                superseded += [path for path in before if own not in path]
-                before = [path for path in before if own in path]
-            current[table] = sorted(before + list(run.files.get(table, [])))
+                listed = {p for paths in waiting.files.values() for p in paths}
+                superseded = [p for paths in current.values() for p in paths if p not in listed]
+                current = {t: sorted(waiting.files.get(t, [])) for t in TABLES}
+                sequence = {r: next_seq + i for i, r in enumerate(waiting.runs)}
+                model, preprocessing, waiting = run.model, run.preprocessing, None
+        else:
+            for table in TABLES:
+                current[table] = sorted(current[table] + list(run.files.get(table, [])))
+            sequence.setdefault(run.run_id, next_seq)
+            if model is None:  # the first vectors decide the table's model
+                model, preprocessing = run.model, run.preprocessing
         earlier = next((r for r in self.runs if r.run_id == run.run_id), None)
         if earlier is not None:  # a checkpoint: the record holds all of the run's files
             run = dataclasses.replace(
@@ -293,38 +410,107 @@ class Manifest:
                     if earlier.files.get(table) or run.files.get(table)
                 },
             )
+        live = {_run_of(p) for paths in current.values() for p in paths if "/run_id=" in p}
         manifest = Manifest(
             current=current,
             runs=[*(r for r in self.runs if r.run_id != run.run_id), run][-RUN_LOG:],
-            model=run.model or self.model,
-            preprocessing=run.preprocessing or self.preprocessing,
+            model=model,
+            preprocessing=preprocessing,
+            sequence={r: n for r, n in sequence.items() if r in live or r == run.run_id},
+            pending=waiting,
+            refused=[r for r in self.refused if r in live],
         )
         return manifest, superseded
+
+    def with_verdict(self, run_id: str, *, accepted: bool, complete: bool) -> Manifest:
+        """Record a run's verdict on the failures it counted: a refused run's failures go on
+        counting in later verdicts; an accepted complete run has counted every earlier
+        refused run's failures that are still current, so they are accepted with it."""
+        if not accepted:
+            refused = [*(r for r in self.refused if r != run_id), run_id]
+        elif complete:
+            refused = []
+        else:
+            refused = list(self.refused)
+        return dataclasses.replace(self, refused=refused)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
             "current": {table: list(self.current.get(table, [])) for table in TABLES},
+            "sequence": dict(self.sequence),
+            "refused": list(self.refused),
             "runs": [run.to_json() for run in self.runs],
         }
         if self.model is not None:
             data["model"] = self.model.to_json()
         if self.preprocessing is not None:
             data["preprocessing"] = dict(self.preprocessing)
+        if self.pending is not None:
+            data["pending"] = self.pending.to_json()
         return data
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_json(), indent=2).encode()
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], *, where: str = "manifest") -> Manifest:
-        if data.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"{where} is not an embed-images manifest")
+    def from_json(cls, data: Any, *, where: str = "manifest") -> Manifest:
+        """Parse and check a manifest; :class:`ManifestError`, in one line, when it is not
+        one this build can read or it lists a path outside the output's tables."""
+        if not isinstance(data, Mapping) or data.get("format") != MANIFEST_FORMAT:
+            raise ManifestError(f"{where} is not an embed-images manifest")
+        version = data.get("version")
+        if not isinstance(version, int) or version < 1:
+            raise ManifestError(f"{where} has no valid format version ({version!r})")
+        if version > MANIFEST_VERSION:
+            raise ManifestError(
+                f"{where} was written by a newer embed-images (manifest version {version}; "
+                f"this one reads up to {MANIFEST_VERSION}): upgrade embed-images"
+            )
+        try:
+            manifest = cls._parse(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ManifestError(f"{where} is not a valid embed-images manifest ({exc!r})") from None
+        for path in manifest.listed_paths():
+            check_table_path(path, where)
+        for run in manifest.runs:
+            for paths in run.files.values():
+                for path in paths:
+                    check_table_path(path, where)
+        return manifest
+
+    @classmethod
+    def _parse(cls, data: Mapping[str, Any]) -> Manifest:
         model = data.get("model")
+        current = data.get("current", {})
+        if not isinstance(current, Mapping):
+            raise TypeError("current is not an object")
+        listed = {
+            t: [str(p) if isinstance(p, str) else p for p in current.get(t, [])] for t in TABLES
+        }
+        pending = data.get("pending")
+        sequence = data.get("sequence")
+        if sequence is None:  # written before commit order was recorded: run ids sort in time
+            runs = sorted(
+                {_run_of(p) for ps in listed.values() for p in ps if "/run_id=" in str(p)}
+            )
+            sequence = {run_id: n for n, run_id in enumerate(runs)}
         return cls(
-            current={t: list(data.get("current", {}).get(t, [])) for t in TABLES},
+            current=listed,
             runs=[RunRecord.from_json(run) for run in data.get("runs", [])],
             model=ModelIdentity.from_json(model) if model else None,
             preprocessing=data.get("preprocessing"),
+            sequence={str(k): int(v) for k, v in dict(sequence).items()},
+            pending=Pending.from_json(pending) if pending else None,
+            refused=[str(r) for r in data.get("refused", [])],
         )
+
+
+def _run_of(path: str) -> str:
+    return path.split("/run_id=", 1)[1].split("/", 1)[0]
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of a value (tuples become lists), for comparing a record with a spec."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import fcntl
 import json
 import os
+import socket
 import tempfile
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +30,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.config import PipelineError
-from pipeline.manifest import TABLES, Manifest, RunRecord
+from pipeline.manifest import TABLES, Manifest, ManifestError, RunRecord
 from pipeline.storage import is_local, join, make_parent, one_line, open_fs, to_uri
 
 if TYPE_CHECKING:
@@ -38,6 +42,18 @@ STAGING_DIR = "_staging"
 REPORTS_DIR = "_reports"
 # Written and deleted before a run: an unwritable output fails before any work is done.
 WRITE_PROBE = "_write_probe"
+# A live run's claim on the output, under its staging folder, renewed while it runs.
+LEASE_NAME = "_lease.json"
+LEASE_SECONDS = 120.0  # a lease not renewed for this long belongs to a dead run
+LEASE_RENEW_SECONDS = 30.0
+# The clean-up deletes only unlisted files older than this (Iceberg's remove_orphan_files
+# older_than, Delta's VACUUM retention): a commit in flight on an object store, which copies
+# its files before it writes the manifest, is never mistaken for litter.
+CLEANUP_RETENTION_SECONDS = 3600.0
+
+
+class RunningRunError(PipelineError):
+    """Another run holds a live lease on the output."""
 
 
 class ConcurrentCommitError(PipelineError):
@@ -104,8 +120,7 @@ class Output:
                 data = self.fs.cat_file(self.manifest_path)
             except FileNotFoundError:
                 return Snapshot(None, None)
-        manifest = Manifest.from_json(json.loads(data), where=self.manifest_path)
-        return Snapshot(manifest, version)
+        return Snapshot(parse_manifest(data, where=to_uri(self.fs, self.manifest_path)), version)
 
     def require(self, snapshot: Snapshot) -> Manifest:
         if snapshot.manifest is None:
@@ -138,17 +153,22 @@ class Output:
         narrow = ["uri", "run_id"]
         emb = self._load(manifest, "embeddings", _with(embeddings, narrow))
         err = self._load(manifest, "errors", _with(errors, narrow))
-        if len(manifest.runs) > 1:
-            emb, err = resolve_current(emb, err, self._load(manifest, "deletions", narrow))
+        gone = self._load(manifest, "deletions", narrow)
+        emb, err = resolve_current(emb, err, gone, order=manifest.commit_order())
         return (
             emb.select(list(embeddings)) if embeddings else emb,
             err.select(list(errors)) if errors else err,
         )
 
-    def committed_images(self, snapshot: Snapshot) -> CommittedImages:
+    def committed_images(self, snapshot: Snapshot, *, pending: bool = False) -> CommittedImages:
         """The current images' keys, indexed for a run's diff; the key columns are read once,
         as ``large_string``, and indexed where they lie (superseded rows are skipped, not
-        copied out)."""
+        copied out).
+
+        Args:
+            snapshot: From :meth:`snapshot`.
+            pending: The pending files of a ``--full`` run instead (one resuming them).
+        """
         from pipeline.incremental import (
             EMBEDDINGS_KEY_COLUMNS,
             ERRORS_KEY_COLUMNS,
@@ -157,27 +177,33 @@ class Output:
         )
 
         manifest = self.require(snapshot)
+        if pending:
+            assert manifest.pending is not None
+            manifest = Manifest(
+                current=manifest.pending.files,
+                runs=[],
+                sequence={r: n for n, r in enumerate(manifest.pending.runs)},
+            )
         narrow = ["uri", "run_id"]
         emb = self._load(manifest, "embeddings", [*EMBEDDINGS_KEY_COLUMNS, "run_id"], large=True)
         err = self._load(manifest, "errors", [*ERRORS_KEY_COLUMNS, "run_id"], large=True)
-        rows = None
-        if len(manifest.runs) > 1:
-            gone = self._load(manifest, "deletions", narrow, large=True)
-            rows = resolve_rows(emb, err, gone)
-        return CommittedImages(emb, err, rows)
+        gone = self._load(manifest, "deletions", narrow, large=True)
+        rows = resolve_rows(emb, err, gone, order=manifest.commit_order())
+        return CommittedImages(emb, err, rows, refused=manifest.refused)
 
     def superseded(self, snapshot: Snapshot) -> pa.Table:
         """``(uri, run_id)`` of the rows in current embeddings files that are not current: the
-        image changed in a later run, or is gone (none while a single run has committed)."""
+        image changed in a later run, is gone, or was listed twice."""
         from pipeline.incremental import resolve_rows
 
         manifest = self.require(snapshot)
         narrow = ["uri", "run_id"]
         emb = self._load(manifest, "embeddings", narrow, large=True)
-        if len(manifest.runs) <= 1 or emb.num_rows == 0:
+        if emb.num_rows == 0:
             return pa.table({c: pa.array([], pa.string()) for c in narrow})
         err = self._load(manifest, "errors", narrow, large=True)
-        current, _ = resolve_rows(emb, err, self._load(manifest, "deletions", narrow, large=True))
+        gone = self._load(manifest, "deletions", narrow, large=True)
+        current, _ = resolve_rows(emb, err, gone, order=manifest.commit_order())
         stale = np.ones(emb.num_rows, dtype=bool)
         stale[current] = False
         return pa.table({c: emb[c].filter(pa.array(stale)).cast(pa.string()) for c in narrow})
@@ -250,42 +276,154 @@ class Output:
         except (OSError, PermissionError) as exc:
             raise PipelineError(f"cannot write to output {self.uri}: {one_line(exc)}") from None
 
-    def discard_uncommitted(self, snapshot: Snapshot) -> int:
-        """Delete what runs that never committed left behind; returns the paths removed.
+    def remove_orphans(self, *, retention: float = CLEANUP_RETENTION_SECONDS) -> int:
+        """Delete files no manifest lists that are older than ``retention`` seconds, outside
+        the folders of live runs; returns how many were removed.
 
-        A run killed after moving files but before its manifest leaves ``run_id=…`` folders
-        that no manifest lists; the plain dataset read would see them, so the next run removes
-        them, together with stale staging. One writer per output at a time is assumed.
+        What a killed run left (staged files, files moved before its manifest was written,
+        files superseded by a commit killed before it deleted them) goes this way. The rule,
+        as Iceberg's ``remove_orphan_files(older_than=…)`` and Delta's ``VACUUM`` apply it:
+        the decision is taken against a fresh read of the manifest (under ``_commit.lock`` on
+        local disk, where commits hold it too), never on a file that manifest lists, never
+        on a file younger than the retention (a commit in flight on an object store copies
+        its files before it writes its manifest), and never under the staging or table
+        folders of a run whose lease is alive.
         """
-        manifest = snapshot.manifest or Manifest.empty()
-        committed, partial = manifest.committed_run_ids(), manifest.checkpointed_run_ids()
-        current = {path for paths in manifest.current.values() for path in paths}
-        folders = {path.rsplit("/", 1)[0] for path in current}  # TABLE/run_id=…
-        removed = 0
-        for table in TABLES:
-            table_root = join(self.root, table)
-            if not self.fs.exists(table_root):
-                continue
-            for entry in self.fs.ls(table_root, detail=False):
-                name = entry.rstrip("/").rsplit("/", 1)[-1]
-                run_id = name[len("run_id=") :] if name.startswith("run_id=") else None
-                has_current = f"{table}/{name}" in folders
-                if run_id is not None and (run_id not in committed or not has_current):
-                    # Never committed, or every file superseded (by --full or compact; a
-                    # commit killed before it deleted them).
-                    self._remove(entry)
+        with self._lock():
+            manifest = self.snapshot().manifest or Manifest.empty()
+            listed = manifest.listed_paths()
+            live = set(self.live_leases())
+            cutoff = self._store_now() - retention
+            removed = 0
+            for table in TABLES:
+                for folder in self._folders(join(self.root, table)):
+                    name = folder.rsplit("/", 1)[-1]
+                    if name.startswith("run_id=") and name[len("run_id=") :] in live:
+                        continue
+                    removed += self._remove_old(folder, cutoff, keep=listed, base=table)
+            staging = join(self.root, STAGING_DIR)
+            for folder in self._folders(staging):
+                if folder.rsplit("/", 1)[-1] not in live:
+                    removed += self._remove_old(folder, cutoff, keep=set(), base=None)
+            if is_local(self.fs):
+                with contextlib.suppress(OSError):
+                    os.rmdir(staging)  # only if empty
+            for entry in self._entries(self.root):
+                name = entry["name"].rsplit("/", 1)[-1]
+                if name.startswith(".manifest-") and _mtime(entry) < cutoff:
+                    self._remove(entry["name"])
                     removed += 1
-                elif run_id in partial:
-                    # A run killed between checkpoints: files it moved but never committed.
-                    for path in self.fs.ls(entry, detail=False):
-                        if f"{table}/{name}/{path.rsplit('/', 1)[-1]}" not in current:
-                            self._remove(path)
-                            removed += 1
-        stage = join(self.root, STAGING_DIR)
-        if self.fs.exists(stage):
-            self._remove(stage)
-            removed += 1
         return removed
+
+    def _folders(self, path: str) -> list[str]:
+        return [e["name"] for e in self._entries(path) if e.get("type") == "directory"]
+
+    def _entries(self, path: str) -> list[dict[str, Any]]:
+        self.fs.invalidate_cache(path)
+        try:
+            return list(self.fs.ls(path, detail=True))
+        except FileNotFoundError:
+            return []
+
+    def _remove_old(self, folder: str, cutoff: float, *, keep: set[str], base: str | None) -> int:
+        """Remove the files under ``folder`` older than ``cutoff`` whose path relative to the
+        output (``base/…``) is not in ``keep``; then the folder, if that left it empty."""
+        removed, kept = 0, 0
+        prefix = join(self.root, "")
+        for path, info in self.fs.find(folder, detail=True, withdirs=False).items():
+            relative = path[len(prefix) :] if path.startswith(prefix) else path
+            if (base is not None and relative in keep) or _mtime(info) >= cutoff:
+                kept += 1
+                continue
+            self._remove(path)
+            removed += 1
+        if not kept and is_local(self.fs):
+            with contextlib.suppress(OSError):
+                for directory, _, _ in sorted(os.walk(folder), reverse=True):
+                    os.rmdir(directory)
+        return removed
+
+    def _store_now(self) -> float:
+        """Now, by the clock that stamps the store's files (an object store's, not this
+        host's: drivers' clocks may disagree)."""
+        if is_local(self.fs):
+            return time.time()
+        probe = join(self.root, STAGING_DIR, f"_clock-{os.getpid()}-{threading.get_ident()}")
+        self.fs.pipe_file(probe, b"")
+        try:
+            return _mtime(self.fs.info(probe))
+        finally:
+            self._remove(probe)
+
+    # -- leases: which runs are alive ---------------------------------------------------------
+
+    def live_leases(self) -> dict[str, dict[str, Any]]:
+        """The runs whose lease is alive: renewed within ``LEASE_SECONDS`` by the store's
+        clock, and (on this host) held by a process that still exists."""
+        found: dict[str, dict[str, Any]] = {}
+        now: float | None = None
+        for folder in self._folders(join(self.root, STAGING_DIR)):
+            path = join(folder, LEASE_NAME)
+            try:
+                info = self.fs.info(path)
+                lease = json.loads(self.fs.cat_file(path))
+            except (FileNotFoundError, ValueError):
+                continue
+            now = now if now is not None else self._store_now()
+            if now - _mtime(info) > LEASE_SECONDS or not _process_may_live(lease):
+                continue
+            found[folder.rsplit("/", 1)[-1]] = dict(lease) | {"renewed": _mtime(info)}
+        return found
+
+    @contextlib.contextmanager
+    def lease(self, run_id: str, *, what: str = "run") -> Iterator[None]:
+        """Hold this output for ``run_id`` while the block runs: refuse, in one line, if
+        another run is alive here; renew the lease in a thread; on the way out, by success,
+        error or stop signal, delete the run's staging folder and its lease.
+
+        Two runs that start at the same moment both write their lease, then both look: the
+        one whose lease sorts first goes on, the other is refused.
+        """
+        lease = {
+            "run_id": run_id,
+            "what": what,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "created": time.time(),
+        }
+        path = join(self.root, STAGING_DIR, run_id, LEASE_NAME)
+        make_parent(self.fs, path)
+        self.fs.pipe_file(path, json.dumps(lease).encode())
+        try:
+            rivals = [
+                other
+                for other_id, other in self.live_leases().items()
+                if other_id != run_id
+                and (other.get("created", 0), other_id) <= (lease["created"], run_id)
+            ]
+            if rivals:
+                other = rivals[0]
+                raise RunningRunError(
+                    f"{other.get('what', 'run')} {other.get('run_id')} (host "
+                    f"{other.get('host')}, pid {other.get('pid')}) is writing to {self.given}; "
+                    f"nothing was done: run again once it has finished (a dead run's lease "
+                    f"lapses {LEASE_SECONDS:.0f} s after its last renewal)"
+                )
+            stop = threading.Event()
+
+            def renew() -> None:
+                while not stop.wait(LEASE_RENEW_SECONDS):
+                    with contextlib.suppress(OSError):
+                        self.fs.pipe_file(path, json.dumps(lease).encode())
+
+            renewer = threading.Thread(target=renew, name=f"lease-{run_id}", daemon=True)
+            renewer.start()
+            try:
+                yield
+            finally:
+                stop.set()
+        finally:
+            self.discard_staging(run_id)
 
     def staging_uri(self, run_id: str) -> str:
         """Where a run's writer tasks put their files (a URI the tasks can open)."""
@@ -301,7 +439,9 @@ class Output:
         staged: Mapping[str, Sequence[str]],
         deleted_uris: pa.Array | None = None,
         replace: bool = False,
+        pending: bool = False,
         final: bool = True,
+        verdict: tuple[bool, bool] | None = None,
     ) -> Snapshot:
         """Move a run's staged files into the tables and write the manifest, last.
 
@@ -316,10 +456,15 @@ class Output:
             staged: Per table, file paths relative to the run's staging folder
                 (``embeddings/part-….parquet``), exactly those the writer tasks returned.
             deleted_uris: URIs this run found gone from the input, recorded in ``deletions/``.
-            replace: This run re-embedded everything (``--full``): earlier files stop being
+            replace: This run re-embedded everything (``--full``): its files (and the pending
+                ones it resumed) become the table, with its model; earlier files stop being
                 current, and are deleted once the new manifest is in place.
+            pending: A checkpoint of a run that will replace the table: its files are
+                committed as pending, not current (:meth:`Manifest.with_run`).
             final: The run's last commit; otherwise a checkpoint (its writers go on writing
                 into staging, which is kept).
+            verdict: ``(accepted, complete)``: the run's verdict on its failures
+                (:meth:`Manifest.with_verdict`); ``None`` leaves the refused runs as they are.
 
         Returns:
             The manifest as written, with its version: what the run's next commit must find.
@@ -350,8 +495,11 @@ class Output:
             committed = self._move_staged(stage_root, run.run_id, staged)
             before = snapshot.manifest or Manifest.empty()
             manifest, superseded = before.with_run(
-                dataclasses.replace(run, files=committed), replace=replace
+                dataclasses.replace(run, files=committed), replace=replace, pending=pending
             )
+            if verdict is not None:
+                accepted, complete = verdict
+                manifest = manifest.with_verdict(run.run_id, accepted=accepted, complete=complete)
             version = self._write_manifest(manifest.to_bytes(), snapshot.version)
         if final:
             # Staging is scratch once the manifest is in place; leftovers of retried tasks too.
@@ -454,6 +602,7 @@ class Output:
             directory = os.path.dirname(path)
             os.makedirs(directory, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=directory)
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; the tables follow the umask
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -521,6 +670,50 @@ def _copy_together(fs: Any, sources: Sequence[str], targets: Sequence[str]) -> N
         await asyncio.gather(*(copy(s, t) for s, t in zip(sources, targets, strict=True)))
 
     sync(fs.loop, copy_all)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` would, for every thread)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mtime(info: Mapping[str, Any]) -> float:
+    """A listed file's modification time in seconds (local ``mtime``, S3 ``LastModified``)."""
+    value = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    if value is None:
+        return time.time()  # unknown: as young as can be, so never deleted for its age
+    return float(value)
+
+
+def _process_may_live(lease: Mapping[str, Any]) -> bool:
+    """False only for a lease of this host whose process is gone."""
+    if lease.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(lease.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
+
+
+def parse_manifest(data: bytes, *, where: str) -> Manifest:
+    """The manifest in ``data``; one line (:class:`ManifestError`) when it is not JSON."""
+    try:
+        decoded = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(
+            f"{where} is not valid JSON ({exc}): a corrupt or foreign file"
+        ) from None
+    return Manifest.from_json(decoded, where=where)
 
 
 def _local_version(st: os.stat_result) -> str:

@@ -252,9 +252,17 @@ def execute_run(
         precision=config.precision if num_gpus > 0 or config.precision == "bf16" else "fp32",
     )
     preprocessing = prepared.spec.to_metadata()
-    incremental = snapshot.manifest is not None and not config.full
-    if snapshot.manifest is not None and incremental:
-        check_same_model(snapshot.manifest, model, preprocessing, output.uri)
+    manifest = snapshot.manifest
+    incremental = manifest is not None and not config.full
+    if manifest is not None and (incremental or config.limit is not None):
+        check_same_model(manifest, model, preprocessing, output.uri, limited_full=config.full)
+    # A --full run of the same model as a killed one's pending checkpoints takes them up.
+    resume = (
+        manifest is not None
+        and config.full
+        and manifest.pending is not None
+        and manifest.pending.matches(model, preprocessing)
+    )
     streamed = None
     if listing is None:
         # The listing streams into the plan from a driver thread; the run starts with its
@@ -267,10 +275,11 @@ def execute_run(
                 prepared.input_root,
                 prepared.input_uri,
                 output,
-                snapshot if incremental else None,
+                snapshot if incremental or resume else None,
                 config,
                 keep=keep,
                 in_ray=True,
+                pending=resume,
             )
         )
         if not streamed.start():  # nothing new: the books are complete already
@@ -418,8 +427,10 @@ def list_work(
     keep: Callable[[Any], Any] | None,
     max_listed: int | None = None,
     in_ray: bool = False,
+    pending: bool = False,
 ) -> NewImages:
-    """List the input against ``snapshot``'s current tables (``None``: embed everything).
+    """List the input against ``snapshot``'s current tables (``None``: embed everything;
+    ``pending``: against a killed ``--full`` run's pending files, which this one resumes).
 
     An ``--input-list`` is read by Ray Data where ``in_ray`` (a run), else in this process
     (a dry run, or a small run's probe, which start no Ray)."""
@@ -427,7 +438,9 @@ def list_work(
         fs,
         root,
         # Only the index is kept: the tables it was built from go before the listing starts.
-        known=output.committed_images(snapshot) if snapshot is not None else None,
+        known=(
+            output.committed_images(snapshot, pending=pending) if snapshot is not None else None
+        ),
         keep=keep,
         limit=config.limit,
         max_listed=max_listed,
@@ -466,10 +479,23 @@ def dry_run(config: EmbedConfig) -> DryRun:
     snapshot = output.snapshot()
     manifest = snapshot.manifest
     incremental = manifest is not None and not config.full
-    refusal = _model_difference(config, snapshot, output) if incremental else None
+    limited_full = manifest is not None and config.full and config.limit is not None
+    refusal = _model_difference(config, snapshot, output) if incremental or limited_full else None
     listing = list_work(
         in_fs, in_root, input_uri, output, snapshot if incremental else None, config, keep=None
     )
+    if refusal is None:
+        from pipeline.sink import error_rate_verdict
+
+        # The best case: every image to embed embeds. Worse cases are known only by running.
+        verdict = error_rate_verdict(
+            {},
+            unaccepted=listing.unaccepted_failures,
+            to_embed=listing.to_embed,
+            max_error_rate=config.max_error_rate,
+        )
+        if verdict:
+            refusal = f"{verdict}: the run would exit 3 (fix or remove those images)"
     rates = [r.embedding_images_per_second for r in (manifest.runs if manifest else ())]
     rates = [r for r in rates if r > 0]
     return DryRun(
@@ -543,6 +569,8 @@ def probe_run(
     started, started_at = time.time(), utc_iso()
     in_fs, in_root, input_uri, output = paths
     snapshot = snapshot or output.snapshot()
+    if config.full and snapshot.manifest is not None and snapshot.manifest.pending is not None:
+        return None  # it may resume pending files: the run decides, with the model known
     incremental = snapshot.manifest is not None and not config.full
     listing = list_work(
         in_fs,
@@ -595,24 +623,38 @@ def commit_without_work(
 
 
 def check_same_model(
-    previous: Manifest, model: ModelIdentity, preprocessing: Mapping[str, Any], output: str
+    previous: Manifest,
+    model: ModelIdentity,
+    preprocessing: Mapping[str, Any],
+    output: str,
+    *,
+    limited_full: bool = False,
 ) -> None:
-    """Refuse to mix vectors of different models or preprocessing in one table."""
+    """Refuse to mix vectors of different models or preprocessing in one table.
+
+    ``limited_full``: the run is ``--full --limit N``, which adds to the table without
+    replacing it, so it too must match the table's model.
+    """
+    fix = (
+        "drop --limit, so that --full replaces the whole table"
+        if limited_full
+        else "pass --full to replace them, or use another output"
+    )
     if previous.model is not None:
         difference = previous.model.first_difference(model)
         if difference:
             key, before, now = difference
-            raise PipelineError(
+            raise ConfigError(
                 f"{output} holds embeddings with {key}={before!r}, this run would "
-                f"write {key}={now!r}: pass --full to replace them, or use another output"
+                f"write {key}={now!r}: {fix}"
             )
     # Only what turns pixels into inputs is compared, not descriptive keys.
     fields = [f.name for f in dataclasses.fields(PreprocessSpec)]
     before_spec = {k: _plain((previous.preprocessing or {}).get(k)) for k in fields}
     if before_spec != {k: _plain(preprocessing.get(k)) for k in fields}:
-        raise PipelineError(
+        raise ConfigError(
             f"{output} holds embeddings made with other preprocessing "
-            f"({before_spec['mode']!r}): pass --full to replace them, or use another output"
+            f"({before_spec['mode']!r}): {fix}"
         )
 
 

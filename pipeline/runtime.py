@@ -186,7 +186,7 @@ def embed_images(
         >>> run.counts.embedded  # doctest: +SKIP
         24
     """
-    from pipeline.run import execute_run
+    from pipeline.run import execute_run, new_run_id
 
     fields = {f.name for f in dataclasses.fields(EmbedConfig)}
     unknown = sorted(set(options) - fields)
@@ -196,7 +196,13 @@ def embed_images(
             f"({', '.join(sorted(fields - {'input', 'output'}))})"
         )
     config = EmbedConfig(input=input, output=output, **options)
-    return execute_run(prepare_and_start_ray(config, address, verbose=verbose))
+    paths = check_run(config)
+    run_id = new_run_id()
+    with paths.output.lease(run_id):
+        prepared = prepare_and_start_ray(
+            config, address, paths=paths, run_id=run_id, verbose=verbose
+        )
+        return execute_run(prepared)
 
 
 class Stopped(BaseException):

@@ -82,6 +82,39 @@ def write_files(
     return {"staged": np.asarray([json.dumps(staged)], dtype=object)}
 
 
+def error_rate_verdict(
+    failures: Mapping[str, Failures],
+    *,
+    unaccepted: Mapping[str, Failures],
+    to_embed: int,
+    max_error_rate: float,
+) -> str | None:
+    """The verdict rule of ``--max-error-rate``; ``None`` when the run passes, else the line
+    that says why not.
+
+    A run's failures plus the failures earlier runs' verdicts refused (still current, not
+    fixed), over the run's images plus those. Failures an earlier run accepted never count
+    again. It is applied once, to the run's totals, so neither checkpoints nor the listing
+    order can change it.
+
+    Example:
+        >>> error_rate_verdict({}, unaccepted={}, to_embed=0, max_error_rate=0.1) is None
+        True
+    """
+    earlier = count_failures(unaccepted)
+    failed = count_failures(failures) + earlier
+    attempted = to_embed + earlier
+    rate = failed / attempted if attempted else 0.0
+    if rate <= max_error_rate:
+        return None
+    earlier_text = f", {earlier} of them refused in earlier runs" if earlier else ""
+    kinds = describe_failures(merge_failures(failures, unaccepted))
+    return (
+        f"{failed} of {attempted} images failed ({rate:.1%}: {kinds}{earlier_text}), above "
+        f"--max-error-rate {max_error_rate:.1%}"
+    )
+
+
 class ErrorRateExceededError(PipelineError):
     """More images failed than ``--max-error-rate`` allows.
 
@@ -126,30 +159,24 @@ class RunBooks:
     def to_embed(self) -> int:
         return self.listing.to_embed
 
-    def error_rate_exceeded(
-        self, failures: Mapping[str, Failures], *, attempted: int | None = None
-    ) -> str | None:
-        """What is wrong when this run's and the known failures exceed ``--max-error-rate``.
+    @property
+    def complete(self) -> bool:
+        """The run saw every image of its input (no ``--limit``, listing not cut short)."""
+        return self.config.limit is None and self.listing.complete
 
-        Args:
-            failures: This run's failures by type (none yet, before the run executes: then
-                the known failures alone are checked).
-            attempted: This run's images attempted so far (default: all it has to embed).
-        """
-        failed = count_failures(failures) + self.known_failed
-        attempted = (self.to_embed if attempted is None else attempted) + self.known_failed
-        rate = failed / attempted if attempted else 0.0
-        if rate <= self.config.max_error_rate:
-            return None
-        earlier = f", {self.known_failed} of them in earlier runs" if self.known_failed else ""
-        kinds = describe_failures(merge_failures(failures, self.listing.known_failures))
-        return (
-            f"{failed} of {attempted} images failed ({rate:.1%}: {kinds}{earlier}), above "
-            f"--max-error-rate {self.config.max_error_rate:.1%}"
+    def error_rate_exceeded(self, failures: Mapping[str, Failures]) -> str | None:
+        """What is wrong when this run's totals exceed ``--max-error-rate``
+        (:func:`error_rate_verdict`); ``failures``: this run's, by type (none before the run
+        executes: then the best case is checked)."""
+        return error_rate_verdict(
+            failures,
+            unaccepted=self.listing.unaccepted_failures,
+            to_embed=self.to_embed,
+            max_error_rate=self.config.max_error_rate,
         )
 
     def refuse_known_failures(self) -> None:
-        """Raise when earlier runs' lasting failures alone exceed ``--max-error-rate``:
+        """Raise when earlier runs' refused failures alone exceed ``--max-error-rate``:
         embedding the rest could not pass, so nothing is embedded."""
         known_bad = self.error_rate_exceeded({})
         if known_bad:
@@ -193,6 +220,7 @@ class RunBooks:
                 skipped_by_extension=listing.counts.skipped_by_extension if final else 0,
                 unchanged=listing.unchanged if final else 0,
                 known_failed=self.known_failed if final else 0,
+                duplicates=listing.counts.duplicates if final else 0,
                 embedded=embedded,
                 failed=failed,
                 deleted=len(listing.deleted) if final and status == COMMITTED else 0,
@@ -246,8 +274,9 @@ class RunSink:
         }
 
     def start(self) -> None:
-        """Before any writer runs: clear what uncommitted runs left behind."""
-        self.books.output.discard_uncommitted(self.snapshot)
+        """Before any writer runs: clear what dead runs left behind, by the clean-up rule
+        (:meth:`Output.remove_orphans`)."""
+        self.books.output.remove_orphans(retention=self.books.config.cleanup_retention)
 
     def consume(self, staged: Iterable[str]) -> RunRecord:
         """Take each writer task's result as it comes; commit checkpoints; settle the run.
@@ -297,9 +326,8 @@ class RunSink:
                 f"run {books.run_id} produced {embedded} embeddings + {failed} errors for "
                 f"{books.to_embed} images to embed; {self.kept()}"
             )
-        too_many = books.error_rate_exceeded(
-            failures, attempted=None if final else embedded + failed
-        )
+        # The verdict is the run's, on its totals: checkpoints commit whatever was written.
+        too_many = books.error_rate_exceeded(failures) if final else None
         status: RunStatus = (
             ERROR_RATE_EXCEEDED if too_many else COMMITTED if final else CHECKPOINTED
         )
@@ -315,7 +343,10 @@ class RunSink:
         if too_many is not None:
             # The errors are worth keeping (they say what to fix); the embeddings are not.
             self.snapshot = books.output.commit(
-                self.snapshot, record, staged={"errors": files["errors"]}
+                self.snapshot,
+                record,
+                staged={"errors": files["errors"]},
+                verdict=(False, books.complete),
             )
             self.record = record
             raise ErrorRateExceededError(
@@ -329,7 +360,9 @@ class RunSink:
             staged=files,
             deleted_uris=books.listing.deleted if final else None,
             replace=books.replace and final,
+            pending=books.replace and not final,
             final=final,
+            verdict=(True, books.complete) if final else None,
         )
         self.committed_rows, self.failures, self.pending = rows, failures, []
         self.last_commit = time.time()

@@ -92,10 +92,16 @@ def test_a_checkpoint_replaces_the_runs_record_and_adds_its_files() -> None:
         "embeddings/run_id=r1/b",
     ]
     assert manifest.current["embeddings"] == manifest.runs[0].files["embeddings"]
-    # A --full run's last commit supersedes earlier runs' files, not its own checkpoints'.
+    # A --full run's last commit supersedes earlier runs' files, not its own checkpoints',
+    # which stay out of the current table (pending) until then.
+    before = manifest.current
     manifest, _ = manifest.with_run(
-        dataclasses.replace(first, run_id="r2", files={"embeddings": ["embeddings/run_id=r2/a"]})
+        dataclasses.replace(first, run_id="r2", files={"embeddings": ["embeddings/run_id=r2/a"]}),
+        pending=True,
     )
+    assert manifest.current == before
+    assert manifest.pending is not None
+    assert manifest.pending.files["embeddings"] == ["embeddings/run_id=r2/a"]
     manifest, superseded = manifest.with_run(
         _run("r2", embeddings=["embeddings/run_id=r2/b"]), replace=True
     )

@@ -85,7 +85,7 @@ def test_uncommitted_partitions_are_discarded(tmp_path) -> None:  # type: ignore
     (orphan / "part-x.parquet").write_bytes(b"half")
     _stage(output, "also-dead", ["/b.png"])
     out = Output(output)
-    assert out.discard_uncommitted(out.snapshot()) == 2
+    assert out.remove_orphans(retention=0) == 2
     assert not orphan.exists() and not (tmp_path / "out" / "_staging").exists()
     assert read_embeddings(output)["uri"].to_pylist() == ["/a.png"]
 
@@ -163,8 +163,10 @@ def test_s3_manifest_puts_are_conditional(s3_bucket, s3_endpoint, tmp_path) -> N
 
 @pytest.mark.slow
 def test_a_run_reads_the_manifest_once(tmp_path, make_image, ray_session, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The output's manifest is read once per run: its snapshot serves the model check, the
-    diff and the commit (which compares versions with a stat, and reads nothing)."""
+    """The output's manifest is read once per run for its work: its snapshot serves the model
+    check, the diff and the commit (which compares versions with a stat, and reads nothing).
+    The clean-up at the start reads it once more, fresh, by design: it must never decide on
+    a snapshot another process may have overtaken."""
     from fsspec.implementations.local import LocalFileSystem
 
     from pipeline.cli import main
@@ -183,11 +185,11 @@ def test_a_run_reads_the_manifest_once(tmp_path, make_image, ray_session, monkey
 
     monkeypatch.setattr(LocalFileSystem, "_open", counting_open)
     args = ["run", "--input", str(photos), "--output", str(output), "--weights", "random"]
-    assert main(args) == 0  # a new output: one attempt, which finds no manifest
-    assert len(reads) == 1, reads
-    (photos / "p3.jpg").write_bytes(make_image((50, 30), seed=3))
-    assert main(args) == 0  # incremental: the check, the diff and the commit
+    assert main(args) == 0  # a new output: two attempts, which find no manifest
     assert len(reads) == 2, reads
+    (photos / "p3.jpg").write_bytes(make_image((50, 30), seed=3))
+    assert main(args) == 0  # incremental: the check, the diff and the commit; the clean-up
+    assert len(reads) == 4, reads
     manifest = read_manifest(output)
     assert manifest is not None and [r.counts.embedded for r in manifest.runs] == [3, 1]
 
@@ -239,7 +241,7 @@ def test_a_racing_run_is_refused_between_the_checkpoints_of_another(
     with pytest.raises(ConcurrentCommitError):  # run b's first commit: a committed meanwhile
         out.commit(start, _record("b"), staged=_stage(output, "b", ["/1.png", "/2.png"], options))
     out.commit(a1, _record("a"), staged=_stage(output, "a", ["/2.png"], options))  # a goes on
-    out.discard_uncommitted(out.snapshot())  # what the next run does first
+    out.remove_orphans(retention=0)  # what the next run does first
     current = read_embeddings(output, storage_options=options)["uri"].to_pylist()
     assert sorted(current) == ["/1.png", "/2.png"]
     plain = pads.dataset(
