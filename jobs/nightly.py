@@ -8,10 +8,11 @@ It embeds only images that are new or changed since the committed runs, under a 
 with the same ``--submission-id``, and the job itself exits 0 without work when the output
 already holds a committed nightly run for that date (``--date``, default today in UTC).
 
-Exit status, for schedulers: 0 committed (or already done for that date); 1 failed, nothing
-committed, a retry may succeed; 2 bad command line; 3 too many images failed
-(``--max-error-rate``, earlier runs' lasting failures included), fix the data rather than
-retry; 130 or 143 stopped by SIGINT or SIGTERM, nothing of that run committed.
+Exit status, for schedulers (the same as ``embed-images run``): 0 committed (or already done
+for that date); 1 failed, nothing more committed, a retry may succeed; 2 a retry cannot help
+(bad command line, input not found, another model in the output, a bad manifest); 3 too many
+images failed (``--max-error-rate``), fix the data rather than retry; 130 or 143 stopped by
+SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -24,16 +25,14 @@ from pipeline.cli import (
     CommandLineParser,
     add_run_arguments,
     config_from_args,
+    configure_command_logging,
     parse_run_args,
-    report_failure,
     run_and_report,
+    run_guarded,
 )
-from pipeline.config import PipelineError
-from pipeline.logs import configure_logging
 from pipeline.manifest import Manifest
 from pipeline.output import Output
 from pipeline.report import PROG
-from pipeline.runtime import Stopped, catch_stop_signals
 
 
 def nightly_run_id(date: dt.date, now: dt.datetime) -> str:
@@ -63,13 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the night this run is for (default: today, UTC)",
     )
     args = parse_run_args(parser, parser, list(sys.argv[1:] if argv is None else argv))
-    configure_logging(args.log_level, storage_options=args.storage_options)
+    configure_command_logging(args)
     if args.full:
         parser.error("--full is not for the nightly job: run `embed-images run --full` by hand")
     now = dt.datetime.now(dt.UTC)
     date = args.date or now.date()
-    catch_stop_signals()
-    try:
+
+    def nightly() -> int:
         config = config_from_args(args)
         # Read once: the guard and the run's diff and commit share this snapshot.
         snapshot = Output(config.output, config.fs_options()).snapshot()
@@ -85,11 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             verbose=args.log_level == "DEBUG",
             progress=args.progress,
         )
-    except Stopped as stop:
-        print(f"{PROG} nightly: stopped by {stop}; nothing was committed", file=sys.stderr)
-        return stop.exit_status
-    except PipelineError as exc:
-        return report_failure(exc)
+
+    # The same error path as `embed-images run`: one line, the same exit statuses.
+    return run_guarded(nightly)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline.config import (
@@ -32,6 +32,7 @@ from pipeline.config import (
 )
 from pipeline.progress import PROGRESS_MODES, ProgressMode
 from pipeline.report import PROG
+from pipeline.storage import one_line
 
 if TYPE_CHECKING:
     from pipeline.output import Snapshot
@@ -648,12 +649,12 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_failure(exc: PipelineError) -> int:
+def report_failure(exc: PipelineError, *, prog: str = PROG) -> int:
     """Print the one line a failed command owes its user; return the exit status."""
     from pipeline.config import NotRetryableError
     from pipeline.sink import ErrorRateExceededError
 
-    print(f"{PROG}: error: {exc}", file=sys.stderr)
+    print(f"{prog}: error: {exc}", file=sys.stderr)
     if isinstance(exc, ErrorRateExceededError):
         return EXIT_BAD_DATA
     return EXIT_USAGE if isinstance(exc, NotRetryableError) else EXIT_FAILED
@@ -685,27 +686,45 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``embed-images`` console script; returns the exit status."""
-    from pipeline.logs import configure_logging
-    from pipeline.runtime import Stopped, catch_stop_signals
-
     parser, run = build_parsers()
     args = parse_run_args(parser, run, list(sys.argv[1:] if argv is None else argv))
+    configure_command_logging(args)
+    return run_guarded(lambda: COMMANDS[args.command](args), committed=args.command == "run")
+
+
+def configure_command_logging(args: argparse.Namespace) -> None:
+    """Logging for a command line: its level, and every credential it names redacted."""
+    from pipeline.logs import configure_logging
+
     configure_logging(
-        getattr(args, "log_level", "INFO"), storage_options=getattr(args, "storage_options", {})
+        getattr(args, "log_level", "INFO"),
+        storage_options=getattr(args, "storage_options", {}),
+        urls=[getattr(args, name, None) for name in ("weights", "input", "output", "input_list")]
+        + [getattr(args, "endpoint_url", None)],
     )
+
+
+def run_guarded(command: Callable[[], int], *, committed: bool = True, prog: str = PROG) -> int:
+    """Run a command the way every entry point does (``embed-images``, ``jobs/*``): stop
+    signals caught, and any failure one line on stderr with its exit status
+    (:func:`report_failure`), never a traceback."""
+    from pipeline.runtime import Stopped, catch_stop_signals
+
     catch_stop_signals()
     try:
-        return COMMANDS[args.command](args)
+        return command()
     except Stopped as stop:
-        committed = "; nothing was committed" if args.command == "run" else ""
-        print(f"{PROG}: stopped by {stop}{committed}", file=sys.stderr)
+        what = "; nothing was committed" if committed else ""
+        print(f"{prog}: stopped by {stop}{what}", file=sys.stderr)
         return stop.exit_status
     except PipelineError as exc:
-        return report_failure(exc)
+        return report_failure(exc, prog=prog)
     except OSError as exc:
-        # An I/O failure after the checks (a store that went away mid-run): nothing was
-        # committed, since the manifest is written last.
-        return report_failure(PipelineError(f"I/O failure, nothing committed: {exc}"))
+        # An I/O failure after the checks (a store that went away mid-run, a permission
+        # error): nothing more was committed, since the manifest is written last.
+        return report_failure(
+            PipelineError(f"I/O failure, nothing committed: {one_line(exc)}"), prog=prog
+        )
 
 
 def console() -> NoReturn:

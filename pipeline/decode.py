@@ -52,6 +52,13 @@ TRANSIENT_READ_ERROR = "transient storage error"
 LASTING_READ_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
+BAD_FILE_NAME = "bad_file_name"
+
+
+class BadFileNameError(OSError):
+    """The file's name is not UTF-8: it was listed percent-encoded, and cannot be opened."""
+
+
 class TransientReadError(OSError):
     """A read from an object store failed for a passing reason; the task is retried."""
 
@@ -156,8 +163,10 @@ def decode_content(
     content: bytes | BaseException, spec: PreprocessSpec, *, max_image_pixels: int
 ) -> DecodedImage:
     """:func:`decode_image` on a file's bytes, or its failed read as an ``unreadable`` row."""
-    if isinstance(content, BaseException):
-        raise ImageRejectedError(UNREADABLE, unreadable_message(content))
+    failure = _read_failure(content)
+    if failure is not None:
+        raise failure
+    assert isinstance(content, bytes)
     return decode_image(content, spec, max_image_pixels=max_image_pixels)
 
 
@@ -306,18 +315,24 @@ def fetch_batch(
     """
     uris = [str(u) for u in batch["uri"]]
     contents = _fetch(uris, [str(p) for p in batch["path"]], storage_options)
-    unreadable = [isinstance(c, BaseException) for c in contents]
+    rejected = [_read_failure(c) for c in contents]
     return {
         "uri": np.asarray(uris, dtype=object),
         "file_size": np.asarray(batch["file_size"], dtype=np.int64),
         "source_version": np.asarray([str(v) for v in batch["source_version"]], dtype=object),
         "data": np.asarray([c if isinstance(c, bytes) else b"" for c in contents], dtype=object),
-        "error_type": np.asarray([UNREADABLE if bad else "" for bad in unreadable], dtype=object),
-        "error_message": np.asarray(
-            [unreadable_message(c) if isinstance(c, BaseException) else "" for c in contents],
-            dtype=object,
-        ),
+        "error_type": np.asarray([r.error_type if r else "" for r in rejected], dtype=object),
+        "error_message": np.asarray([str(r) if r else "" for r in rejected], dtype=object),
     }
+
+
+def _read_failure(content: bytes | BaseException) -> ImageRejectedError | None:
+    """A failed read as the error row :func:`decode_content` would make of it."""
+    if isinstance(content, BadFileNameError):
+        return ImageRejectedError(BAD_FILE_NAME, str(content))
+    if isinstance(content, BaseException):
+        return ImageRejectedError(UNREADABLE, unreadable_message(content))
+    return None
 
 
 def _fetch(
@@ -332,13 +347,20 @@ def _fetch(
     """
     if not uris:
         return []
-    fs, _ = open_fs(uris[0], storage_options)
+    named = [i for i, path in enumerate(paths) if path]  # "": a name that is not UTF-8
+    contents: list[bytes | BaseException] = [
+        BadFileNameError(f"file name is not valid UTF-8 ({uri} as bytes): rename the file")
+        for uri in uris
+    ]
+    if not named:
+        return contents
+    fs, _ = open_fs(uris[named[0]], storage_options)
     try:
-        contents: list[bytes | BaseException] = list(
-            fs.cat_ranges(paths, None, None, on_error="return")
-        )
+        read = list(fs.cat_ranges([paths[i] for i in named], None, None, on_error="return"))
     except Exception as exc:  # the whole request failed: report it on every file
-        contents = [exc] * len(paths)
+        read = [exc] * len(named)
+    for i, content in zip(named, read, strict=True):
+        contents[i] = content
     if not is_local(fs):
         for uri, content in zip(uris, contents, strict=True):
             if isinstance(content, BaseException) and not isinstance(content, LASTING_READ_ERRORS):

@@ -37,7 +37,15 @@ if TYPE_CHECKING:
     import ray.data
 
 # The columns of an S3 Inventory report this needs, as its fileSchema names them.
-INVENTORY_FIELDS = {"Bucket": "bucket", "Key": "key", "Size": "size", "ETag": "e_tag"}
+INVENTORY_FIELDS = {
+    "Bucket": "bucket",
+    "Key": "key",
+    "Size": "size",
+    "ETag": "e_tag",
+    # A versioned bucket's inventory of all versions: only the latest, live version counts.
+    "IsLatest": "is_latest",
+    "IsDeleteMarker": "is_delete_marker",
+}
 BATCH_ROWS = 65_536
 # Read tasks at once over a list's files: each streams one file, a record batch at a time.
 LIST_READERS = 8
@@ -160,7 +168,12 @@ class InputList:
         if local:
             uri = pc.replace_substring_regex(uri, "^file://", "")
         keep = pc.and_(
-            pc.invert(pc.ends_with(uri, "/")),
+            pc.and_(
+                pc.invert(pc.ends_with(uri, "/")),
+                # "in/../outside/x.jpg" starts with the prefix and is not under it: an entry
+                # with a "." or ".." part is never taken as inside the input.
+                pc.invert(pc.match_substring_regex(uri, r"(^|/)\.\.?(/|$)")),
+            ),
             pc.or_(pc.equal(uri, self.prefix), pc.starts_with(uri, self.prefix + "/")),
         )
         keep = pc.fill_null(keep, False)
@@ -238,9 +251,7 @@ def _batches(fs: Any, path: str, entry: ListFile) -> Iterator[pa.RecordBatch]:
         parse = pacsv.ParseOptions()
     elif entry.file_format == "csv":  # an inventory's: no header; keys URL-encoded
         read = pacsv.ReadOptions(column_names=list(entry.csv_columns), block_size=1 << 22)
-        convert = pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in entry.csv_columns if _field_of(n) != "size"}
-        )
+        convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in entry.csv_columns})
         parse = pacsv.ParseOptions()
     else:  # text: one URI per line, nothing quoted
         read = pacsv.ReadOptions(column_names=["uri"], block_size=1 << 22)
@@ -269,9 +280,23 @@ def _uri_rows(batch: pa.RecordBatch) -> pa.Table:
 
 
 def _inventory_rows(batch: pa.RecordBatch, *, url_encoded: bool) -> pa.Table:
-    """An inventory's batch -> the same columns, the version being ``etag:<ETag>``."""
-    n = batch.num_rows
+    """An inventory's batch -> the same columns, the version being ``etag:<ETag>``.
+
+    An inventory of all versions lists every version and delete marker of a key: only rows
+    with ``IsLatest`` true and ``IsDeleteMarker`` not true are kept (a key whose latest
+    version is a delete marker is gone). An empty ``Size`` is unknown (0).
+    """
     columns = {_field_of(name): batch.column(i) for i, name in enumerate(batch.schema.names)}
+    keep = None
+    if "IsLatest" in columns:
+        keep = _is_true(columns["IsLatest"])
+    if "IsDeleteMarker" in columns:
+        live = pc.invert(_is_true(columns["IsDeleteMarker"]))
+        keep = live if keep is None else pc.and_(keep, live)
+    if keep is not None:
+        batch = batch.filter(keep)
+        columns = {_field_of(name): batch.column(i) for i, name in enumerate(batch.schema.names)}
+    n = batch.num_rows
     key = columns["Key"].cast(pa.string())
     if url_encoded:  # CSV inventories URL-encode object keys
         key = _url_decoded(key)
@@ -286,9 +311,21 @@ def _rows(uri: Any, size: pa.Array, version: pa.Array) -> pa.Table:
     return pa.table({"uri": uri, "file_size": size, "source_version": version})
 
 
+def _is_true(values: pa.Array) -> pa.Array:
+    """A boolean column, or CSV text (``true``/``false``), as booleans; null is false."""
+    if pa.types.is_boolean(values.type):
+        return pc.fill_null(values, False)
+    text = pc.utf8_lower(pc.utf8_trim_whitespace(values.cast(pa.string())))
+    return pc.fill_null(pc.equal(text, "true"), False)
+
+
 def _sizes(size: pa.Array | None, n: int) -> pa.Array:
+    """Sizes as int64; missing or empty (a CSV's ``""``) is unknown: 0."""
     if size is None:
         return pa.array([0] * n, pa.int64())
+    if pa.types.is_string(size.type) or pa.types.is_large_string(size.type):
+        text = pc.utf8_trim_whitespace(size)
+        size = pc.if_else(pc.equal(text, ""), pa.scalar(None, size.type), text)
     return pc.fill_null(size.cast(pa.int64()), 0)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from collections.abc import AsyncGenerator, Iterable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,14 @@ class ListingCounts:
     listed: int = 0
     skipped_by_extension: int = 0
     duplicates: int = 0  # listed again after their first time (an input list): taken once
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def has_image_extension(name: str) -> bool:
@@ -308,7 +317,13 @@ def list_images(
     rows: dict[str, list[Any]] = {name: [] for name in LISTING_SCHEMA.names}
     taken = 0
     for path, info in iter_image_files(fs, root, counts, concurrency=concurrency):
-        rows["uri"].append(to_uri(fs, path))
+        uri = to_uri(fs, path)
+        if not _is_utf8(uri):
+            # A local name that is not UTF-8 (Python holds its bytes as surrogates): no
+            # Arrow string can hold it. It is listed under its bytes percent-encoded, with no
+            # path, and decode gives it an error row (bad_file_name) that says to rename it.
+            uri, path = quote(os.fsencode(uri), safe="/"), ""
+        rows["uri"].append(uri)
         rows["path"].append(path)
         rows["file_size"].append(int(info.get("size") or 0))
         rows["source_version"].append(source_version(info))

@@ -18,35 +18,33 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-SECRET_OPTION_KEYS = frozenset(
-    {
-        "key",
-        "secret",
-        "token",
-        "password",
-        "aws_access_key_id",
-        "aws_secret_access_key",
-        "aws_session_token",
-        "session_token",
-        "access_key",
-        "secret_key",
-    }
-)
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
-def secret_values(storage_options: Mapping[str, Any], environ: Mapping[str, str]) -> set[str]:
-    """Every credential this process could print: storage options and the AWS env vars."""
+def secret_values(
+    storage_options: Mapping[str, Any],
+    environ: Mapping[str, str],
+    urls: Sequence[str | None] = (),
+) -> set[str]:
+    """Every credential this process could print: storage options whose names look like
+    credentials (:func:`pipeline.storage.is_secret_option`), the user info and query strings
+    of ``urls`` (a presigned ``--weights`` URL), and the AWS env vars."""
+    from pipeline.storage import is_secret_option, url_secrets
+
     found: set[str] = set()
 
     def walk(value: Any, key: str = "") -> None:
         if isinstance(value, Mapping):
             for k, v in value.items():
-                walk(v, str(k).lower())
-        elif isinstance(value, str) and key in SECRET_OPTION_KEYS and len(value) >= 4:
-            found.add(value)
+                walk(v, str(k))
+        elif isinstance(value, str):
+            if key and is_secret_option(key) and len(value) >= 4:
+                found.add(value)
+            found.update(url_secrets(value))
 
     walk(storage_options)
+    for url in urls:
+        found.update(url_secrets(url or ""))
     found.update(environ[name] for name in SECRET_ENV if len(environ.get(name, "")) >= 4)
     return found
 
@@ -74,17 +72,36 @@ def configure_logging(
     *,
     storage_options: Mapping[str, Any],
     environ: Mapping[str, str] = os.environ,
+    urls: Sequence[str | None] = (),
 ) -> None:
-    """One stderr handler that redacts the credentials of ``storage_options`` and ``environ``."""
+    """One stderr handler that redacts the credentials of ``storage_options``, ``urls`` and
+    ``environ``."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactSecrets(secret_values(storage_options, environ)))
+    handler.addFilter(RedactSecrets(secret_values(storage_options, environ, urls)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     # Libraries (botocore logs request headers at DEBUG) stay at WARNING whatever --log-level.
     root.setLevel(logging.WARNING)
     logging.getLogger("pipeline").setLevel(level)
     logging.getLogger("jobs").setLevel(level)
+    # s3fs says at DEBUG that it retries a request; an operator should see that a store is
+    # slow or failing before the command gives up, so those lines come through as warnings.
+    s3fs = logging.getLogger("s3fs")
+    s3fs.setLevel(logging.DEBUG)
+    s3fs.filters[:] = [RetryLines()]
+
+
+class RetryLines(logging.Filter):
+    """Let through only s3fs's "Retryable error" lines, as one-line warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Retryable error"):
+            return record.levelno >= logging.WARNING
+        text = " ".join(record.getMessage().split())[:200]
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg, record.args = f"object store request failed, retrying: {text}", None
+        return True
 
 
 # Lines of Ray core's C++ logger (ERROR level, so also on the driver's stderr) that tell the

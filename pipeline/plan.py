@@ -157,8 +157,9 @@ def run_plan(
     )
     results = dataset.map_batches(
         write_files,  # type: ignore[arg-type]
-        # One writer task per --rows-per-file rows: one file each.
-        batch_size=config.rows_per_file,
+        # One writer task per --rows-per-file rows, one file each; never more rows than
+        # --commit-every, or a checkpoint would wait for a file larger than it.
+        batch_size=min(config.rows_per_file, config.commit_every),
         batch_format="numpy",
         fn_kwargs=sink.writer_kwargs(),
         num_cpus=config.write_cpus,

@@ -211,19 +211,16 @@ def run_report(
 
 
 def config_for_report(config: Any) -> dict[str, Any]:
-    """The run's ``EmbedConfig`` as JSON, credentials in ``storage_options`` masked."""
+    """The run's ``EmbedConfig`` as JSON: credentials in ``storage_options`` masked, URLs
+    without user info or query string (:func:`pipeline.storage.mask_options`)."""
     import dataclasses
 
-    from pipeline.logs import SECRET_OPTION_KEYS
-
-    def mask(value: Any, key: str = "") -> Any:
-        if isinstance(value, Mapping):
-            return {k: mask(v, str(k).lower()) for k, v in value.items()}
-        return "***" if key in SECRET_OPTION_KEYS else value
+    from pipeline.storage import mask_options
 
     values = dataclasses.asdict(config)
-    values["storage_options"] = mask(values.get("storage_options") or {})
-    return values
+    masked: dict[str, Any] = mask_options(values)
+    masked["storage_options"] = mask_options(values.get("storage_options") or {}, "")
+    return masked
 
 
 def report_html(report: Mapping[str, Any]) -> str:

@@ -13,6 +13,7 @@ import concurrent.futures
 import dataclasses
 import datetime as dt
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -32,7 +33,15 @@ from pipeline.manifest import Manifest, ModelIdentity, RunRecord
 from pipeline.output import Output, Snapshot
 from pipeline.preprocessing import PreprocessSpec, preprocess_spec
 from pipeline.progress import ProgressMode
-from pipeline.storage import one_line, open_fs, storage_errors, to_uri
+from pipeline.storage import (
+    RAY_WORKING_DIR,
+    is_local,
+    one_line,
+    open_fs,
+    storage_errors,
+    to_uri,
+    within,
+)
 from pipeline.weights import ResolvedWeights, load_weights, sniff_checkpoint, weights_name
 
 if TYPE_CHECKING:
@@ -142,11 +151,24 @@ def check_paths(config: EmbedConfig) -> Paths:
     in_fs, in_root = open_fs(config.input, options)
     input_uri = to_uri(in_fs, in_root)
     output = Output(config.output, options)
-    if type(in_fs) is type(output.fs) and (output.root + "/").startswith(in_root.rstrip("/") + "/"):
-        raise PipelineError(
+    if is_local(in_fs) and is_local(output.fs):
+        inside = within(output.root, in_root)  # real paths: through links and ".."
+    else:
+        inside = type(in_fs) is type(output.fs) and (output.root + "/").startswith(
+            in_root.rstrip("/") + "/"
+        )
+    if inside:
+        raise ConfigError(
             f"output {output.uri} is inside input {input_uri}: its Parquet files would be "
             "listed by later runs; choose an output outside the input"
         )
+    for name, fs, root in (("--input", in_fs, in_root), ("--output", output.fs, output.root)):
+        if is_local(fs) and RAY_WORKING_DIR in os.path.realpath(root) + "/":
+            raise ConfigError(
+                f"{name} {root} lies in this Ray job's --working-dir, which Ray unpacks to a "
+                "new folder for each job: images would be recorded under a path that changes "
+                "from job to job. Give an absolute path outside it, or an s3:// URI"
+            )
     with storage_errors(input_uri):
         if not in_fs.exists(in_root):
             raise InputError(f"input not found: {input_uri}")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -14,6 +17,31 @@ from pipeline.config import PipelineError
 # Options such as endpoint_url only make sense for object stores; passing them to the local
 # filesystem would fail, so they are applied to these protocols alone.
 _OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "az"})
+
+
+# botocore's own defaults (60 s timeouts, 5 attempts, under s3fs's 5 tries) leave a command
+# that reaches an endpoint that never answers silent for many minutes. With these, such an
+# endpoint fails in about 5 tries x 2 attempts x 10 s = 100 s; ``--storage-options
+# '{"config_kwargs": {...}}'`` overrides any of them.
+S3_CONFIG = {
+    "connect_timeout": 5,
+    "read_timeout": 10,
+    "retries": {"max_attempts": 2, "mode": "standard"},
+}
+
+
+def with_timeouts(protocol: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with ``S3_CONFIG`` under the user's own ``config_kwargs``, for s3.
+
+    Example:
+        >>> config = with_timeouts("s3", {"config_kwargs": {"read_timeout": 60}})["config_kwargs"]
+        >>> config["connect_timeout"], config["read_timeout"]
+        (5, 60)
+    """
+    options = dict(options)
+    if protocol in ("s3", "s3a"):
+        options["config_kwargs"] = S3_CONFIG | dict(options.get("config_kwargs") or {})
+    return options
 
 
 def open_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
@@ -34,8 +62,82 @@ def open_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple
     """
     protocol = fsspec.utils.get_protocol(uri)
     options = dict(storage_options or {}) if protocol in _OBJECT_STORE_PROTOCOLS else {}
-    fs, path = fsspec.core.url_to_fs(uri, **options)
+    fs, path = fsspec.core.url_to_fs(uri, **with_timeouts(protocol, options))
+    if isinstance(fs, LocalFileSystem):
+        # "a/../b" and "./b" name one folder: an image's URI must not depend on the spelling.
+        path = os.path.normpath(os.path.abspath(path))
     return fs, path.rstrip("/") or path
+
+
+# Option names that hold credentials, by pattern: fsspec back-ends name them freely
+# (``account_key``, ``sas_token``, ``client_secret``, ``connection_string``, ``password``…).
+_SECRET_NAME = re.compile(
+    r"key|secret|token|passw|credential|signature|sas|connection.?string|auth", re.IGNORECASE
+)
+
+
+def is_secret_option(name: str) -> bool:
+    """True for an option name that may hold a credential.
+
+    Example:
+        >>> [is_secret_option(n) for n in ("account_key", "sas_token", "endpoint_url", "anon")]
+        [True, True, False, False]
+    """
+    return bool(_SECRET_NAME.search(name))
+
+
+def public_url(uri: str) -> str:
+    """``uri`` as it may be recorded or printed: a URL without user info, query string or
+    fragment (a presigned URL's signature and token live in its query); a path as it is.
+
+    Example:
+        >>> public_url("https://u:p@host/w.pth?X-Amz-Signature=abc")
+        'https://host/w.pth'
+    """
+    if "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def url_secrets(uri: str) -> set[str]:
+    """The parts of a URL that ``public_url`` drops because they may be credentials: the
+    password, the whole query string and each of its values."""
+    if "://" not in uri:
+        return set()
+    parts = urlsplit(uri)
+    found = {parts.password or "", parts.query, parts.username or ""}
+    found |= {value for pair in parts.query.split("&") for value in pair.split("=", 1)[1:]}
+    return {value for value in found if len(value) >= 4}
+
+
+def mask_options(value: Any, name: str = "") -> Any:
+    """Storage options with every credential masked (``***``), URLs made public; nested
+    mappings (``client_kwargs``…) too.
+
+    Example:
+        >>> mask_options({"key": "AKIA…", "client_kwargs": {"region_name": "eu-west-1"}})
+        {'key': '***', 'client_kwargs': {'region_name': 'eu-west-1'}}
+    """
+    if isinstance(value, Mapping):
+        return {k: mask_options(v, str(k)) for k, v in value.items()}
+    if name and is_secret_option(name) and value not in (None, "", False, True):
+        return "***"
+    return public_url(value) if isinstance(value, str) else value
+
+
+def within(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or lies under it, once both are real paths (symbolic links and
+    ``..`` resolved): for local paths."""
+    real, base = os.path.realpath(path), os.path.realpath(folder)
+    return real == base or real.startswith(base.rstrip("/") + "/")
+
+
+# Where Ray unpacks a job's --working-dir: a new folder for each job's package.
+RAY_WORKING_DIR = "/runtime_resources/working_dir_files/"
 
 
 def is_local(fs: Any) -> bool:

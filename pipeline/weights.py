@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.config import PipelineError
-from pipeline.storage import one_line, open_fs
+from pipeline.storage import one_line, open_fs, public_url
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def weights_name(config: Any) -> str:
     """
     if config.weights == RANDOM:
         return f"random:seed={config.seed}"
-    return IMAGENET_NAME if config.weights == IMAGENET else str(config.weights)
+    return IMAGENET_NAME if config.weights == IMAGENET else public_url(str(config.weights))
 
 
 def load_weights(
@@ -128,7 +128,7 @@ def load_weights(
             )
     else:
         data = _read_file(source, storage_options or {})
-        name = source
+        name = public_url(source)  # recorded everywhere: no signature or token in it
         digest = hashlib.sha256(data).hexdigest()
         if sha256 is not None and digest != sha256:
             raise WeightsError(f"weights {source} have sha256 {digest}, not the expected {sha256}")
