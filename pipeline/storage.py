@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -40,7 +41,9 @@ def with_timeouts(protocol: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """
     options = dict(options)
     if protocol in ("s3", "s3a"):
-        options["config_kwargs"] = S3_CONFIG | dict(options.get("config_kwargs") or {})
+        # A copy each time: botocore rewrites the "retries" mapping it is given.
+        defaults = copy.deepcopy(S3_CONFIG)
+        options["config_kwargs"] = defaults | dict(options.get("config_kwargs") or {})
     return options
 
 
@@ -172,6 +175,14 @@ def storage_errors(uri: str) -> Iterator[None]:
         raise PipelineError(f"access denied to {uri}: {one_line(exc)}") from None
     except FileNotFoundError:
         raise
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        # s3fs hands options it does not know to its session, which refuses them on the
+        # first request.
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"--storage-options for {uri}: {one_line(exc)}") from None
     except OSError as exc:
         # s3fs turns a throttled or failing store into an OSError once its retries are spent.
         raise PipelineError(f"storage error on {uri}: {one_line(exc)}") from None

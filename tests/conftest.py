@@ -155,8 +155,12 @@ def aws_credentials() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def s3_endpoint(aws_credentials: None) -> Iterator[str]:
     """moto's S3 server over real HTTP on 127.0.0.1 (as s3fs's own test suite runs it)."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    # The server's own request lines (werkzeug, INFO) are not the command's output.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
