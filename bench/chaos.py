@@ -370,7 +370,14 @@ def play(
                 for store in stores
             ]
             for number in range(rounds):
-                games[number % len(games)].round()
+                game = games[number % len(games)]
+                game.round()
+                print(
+                    f"round {number + 1}/{rounds} ({game.store}) ok, "
+                    f"{time.time() - started:.0f} s: {json.dumps(dataclasses.asdict(game.tally))}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         if server is not None:
             server.stop()
@@ -388,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="a folder for the inputs and outputs")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
+    # A SIGTERM unwinds like Ctrl-C, so that the Ray head and moto are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     work = args.work or Path(tempfile.mkdtemp(prefix="chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     figures = play(work, rounds=args.rounds, seed=args.seed, stores=tuple(args.stores.split(",")))

@@ -294,26 +294,47 @@ class Output:
             listed = manifest.listed_paths()
             live = set(self.live_leases())
             cutoff = self._store_now() - retention
-            removed = 0
-            for table in TABLES:
-                for folder in self._folders(join(self.root, table)):
-                    name = folder.rsplit("/", 1)[-1]
-                    if name.startswith("run_id=") and name[len("run_id=") :] in live:
+            prefix = join(self.root, "")
+            doomed: list[str] = []
+            # One listing per folder (paginated on object stores), not one per run.
+            for top in (*TABLES, STAGING_DIR):
+                for path, info in self._files(join(self.root, top)).items():
+                    relative = path[len(prefix) :]
+                    if (
+                        relative in listed
+                        or _run_folder(relative) in live
+                        or _mtime(info) >= cutoff
+                    ):
                         continue
-                    removed += self._remove_old(folder, cutoff, keep=listed, base=table)
-            staging = join(self.root, STAGING_DIR)
-            for folder in self._folders(staging):
-                if folder.rsplit("/", 1)[-1] not in live:
-                    removed += self._remove_old(folder, cutoff, keep=set(), base=None)
-            if is_local(self.fs):
-                with contextlib.suppress(OSError):
-                    os.rmdir(staging)  # only if empty
+                    doomed.append(path)
             for entry in self._entries(self.root):
                 name = entry["name"].rsplit("/", 1)[-1]
                 if name.startswith(".manifest-") and _mtime(entry) < cutoff:
-                    self._remove(entry["name"])
-                    removed += 1
-        return removed
+                    doomed.append(entry["name"])
+            if doomed:
+                self.fs.rm(doomed)  # S3: DeleteObjects, a thousand keys a request
+            if is_local(self.fs):
+                # The folders emptied here, then _staging itself if empty; a folder a run has
+                # just made for its lease has had nothing deleted from it, and stays.
+                emptied = {join(self.root, STAGING_DIR)}
+                for path in doomed:
+                    folder = os.path.dirname(path)
+                    while len(folder) > len(self.root) + 1 and folder not in emptied:
+                        emptied.add(folder)
+                        folder = os.path.dirname(folder)
+                emptied -= {join(self.root, table) for table in TABLES}
+                for folder in sorted(emptied, key=len, reverse=True):
+                    with contextlib.suppress(OSError):  # not empty, or gone: kept
+                        os.rmdir(folder)
+        return len(doomed)
+
+    def _files(self, path: str) -> dict[str, dict[str, Any]]:
+        self.fs.invalidate_cache(path)
+        try:
+            found: dict[str, dict[str, Any]] = self.fs.find(path, detail=True, withdirs=False)
+        except FileNotFoundError:
+            return {}
+        return found
 
     def _folders(self, path: str) -> list[str]:
         return [e["name"] for e in self._entries(path) if e.get("type") == "directory"]
@@ -324,24 +345,6 @@ class Output:
             return list(self.fs.ls(path, detail=True))
         except FileNotFoundError:
             return []
-
-    def _remove_old(self, folder: str, cutoff: float, *, keep: set[str], base: str | None) -> int:
-        """Remove the files under ``folder`` older than ``cutoff`` whose path relative to the
-        output (``base/…``) is not in ``keep``; then the folder, if that left it empty."""
-        removed, kept = 0, 0
-        prefix = join(self.root, "")
-        for path, info in self.fs.find(folder, detail=True, withdirs=False).items():
-            relative = path[len(prefix) :] if path.startswith(prefix) else path
-            if (base is not None and relative in keep) or _mtime(info) >= cutoff:
-                kept += 1
-                continue
-            self._remove(path)
-            removed += 1
-        if not kept and is_local(self.fs):
-            with contextlib.suppress(OSError):
-                for directory, _, _ in sorted(os.walk(folder), reverse=True):
-                    os.rmdir(directory)
-        return removed
 
     def _store_now(self) -> float:
         """Now, by the clock that stamps the store's files (an object store's, not this
@@ -392,8 +395,14 @@ class Output:
             "created": time.time(),
         }
         path = join(self.root, STAGING_DIR, run_id, LEASE_NAME)
-        make_parent(self.fs, path)
-        self.fs.pipe_file(path, json.dumps(lease).encode())
+        for attempt in range(3):
+            try:
+                make_parent(self.fs, path)
+                self.fs.pipe_file(path, json.dumps(lease).encode())
+                break
+            except FileNotFoundError:  # a clean-up removed the empty folder meanwhile
+                if attempt == 2:
+                    raise
         try:
             rivals = [
                 other
@@ -670,6 +679,17 @@ def _copy_together(fs: Any, sources: Sequence[str], targets: Sequence[str]) -> N
         await asyncio.gather(*(copy(s, t) for s, t in zip(sources, targets, strict=True)))
 
     sync(fs.loop, copy_all)
+
+
+def _run_folder(relative: str) -> str | None:
+    """The run a path under the output belongs to: ``TABLE/run_id=RUN/…`` or
+    ``_staging/RUN/…``."""
+    parts = relative.split("/")
+    if len(parts) > 2 and parts[1].startswith("run_id="):
+        return parts[1][len("run_id=") :]
+    if len(parts) > 2 and parts[0] == STAGING_DIR:
+        return parts[1]
+    return None
 
 
 def _umask() -> int:

@@ -179,6 +179,52 @@ def s3_bucket(s3_endpoint: str) -> Iterator[tuple[object, str]]:
     yield fs, bucket
 
 
+# ----------------------------------------------------------------------------- outputs
+
+TEST_MODEL_SHA256 = "00" * 32
+
+
+def stage_rows(
+    output: str,
+    run_id: str,
+    uris: list[str],
+    storage_options: dict[str, str] | None = None,
+    *,
+    version: str = "v1",
+) -> dict[str, list[str]]:
+    """Stage one embeddings file of ``uris`` for ``run_id`` (zero vectors, random:seed=0
+    weights), as a writer task does; returns what ``Output.commit`` takes as ``staged``."""
+    from pipeline.manifest import ModelIdentity
+    from pipeline.output import Output
+    from pipeline.write import file_metadata, write_batch
+
+    model = ModelIdentity(
+        weights="random:seed=0",
+        weights_sha256=TEST_MODEL_SHA256,
+        normalized=False,
+        precision="fp32",
+    )
+    n = len(uris)
+    batch = {
+        "uri": np.array(uris, dtype=object),
+        "file_size": np.ones(n, dtype=np.int64),
+        "original_width": np.ones(n, dtype=np.int32),
+        "original_height": np.ones(n, dtype=np.int32),
+        "format": np.array(["PNG"] * n, dtype=object),
+        "error_type": np.array([""] * n, dtype=object),
+        "error_message": np.array([""] * n, dtype=object),
+        "embedding": np.zeros((n, 2048), dtype=np.float32),
+        "source_version": np.array([version] * n, dtype=object),
+    }
+    out = write_batch(
+        batch,
+        staging_uri=Output(output, storage_options).staging_uri(run_id),
+        storage_options=storage_options or {},
+        metadata=file_metadata(model=model, preprocessing={}, run_id=run_id),
+    )
+    return {"embeddings": list(out["path"])}
+
+
 # ----------------------------------------------------------------------------- Ray
 
 

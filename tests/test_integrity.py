@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import kill_stalled_driver
+from conftest import kill_stalled_driver, stage_rows
 
 from bench.overhead import Identity
 from pipeline.cli import main
@@ -28,7 +27,6 @@ from pipeline.manifest import ModelIdentity, RunCounts, RunRecord
 from pipeline.output import Output, read_embeddings, read_manifest
 from pipeline.run import execute_run, prepare_run
 from pipeline.storage import make_parent
-from pipeline.write import file_metadata, write_batch
 
 MODEL = ModelIdentity(
     weights="random:seed=0", weights_sha256="00" * 32, normalized=False, precision="fp32"
@@ -42,34 +40,7 @@ def _record(run_id: str, **changes: Any) -> RunRecord:
     return dataclasses.replace(record, **changes)
 
 
-def _stage(
-    output: str,
-    run_id: str,
-    uris: list[str],
-    options: dict[str, str] | None = None,
-    *,
-    version: str = "v1",
-) -> dict[str, list[str]]:
-    """Write one staged embeddings file of ``uris`` for ``run_id``, as a writer task does."""
-    n = len(uris)
-    batch = {
-        "uri": np.array(uris, dtype=object),
-        "file_size": np.ones(n, dtype=np.int64),
-        "original_width": np.ones(n, dtype=np.int32),
-        "original_height": np.ones(n, dtype=np.int32),
-        "format": np.array(["PNG"] * n, dtype=object),
-        "error_type": np.array([""] * n, dtype=object),
-        "error_message": np.array([""] * n, dtype=object),
-        "embedding": np.zeros((n, 2048), dtype=np.float32),
-        "source_version": np.array([version] * n, dtype=object),
-    }
-    out = write_batch(
-        batch,
-        staging_uri=Output(output, options).staging_uri(run_id),
-        storage_options=options or {},
-        metadata=file_metadata(model=MODEL, preprocessing={}, run_id=run_id),
-    )
-    return {"embeddings": list(out["path"])}
+_stage = stage_rows
 
 
 def _commit(output: str, run_id: str, uris: list[str], options: Any = None, **kw: Any) -> None:

@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 import threading
 
-import numpy as np
 import pyarrow.dataset as pads
 import pytest
+from conftest import stage_rows
 
 from pipeline.manifest import ModelIdentity, RunCounts, RunRecord
 from pipeline.output import ConcurrentCommitError, Output, read_embeddings, read_manifest
-from pipeline.write import file_metadata, write_batch
 
 MODEL = ModelIdentity(
     weights="random:seed=0", weights_sha256="00" * 32, normalized=False, precision="fp32"
 )
-METADATA = file_metadata(model=MODEL, preprocessing={}, run_id="r")
 
 
 def _record(run_id: str) -> RunRecord:
@@ -25,28 +23,7 @@ def _record(run_id: str) -> RunRecord:
     )
 
 
-def _stage(
-    output: str, run_id: str, uris: list[str], storage_options: dict[str, str] | None = None
-) -> dict[str, list[str]]:
-    n = len(uris)
-    batch = {
-        "uri": np.array(uris, dtype=object),
-        "file_size": np.ones(n, dtype=np.int64),
-        "original_width": np.ones(n, dtype=np.int32),
-        "original_height": np.ones(n, dtype=np.int32),
-        "format": np.array(["PNG"] * n, dtype=object),
-        "error_type": np.array([""] * n, dtype=object),
-        "error_message": np.array([""] * n, dtype=object),
-        "embedding": np.zeros((n, 2048), dtype=np.float32),
-        "source_version": np.array(["v1"] * n, dtype=object),
-    }
-    out = write_batch(
-        batch,
-        staging_uri=Output(output, storage_options).staging_uri(run_id),
-        storage_options=storage_options or {},
-        metadata=METADATA,
-    )
-    return {"embeddings": list(out["path"])}
+_stage = stage_rows
 
 
 def _commit(output: str, run_id: str, staged: dict[str, list[str]]) -> None:
