@@ -170,9 +170,9 @@ class UriSet:
     kept): :meth:`add` says which of a batch are seen for the first time.
 
     Sorted runs of hashes are merged as they double in size (a log-structured merge), so a
-    batch costs ``O(n log N)`` lookups and each hash is merged ``O(log N)`` times. Two URIs
-    would be taken for one only if both 64-bit hashes of each collided (some 1e-20 for a
-    billion URIs).
+    batch costs ``O(n log N)`` lookups and each hash is merged ``O(log N)`` times. Runs are
+    sorted by the first hash, plain ``uint64`` arrays, with the second beside it. Two URIs
+    would be taken for one only if both their hashes collided (some 1e-20 for a billion).
 
     Example:
         >>> seen = UriSet()
@@ -183,31 +183,56 @@ class UriSet:
     _SECOND_KEY = "embed-images-2nd"  # pandas' hash_key: 16 bytes
 
     def __init__(self) -> None:
-        self.levels: list[np.ndarray] = []  # structured (h1, h2) arrays, sorted
+        self.levels: list[tuple[np.ndarray, np.ndarray]] = []  # (h1 sorted, h2), each run
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h1.nbytes + h2.nbytes for h1, h2 in self.levels)
 
     def add(self, uris: pa.Array | pa.ChunkedArray) -> np.ndarray:
         from pandas.util import hash_array
 
         values = pc.cast(uris, pa.large_string()).to_numpy(zero_copy_only=False)
-        keys = np.empty(len(values), dtype=[("h1", np.uint64), ("h2", np.uint64)])
-        keys["h1"] = hash_array(values, categorize=False)
-        keys["h2"] = hash_array(values, hash_key=self._SECOND_KEY, categorize=False)
-        first = np.ones(len(keys), dtype=bool)
-        # Within the batch: the first occurrence of each key.
-        order = np.argsort(keys, kind="stable", order=("h1", "h2"))
-        ordered = keys[order]
-        repeat = np.zeros(len(keys), dtype=bool)
-        repeat[1:] = ordered[1:] == ordered[:-1]
-        first[order[repeat]] = False
+        h1 = hash_array(values, categorize=False)
+        h2 = hash_array(values, hash_key=self._SECOND_KEY, categorize=False)
+        first = np.ones(len(values), dtype=bool)
+        # Within the batch: the first occurrence of each (h1, h2).
+        order = np.lexsort((np.arange(len(values)), h2, h1))
+        same = (h1[order][1:] == h1[order][:-1]) & (h2[order][1:] == h2[order][:-1])
+        first[order[1:][same]] = False
         # Against the earlier batches.
-        for level in self.levels:
-            at = np.minimum(np.searchsorted(level, keys), len(level) - 1)
-            first &= level[at] != keys
-        new = np.sort(keys[first], order=("h1", "h2"))
-        while self.levels and len(self.levels[-1]) <= len(new):
-            new = np.sort(np.concatenate([self.levels.pop(), new]), order=("h1", "h2"))
-        self.levels.append(new)
+        for seen1, seen2 in self.levels:
+            first &= ~_contains(seen1, seen2, h1, h2)
+        new1, new2 = h1[first], h2[first]
+        while self.levels and len(self.levels[-1][0]) <= len(new1):
+            old1, old2 = self.levels.pop()
+            new1, new2 = np.concatenate([old1, new1]), np.concatenate([old2, new2])
+        by_h1 = np.argsort(new1, kind="stable")
+        self.levels.append((new1[by_h1], new2[by_h1]))
         return first
+
+
+def _contains(seen1: np.ndarray, seen2: np.ndarray, h1: np.ndarray, h2: np.ndarray) -> np.ndarray:
+    """Which ``(h1, h2)`` pairs a run sorted by ``seen1`` holds (equal first hashes sit side by
+    side: each is checked, a rare loop)."""
+    found = np.zeros(len(h1), dtype=bool)
+    if len(seen1) == 0:
+        return found
+    at = np.searchsorted(seen1, h1)
+    while True:
+        inside = at < len(seen1)
+        candidates = np.flatnonzero(inside)
+        if candidates.size == 0:
+            return found
+        place = at[candidates]
+        same1 = seen1[place] == h1[candidates]
+        found[candidates[same1 & (seen2[place] == h2[candidates])]] = True
+        # Only a first hash shared by two URIs needs the next place looked at.
+        again = candidates[same1 & ~found[candidates]]
+        if again.size == 0:
+            return found
+        at = np.full(len(h1), len(seen1), dtype=at.dtype)
+        at[again] = place[same1 & ~found[candidates]] + 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -377,3 +377,37 @@ def test_hash_collisions_never_make_an_absent_key_present(monkeypatch) -> None: 
     values = tables[0]["uri"]
     rows = np.array([5, 600, 0, 64, 63, 5])
     assert take_rows(values, rows).to_pylist() == values.take(rows).to_pylist()
+
+
+def test_the_uri_set_agrees_with_a_python_set_batch_by_batch() -> None:
+    from pipeline.incremental import UriSet
+
+    rng = np.random.default_rng(5)
+    seen, exact = UriSet(), set()
+    for size in rng.integers(1, 300, size=60):
+        batch = [f"s3://b/{n}.jpg" for n in rng.integers(0, 2000, size=size)]
+        first = UriSet.add(seen, pa.array(batch)).tolist()
+        expected = []
+        for uri in batch:
+            expected.append(uri not in exact)
+            exact.add(uri)
+        assert first == expected
+
+
+def test_the_uri_set_tells_apart_uris_whose_first_hashes_collide() -> None:
+    from pipeline.incremental import _contains
+
+    seen1 = np.array([5, 7, 7, 7, 9], dtype=np.uint64)  # three URIs share a first hash
+    seen2 = np.array([1, 2, 3, 4, 5], dtype=np.uint64)
+    h1 = np.array([7, 7, 7, 7, 9, 9, 4, 10], dtype=np.uint64)
+    h2 = np.array([2, 4, 3, 8, 5, 6, 1, 1], dtype=np.uint64)
+    assert _contains(seen1, seen2, h1, h2).tolist() == [
+        True,
+        True,
+        True,
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
