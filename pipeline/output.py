@@ -30,7 +30,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.config import PipelineError
-from pipeline.manifest import TABLES, Manifest, ManifestError, RunRecord
+from pipeline.manifest import CHECKPOINTED, TABLES, Manifest, ManifestError, RunRecord
 from pipeline.storage import is_local, join, make_parent, one_line, open_fs, to_uri
 
 if TYPE_CHECKING:
@@ -296,9 +296,9 @@ class Output:
             cutoff = self._store_now() - retention
             prefix = join(self.root, "")
             doomed: list[str] = []
-            # One listing per folder (paginated on object stores), not one per run.
-            for top in (*TABLES, STAGING_DIR):
-                for path, info in self._files(join(self.root, top)).items():
+
+            def sweep(files: Mapping[str, Mapping[str, Any]]) -> None:
+                for path, info in files.items():
                     relative = path[len(prefix) :]
                     if (
                         relative in listed
@@ -307,6 +307,23 @@ class Output:
                     ):
                         continue
                     doomed.append(path)
+
+            # Only the folders that can hold leftovers are listed file by file: a run's with
+            # no listed file (never committed, or superseded), or a run the log shows
+            # unsettled (killed between checkpoints or in its last commit). A settled run's
+            # folder holds only what the manifest lists; listing it would cost a LIST request
+            # per 1,000 files of the table at every start.
+            listed_runs = {_run_folder(path) for path in listed}
+            unsettled = {r.run_id for r in manifest.runs if r.status == CHECKPOINTED}
+            for table in TABLES:
+                for entry in self._entries(join(self.root, table)):
+                    # Only run folders: nothing else under a table is this program's to delete.
+                    run = _run_folder(entry["name"][len(prefix) :] + "/")
+                    if entry.get("type") != "directory" or run is None or run in live:
+                        continue
+                    if run not in listed_runs or run in unsettled:
+                        sweep(self._files(entry["name"]))
+            sweep(self._files(join(self.root, STAGING_DIR)))
             for entry in self._entries(self.root):
                 name = entry["name"].rsplit("/", 1)[-1]
                 if name.startswith(".manifest-") and _mtime(entry) < cutoff:
@@ -689,7 +706,7 @@ def _run_folder(relative: str) -> str | None:
         return parts[1][len("run_id=") :]
     if len(parts) > 2 and parts[0] == STAGING_DIR:
         return parts[1]
-    return None
+    return None  # a file directly under a table or _staging
 
 
 def _umask() -> int:

@@ -640,3 +640,29 @@ def test_case_17_a_second_run_is_refused_before_any_work_and_leaves_nothing(
 
 def _s3(options: dict[str, str]) -> dict[str, str]:
     return {"endpoint_url": options["endpoint_url"]} if options else {}
+
+
+def test_case_01_the_cleanup_lists_only_folders_that_can_hold_leftovers(
+    tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A settled run's folder holds only what the manifest lists: the clean-up does not list
+    it file by file (that would cost a LIST request per 1,000 files at every start)."""
+    output = str(tmp_path / "out")
+    _commit(output, "settled", ["/a.png"])
+    orphan = tmp_path / "out" / "embeddings" / "run_id=killed" / "part-0.parquet"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"moved, never committed")
+    old = time.time() - 7200
+    os.utime(orphan, (old, old))
+    listed: list[str] = []
+    real = Output._files
+
+    def counting(self: Output, path: str) -> dict[str, dict[str, Any]]:
+        listed.append(path.rsplit("/", 1)[-1])
+        return real(self, path)
+
+    monkeypatch.setattr(Output, "_files", counting)
+    assert Output(output).remove_orphans() == 1
+    assert sorted(listed) == ["_staging", "run_id=killed"]
+    assert not orphan.exists()
+    assert read_embeddings(output)["uri"].to_pylist() == ["/a.png"]
