@@ -86,7 +86,8 @@ def test_driver_killed_mid_write_then_rerun_finishes_exactly_once(
     # The killed run committed nothing: readers see exactly the first run.
     assert _check_each_once(output, photos, first) == committed
 
-    assert main(["run", *args]) == 0
+    # Retention 0: the killed run's staging goes at once (by default it waits an hour).
+    assert main(["run", *args, "--cleanup-retention", "0"]) == 0
     final = _check_each_once(output, photos, first + more)
     assert {u: final[u] for u in committed} == committed  # earlier rows untouched
     assert not staging.exists()
