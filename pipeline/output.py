@@ -16,6 +16,7 @@ import dataclasses
 import datetime as dt
 import fcntl
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import PipelineError
 from pipeline.manifest import CHECKPOINTED, TABLES, Manifest, ManifestError, RunRecord
-from pipeline.storage import is_local, join, make_parent, one_line, open_fs, to_uri
+from pipeline.storage import is_local, is_passing, join, make_parent, one_line, open_fs, to_uri
 
 if TYPE_CHECKING:
     from pipeline.incremental import CommittedImages
@@ -45,6 +46,10 @@ WRITE_PROBE = "_write_probe"
 # A live run's claim on the output, under its staging folder, renewed while it runs.
 LEASE_NAME = "_lease.json"
 LEASE_SECONDS = 120.0  # a lease not renewed for this long belongs to a dead run
+# Waits between tries of the lease's first write while the store asks to slow down (~1 min).
+LEASE_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
+log = logging.getLogger(__name__)
 LEASE_RENEW_SECONDS = 30.0
 # The clean-up deletes only unlisted files older than this (Iceberg's remove_orphan_files
 # older_than, Delta's VACUUM retention): a commit in flight on an object store, which copies
@@ -412,7 +417,7 @@ class Output:
             "created": time.time(),
         }
         path = join(self.root, STAGING_DIR, run_id, LEASE_NAME)
-        for attempt in range(3):
+        for attempt, pause in enumerate((*LEASE_BACKOFF_SECONDS, None)):
             try:
                 make_parent(self.fs, path)
                 self.fs.pipe_file(path, json.dumps(lease).encode())
@@ -420,6 +425,10 @@ class Output:
             except FileNotFoundError:  # a clean-up removed the empty folder meanwhile
                 if attempt == 2:
                     raise
+            except OSError as exc:  # a store that asks to slow down gets time, then a retry
+                if pause is None or not is_passing(exc):
+                    raise
+                time.sleep(pause)
         try:
             rivals = [
                 other
@@ -449,7 +458,16 @@ class Output:
             finally:
                 stop.set()
         finally:
-            self.discard_staging(run_id)
+            # Best effort: a store that fails here must not hide how the run ended. What
+            # stays is removed by a later run's clean-up, and the lease lapses by itself.
+            try:
+                self.discard_staging(run_id)
+            except OSError as exc:
+                log.warning(
+                    "could not remove %s's staging (%s); a later run's clean-up removes it",
+                    run_id,
+                    one_line(exc),
+                )
 
     def staging_uri(self, run_id: str) -> str:
         """Where a run's writer tasks put their files (a URI the tasks can open)."""

@@ -27,14 +27,13 @@ from pipeline.progress import (
     reporting,
 )
 from pipeline.sink import write_files
+from pipeline.storage import RETRIED_IO_ERRORS
 from pipeline.weights import ResolvedWeights
 
 if TYPE_CHECKING:
     from pipeline.feed import FeedDatasource
     from pipeline.sink import RunSink
 
-# s3fs words S3 throttling this way; Ray's default retried I/O errors do not match it.
-RETRIED_IO_ERRORS = ("Please reduce your request rate", "SlowDown")
 # Task-level retries of a stage after s3fs's and botocore's own retries are spent.
 MAX_MAP_RETRIES = 2
 # Bytes a plan's blocks hold at most (Ray's default: 128 MiB). A task that runs as long as

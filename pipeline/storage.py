@@ -200,6 +200,15 @@ def storage_errors(uri: str) -> Iterator[None]:
         raise
 
 
+# s3fs words S3 throttling this way; Ray's default retried I/O errors do not match it.
+RETRIED_IO_ERRORS = ("Please reduce your request rate", "SlowDown")
+
+
+def is_passing(exc: BaseException) -> bool:
+    """Whether an I/O error is the store asking to slow down: worth trying again later."""
+    return isinstance(exc, OSError) and any(words in str(exc) for words in RETRIED_IO_ERRORS)
+
+
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's text on one line, at most ``limit`` characters (its type if empty)."""
     return " ".join(str(exc).split())[:limit] or type(exc).__name__

@@ -194,7 +194,9 @@ def test_a_stop_signal_mid_run_says_one_line_and_leaves_nothing_behind(
             if any((output / "_staging").glob("*/embeddings/*.parquet")):
                 break
             time.sleep(0.2)
-        assert driver.poll() is None, "the run ended before it could be stopped"
+        if driver.poll() is not None:
+            _, err = driver.communicate()
+            pytest.fail(f"the run ended ({driver.returncode}) before it could be stopped: {err}")
         assert _stderr_filters()
         driver.send_signal(signum)
         _, err = driver.communicate(timeout=120)

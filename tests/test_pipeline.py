@@ -76,6 +76,7 @@ def check_output(
         "skipped_by_extension": 1,
         "unchanged": 0,
         "known_failed": 0,
+        "duplicates": 0,
         "embedded": len(good),
         "failed": len(bad),
         "deleted": 0,
