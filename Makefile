@@ -27,7 +27,7 @@ demo: setup
 	print(t.drop_columns(['embedding']).slice(0, 5).to_pandas().to_string(index=False))"
 
 lint: setup
-	$(VENV)/bin/ruff check pipeline jobs bench tests
+	$(VENV)/bin/ruff check pipeline jobs bench tests infra
 	$(VENV)/bin/mypy
 
 test: lint

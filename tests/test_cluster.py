@@ -226,3 +226,52 @@ def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
     assert sorted(
         zip(table["original_width"].to_pylist(), table["original_height"].to_pylist(), strict=True)
     ) == [(50 + i, 40) for i in range(5)]
+
+
+def test_case_1_kuberays_submitter_runs_the_nightly_rayjob_on_a_token_auth_head(
+    cluster, tmp_path, make_image
+) -> None:  # type: ignore[no-untyped-def]
+    """The nightly RayJob of infra/kuberay, as KubeRay's submitter pod runs it: its command line
+    through `bash -ce`, with exactly that pod's environment (the token only because the RayJob
+    asks for token auth), against a head with token auth. The job must end committed.
+
+    Replaced here: the bucket URLs by local folders, `--weights imagenet` by `random` (no
+    weights download on this machine); the rest of the entrypoint is as written."""
+    from tests.kuberay import KUBERAY, kustomize, submit_command, submitter_env
+
+    (rayjob,) = [d for d in kustomize(KUBERAY / "nightly") if d["kind"] == "RayJob"]
+    photos, output = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    for i in range(4):
+        (photos / f"n{i}.jpg").write_bytes(make_image((40 + i, 30), seed=i))
+    entrypoint = rayjob["spec"]["entrypoint"]
+    for url, local in (
+        (r"s3://my-bucket/photos/", photos),
+        (r"s3://my-bucket/embeddings/resnet50/", output),
+    ):
+        assert url in entrypoint
+        entrypoint = entrypoint.replace(url, str(local))
+    entrypoint = entrypoint.replace("--weights imagenet", "--weights random")
+    rayjob["spec"]["entrypoint"] = entrypoint
+    address, job_id = cluster["dashboard"].removeprefix("http://"), "embed-images-nightly-1"
+    env = submitter_env(rayjob, address, job_id, cluster["RAY_AUTH_TOKEN"])
+    env |= {"PATH": cluster["PATH"], "HOME": str(tmp_path)}
+    done = subprocess.run(
+        ["bash", "-ce", submit_command(rayjob, address, job_id)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    status = subprocess.run(
+        [str(BIN / "ray"), "job", "status", "--address", cluster["dashboard"], job_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert f"Job '{job_id}' succeeded" in status.stdout, status.stdout + status.stderr
+    manifest = read_manifest(str(output))
+    assert manifest is not None and manifest.runs[0].run_id.endswith("-nightly")
+    assert read_embeddings(str(output)).num_rows == 4
