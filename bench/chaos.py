@@ -215,13 +215,13 @@ class Chaos:
         self.tally.rounds += 1
 
     def has_table(self) -> bool:
-        from pipeline.output import read_manifest
+        from pipeline.read import read_manifest
 
         return read_manifest(self.output, storage_options=self.options()) is not None
 
     def pending_seed(self) -> int | None:
         """The seed of a killed --full run's pending files, if there are any."""
-        from pipeline.output import read_manifest
+        from pipeline.read import read_manifest
 
         manifest = read_manifest(self.output, storage_options=self.options())
         if manifest is None or manifest.pending is None:
@@ -241,7 +241,8 @@ class Chaos:
         return digest.hexdigest()
 
     def check(self, *, complete: bool, before: str) -> None:
-        from pipeline.output import Output, read_embeddings
+        from pipeline.output import Output
+        from pipeline.read import read_embeddings
 
         out = Output(self.output, self.options())
         snapshot = out.snapshot()

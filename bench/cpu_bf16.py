@@ -47,7 +47,7 @@ def model_rate(precision: str, batch: int, seconds: float = 8.0) -> float:
 
 
 def vectors(output: Path) -> tuple[list[str], np.ndarray]:
-    from pipeline.output import read_embeddings
+    from pipeline.read import read_embeddings
 
     table = read_embeddings(str(output), columns=["uri", "embedding"]).sort_by("uri")
     return table["uri"].to_pylist(), np.array(table["embedding"].to_pylist(), dtype=np.float32)

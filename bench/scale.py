@@ -21,7 +21,7 @@ No model and no image is involved: each part measures the driver's own work.
 - ``listing``: the concurrent lister against a fake paginated store that answers each page
   of 1,000 keys after ``--page-latency`` seconds: keys/s at concurrency 1 and at the
   default.
-- ``commit``: ``Output.commit`` of ``--files`` staged files to moto's S3 server.
+- ``commit``: ``commit_run`` of ``--files`` staged files to moto's S3 server.
 - ``manifest``: the manifest's size, and the time to build and serialize it, over a year of
   simulated nightly runs with weekly compaction.
 - ``local``: two runs of the command over zero-byte files (every one an error row: the
@@ -130,14 +130,14 @@ def write_committed(root: Path, keys: int, changed: float) -> None:
 def diff_child(root: str, keys: int, changed: float) -> dict[str, Any]:
     """In a fresh process: read the committed keys, index them, diff a listing in the chunks
     a run diffs."""
-    from pipeline.incremental import LISTING_BLOCK_ROWS, diff_listing
+    from pipeline.incremental import LISTING_BLOCK_ROWS, committed_images, diff_listing
     from pipeline.listing import ListingCounts
     from pipeline.output import Output
 
     # As pipeline.run.list_work does it.
     started = time.perf_counter()
     output = Output(root)
-    known = output.committed_images(output.snapshot())
+    known = committed_images(output, output.snapshot())
     read_s = time.perf_counter() - started
     rows = len(known.current)
     counts = ListingCounts()
@@ -344,6 +344,7 @@ def moto_s3() -> Iterator[tuple[Any, str]]:
 def bench_commit(args: argparse.Namespace) -> list[str]:
     """Commit ``--files`` staged files to moto's S3 server: the commit's copies go out
     together; the old way (one move after another) is timed on as many files beside it."""
+    from pipeline.commit import commit_run
     from pipeline.manifest import RunCounts, RunRecord
     from pipeline.output import STAGING_DIR, Output
 
@@ -369,7 +370,7 @@ def bench_commit(args: argparse.Namespace) -> list[str]:
                         f"bench/out/embeddings/run_id={run_id}/{relative.rsplit('/', 1)[-1]}",
                     )
             else:
-                output.commit(output.snapshot(), record, staged=staged)
+                commit_run(output, output.snapshot(), record, staged=staged)
             seconds = time.perf_counter() - started
             lines.append(f"- {way}: {seconds:.1f} s ({args.files / seconds:,.0f} files/s)")
     return lines
@@ -473,8 +474,9 @@ def bench_input_list(args: argparse.Namespace) -> list[str]:
     wall time, read in the driver and by Ray Data (2 CPUs, a local Ray)."""
     import ray
 
+    from pipeline.feed import read_list
     from pipeline.incremental import LISTING_BLOCK_ROWS as ROWS
-    from pipeline.inventory import list_tables
+    from pipeline.inventory import InputList
     from pipeline.listing import ListingCounts, list_images
     from pipeline.storage import open_fs
 
@@ -512,7 +514,8 @@ def bench_input_list(args: argparse.Namespace) -> list[str]:
                 for in_ray in (False, True):
                     counts = ListingCounts()
                     cpu0, t0 = time.process_time(), time.perf_counter()
-                    tables = list_tables(f"{tmp}/{name}", photos, in_ray=in_ray)
+                    listed = InputList.open(f"{tmp}/{name}", photos)
+                    tables = read_list(listed) if in_ray else listed.tables()
                     chunks = sum(
                         1 for _ in list_images(fs, root, counts, chunk_rows=ROWS, tables=tables)
                     )

@@ -21,18 +21,17 @@ import datetime as dt
 import sys
 from collections.abc import Sequence
 
-from pipeline.cli import (
+from pipeline.config import PROG
+from pipeline.manifest import Manifest
+from pipeline.options import (
     CommandLineParser,
     add_run_arguments,
     config_from_args,
     configure_command_logging,
     parse_run_args,
-    run_and_report,
-    run_guarded,
 )
-from pipeline.manifest import Manifest
 from pipeline.output import Output
-from pipeline.report import PROG
+from pipeline.runtime import run_and_report, run_guarded
 
 
 def nightly_run_id(date: dt.date, now: dt.datetime) -> str:

@@ -1,7 +1,7 @@
 """Maintenance: rewrite an output's current table into fresh files, and commit it atomically.
 
     read_embeddings_dataset (Ray tasks: current rows only) -> write_table_file (Ray tasks,
-    into OUTPUT/_staging/RUN_ID/) -> Output.commit(replace=True) -> earlier files deleted
+    into OUTPUT/_staging/RUN_ID/) -> commit_run(replace=True) -> earlier files deleted
 
 Nightly runs add small files and leave superseded rows (changed or deleted images) in place;
 readers that go through the manifest skip them, a plain ``pyarrow.dataset`` read does not.
@@ -15,7 +15,6 @@ start removes the leftovers once they are older than its retention.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 import uuid
@@ -24,18 +23,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from pipeline.commit import commit_run
 from pipeline.config import PipelineError
-from pipeline.manifest import COMPACTED, RunCounts, RunRecord
-from pipeline.output import (
-    CLEANUP_RETENTION_SECONDS,
-    Output,
-    Snapshot,
-    read_embeddings_dataset,
-)
-from pipeline.storage import join, make_parent, open_fs
-from pipeline.write import EMBEDDINGS_SCHEMA, ERRORS_SCHEMA, file_metadata
+from pipeline.manifest import COMPACTED, RunCounts, RunRecord, new_run_id, utc_iso
+from pipeline.output import CLEANUP_RETENTION_SECONDS, Output, Snapshot
+from pipeline.read import read_embeddings_dataset
+from pipeline.storage import join, open_fs
+from pipeline.write import EMBEDDINGS_SCHEMA, ERRORS_SCHEMA, file_metadata, write_parquet_file
 
 # Rows per compacted file: some 80 MB of float32 vectors, a good Parquet file size to scan.
 COMPACT_ROWS_PER_FILE = 10_000
@@ -57,10 +52,7 @@ def write_table_file(
     rows = batch.select(schema.names).cast(schema).replace_schema_metadata(dict(metadata))
     fs, root = open_fs(staging_uri, storage_options)
     relative = f"{table}/part-{uuid.uuid4().hex}.parquet"
-    buffer = io.BytesIO()
-    pq.write_table(rows, buffer, compression="zstd")
-    make_parent(fs, join(root, relative))
-    fs.pipe_file(join(root, relative), buffer.getvalue())
+    write_parquet_file(fs, join(root, relative), rows)
     return {
         "path": np.asarray([relative], dtype=object),
         "rows": np.asarray([rows.num_rows], dtype=np.int64),
@@ -87,9 +79,6 @@ def compact(
     Raises:
         PipelineError: nothing committed yet, or another run committed meanwhile.
     """
-    from pipeline.run import new_run_id
-    from pipeline.sink import utc_iso
-
     started, started_at = time.time(), utc_iso()
     out = Output(output, storage_options)
     snapshot = out.snapshot()
@@ -110,8 +99,7 @@ def _compact(
     started: float,
     started_at: str,
 ) -> RunRecord:
-    from pipeline.output import read_embeddings
-    from pipeline.sink import utc_iso
+    from pipeline.read import read_embeddings
 
     manifest = snapshot.manifest
     assert manifest is not None and manifest.model is not None
@@ -155,5 +143,5 @@ def _compact(
         finished_at=utc_iso(),
         wall_seconds=round(time.time() - started, 3),
     )
-    out.commit(snapshot, record, staged=staged, replace=True)
+    commit_run(out, snapshot, record, staged=staged, replace=True)
     return record

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 ResizeMode = Literal["center-crop", "squash", "letterbox"]
@@ -16,9 +17,15 @@ RESIZE_MODES: tuple[str, ...] = ("center-crop", "squash", "letterbox")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 DECODE_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 COMPILE_MODES: tuple[str, ...] = ("auto", "on", "off")
-# Images per model forward when --batch-size is not given. On a GPU the forward pass is
-# faster with bigger batches up to 512 (bench/RESULTS.md, "GPU bench"); 256 keeps a block's
-# memory moderate. On CPU, 16-32 is the measured best.
+# The command's name, in every line it prints.
+PROG = "embed-images"
+# Exit statuses of every entry point (embed-images, jobs/*).
+EXIT_FAILED = 1  # the run failed and committed nothing; retrying may help
+EXIT_USAGE = 2  # the command line is wrong; retrying will not help
+EXIT_BAD_DATA = 3  # too many images failed (--max-error-rate); errors/ says which
+# Images per model forward when --batch-size is not given. A GPU forward pass gains from
+# bigger batches, and 256 keeps a block's memory moderate; a CPU gains nothing past a few
+# dozen (bench/RESULTS.md has both series).
 GPU_BATCH_SIZE = 256
 CPU_BATCH_SIZE = 32
 
@@ -40,115 +47,301 @@ class ConfigError(NotRetryableError, ValueError):
     """A knob has a value the pipeline cannot run with."""
 
 
-@dataclasses.dataclass(frozen=True)
-class EmbedConfig:
-    """Everything one run needs to know.
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    group: str,
+    metavar: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    details: str = "",
+    default_factory: Callable[[], Any] | None = None,
+) -> Any:
+    """An ``EmbedConfig`` field and its flag, declared once (as ``HfArgumentParser`` reads a
+    dataclass): the flag is the field's name with dashes, its type and choices come from the
+    annotation, and :mod:`pipeline.options` builds the parser, the TOML keys and
+    ``docs/options.md`` from this.
 
     Args:
-        input: Folder or prefix to embed: a local path, ``file://``, ``s3://`` or any fsspec URL.
-        output: Where the Parquet tables and ``_manifest.json`` go (same kinds of URI).
-        weights: ``imagenet``, ``random`` or a path/URL of a ResNet50 ``state_dict``.
-        weights_sha256: Expected sha256 of the weights file, checked before loading.
-        seed: Seed of the ``random`` weights.
-        resize: ``center-crop`` (the weights' own transform), ``squash`` or ``letterbox``.
-        jpeg_draft: Let libjpeg downscale in the DCT domain (``Image.draft``) before the exact
-            resize. Faster on large JPEGs; pixels differ slightly, so it is off by default.
-        batch_size: Images per model forward (``None``: 256 on GPU actors, 32 on CPU).
-        decode_batch_size: Images per decode task. Each task costs Ray Data a fixed time, so
-            small tasks make the plan's per-image cost: 16 a task gave 137 rows/s on zero-byte
-            files, 256 a task 3,231 (``bench.overhead``). A task reads its files
-            ``decode.FETCH_BYTES`` at a time, so large files do not make it hold more.
-        decode_device: ``cpu``: decode tasks send pixels to the model actors; ``cuda``: they
-            send the files' bytes, and the GPU model actors decode JPEGs with nvJPEG (other
-            files, and JPEGs it should not take, on the actor's CPU, one at a time). A block then
-            holds its files' bytes: for large files, lower ``decode_batch_size``.
-        compile: ``torch.compile`` the model: ``auto`` does on GPU actors (measured 1.5x the
-            eager forward on an H200) and not on CPU actors.
-        decode_memory: Bytes of RAM reserved per decode task.
-        decode_cpus: Logical CPUs reserved per decode task; fractions let more decode tasks
-            share a core, for a node that also runs model actors.
-        write_cpus: Logical CPUs reserved per writer task.
-        rows_per_file: Rows per Parquet file written.
-        commit_every: Images (embedded or failed) written between checkpoint commits: a run
-            killed between checkpoints keeps the earlier ones, and the next run embeds the
-            rest.
-        commit_interval: Seconds after which what is written is committed, at the latest.
-        input_list: Take the input's files from this list instead of listing ``input``: an
-            S3 Inventory ``manifest.json``, or a Parquet, CSV or text file of URIs (entries
-            outside ``input`` are ignored).
-        list_concurrency: LIST requests in flight at once on an object store (a prefix is
-            split by its "subfolders"; see ``pipeline.listing.ShardedLister``).
-        concurrency: Model actors: a fixed count or an autoscaling ``(min, max)``.
-        calls_per_actor: Batches each model actor works on at once, each in a thread (and,
-            on GPU, a CUDA stream) of its own: one batch is copied to or decoded on the GPU
-            while another's forward pass runs. Ray Data's
-            ``max_concurrent_calls_per_actor`` with ``enable_true_multi_threading``. Leave 1
-            on CPU actors, whose one forward pass already uses every core.
-        num_gpus: GPUs per model actor; ``None`` means 1 where the cluster has GPUs, else 0.
-        model_threads: torch intra-op threads per CPU model actor (``None``: every core of
-            the node; with several CPU actors per node, give cores / actors).
-        model_cpus: Logical CPUs each CPU model actor reserves. One by default: its threads
-            use the node's cores anyway, and the node's other CPUs stay free for decode and
-            writer tasks. Several actors on a small node need less each (e.g. two actors of
-            one thread on 2 cores: 0.5), or nothing is left to decode on.
-        precision: Autocast dtype. GPU actors: fp16 or bf16. CPU actors: bf16 on CPUs with
-            AVX512-BF16 or AMX (refused on others); fp16 is computed, and recorded, as fp32.
-        normalize: L2-normalize each embedding.
-        limit: Embed at most this many listed images.
-        full: Re-embed everything, replacing what the output holds (default: only images that
-            are new or changed since the committed runs).
-        max_error_rate: Fraction of failed images above which the run commits only its
-            errors table and fails. The verdict is the run's, on its totals: its failures
-            plus those earlier verdicts refused, over its images plus those; failures an
-            earlier run accepted never count again.
-        cleanup_retention: Seconds a file no manifest lists must have existed before the
-            clean-up at a run's start deletes it (the staging of live runs is never touched).
-        max_image_pixels: Images whose header claims more pixels are refused as bombs.
-        storage_options: fsspec options for both input and output (never logged).
-        endpoint_url: S3 endpoint override; ``None`` leaves it to the AWS chain.
-        object_store_memory: Bytes of Ray's object store when the command starts its own
-            local Ray (``None``: Ray's default, 30% of RAM); a cluster sets its own at
-            ``ray start``.
+        default: The field's default, which the flag takes.
+        help: One or two lines for ``--help``; ``%(default)s`` names the default.
+        group: The ``--help`` section: ``input and output``, ``model``, ``performance`` or
+            ``cluster, storage and logs``.
+        metavar: The value's name in ``--help``.
+        parse: Turns the flag's text (or a TOML string) into the value, raising
+            ``ValueError`` with what is wrong.
+        details: More for ``docs/options.md`` than ``--help`` holds.
+        default_factory: For a mutable default.
+    """
+    metadata = {"help": help, "group": group, "metavar": metavar, "parse": parse}
+    metadata["details"] = details
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata, repr=False)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+IO, MODEL, SPEED, CLUSTER = "input and output", "model", "performance", "cluster, storage and logs"
+
+
+def parse_byte_size(text: str) -> int:
+    """``2147483648``, ``2GiB``, ``512MiB``, ``2GB``: a size in bytes.
+
+    Example:
+        >>> parse_byte_size("512MiB")
+        536870912
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"{text!r} is not a size: give bytes or e.g. 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "").upper().rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    scale |= {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    return int(number * scale[unit])
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    """A JSON object, as ``--storage-options`` takes it."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    return value
+
+
+def _concurrency(text: str) -> int | tuple[int, int]:
+    try:
+        return parse_concurrency(text)
+    except ConfigError as exc:
+        raise ValueError(str(exc).removeprefix("--concurrency ")) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+    """Everything one run needs to know: each field is a flag of ``embed-images run`` and a
+    key of its ``--config`` file, documented where it is declared (``docs/options.md`` lists
+    them all).
 
     Example:
         >>> EmbedConfig(input="./photos", output="./out", weights="random").resize
         'center-crop'
     """
 
-    input: str
-    output: str
-    weights: str = "imagenet"
-    weights_sha256: str | None = None
-    seed: int = 0
-    resize: ResizeMode = "center-crop"
-    jpeg_draft: bool = False
-    batch_size: int | None = None
-    decode_batch_size: int = 256
-    decode_device: DecodeDevice = "cpu"
-    compile: Compile = "auto"
-    decode_memory: int = 512 * 1024 * 1024
-    decode_cpus: float = 1.0
-    write_cpus: float = 1.0
-    rows_per_file: int = 4096
-    commit_every: int = 100_000
-    commit_interval: float = 1800.0
-    list_concurrency: int = 16
-    input_list: str | None = None
-    concurrency: int | tuple[int, int] = 1
-    calls_per_actor: int = 1
-    num_gpus: float | None = None
-    model_threads: int | None = None
-    model_cpus: float = 1.0
-    precision: Precision = "fp32"
-    normalize: bool = False
-    limit: int | None = None
-    full: bool = False
-    max_error_rate: float = 0.1
-    cleanup_retention: float = 3600.0
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict, repr=False)
-    endpoint_url: str | None = None
-    object_store_memory: int | None = None
+    input: str = option(
+        help="folder or prefix of images: local path, file://, s3://, any fsspec URL (required)",
+        group=IO,
+        metavar="URI",
+    )
+    output: str = option(
+        help="where embeddings/, errors/ and _manifest.json go (required)",
+        group=IO,
+        metavar="URI",
+    )
+    limit: int | None = option(None, help="embed at most N listed images", group=IO, metavar="N")
+    full: bool = option(
+        False,
+        help="re-embed everything, replacing the output's tables (default: only images new or "
+        "changed since the committed runs)",
+        group=IO,
+    )
+    max_error_rate: float = option(
+        0.1,
+        help="fail (committing only errors/) when more than this fraction of images fail "
+        "(default %(default)s)",
+        group=IO,
+        metavar="F",
+        details="The verdict is the run's, on its totals: its failures plus those earlier "
+        "verdicts refused, over its images plus those; failures an earlier run accepted never "
+        "count again.",
+    )
+    cleanup_retention: float = option(
+        3600.0,
+        help="the clean-up at a run's start deletes files no manifest lists only once they "
+        "are this old (default %(default)s); live runs' files are never touched",
+        group=IO,
+        metavar="SECONDS",
+    )
+    max_image_pixels: int = option(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        help="refuse images whose header claims more pixels (default: Pillow's, %(default)s)",
+        group=IO,
+        metavar="N",
+    )
+    rows_per_file: int = option(
+        4096,
+        help="rows per Parquet file: model batches are bundled up to at least N rows a file "
+        "(default %(default)s)",
+        group=IO,
+        metavar="N",
+    )
+    input_list: str | None = option(
+        None,
+        help="take the images from a list instead of listing --input: an S3 Inventory "
+        "manifest.json, or a Parquet/CSV file with a 'uri' column (optional 'size', "
+        "'version'), or a text file of one URI per line; entries outside --input are ignored",
+        group=IO,
+        metavar="URI",
+    )
+    commit_every: int = option(
+        100_000,
+        help="commit a checkpoint every N images written: a run stopped mid-way keeps its "
+        "checkpoints, and the next run embeds only the rest (default %(default)s)",
+        group=IO,
+        metavar="N",
+    )
+    commit_interval: float = option(
+        1800.0,
+        help="commit what is written at least this often (default %(default)s)",
+        group=IO,
+        metavar="SECONDS",
+    )
+    list_concurrency: int = option(
+        16,
+        help="LIST requests in flight at once on an object store: the input prefix is split "
+        "by its subfolders and listed in parallel (default %(default)s)",
+        group=IO,
+        metavar="N",
+    )
+    weights: str = option(
+        "imagenet",
+        help="ResNet50 weights (default: imagenet = torchvision IMAGENET1K_V2)",
+        group=MODEL,
+        metavar="imagenet|random|PATH_OR_URL",
+    )
+    weights_sha256: str | None = option(
+        None,
+        help="expected sha256 of the weights file, checked before loading",
+        group=MODEL,
+        metavar="HEX",
+        parse=str.lower,
+    )
+    seed: int = option(0, help="seed of --weights random (default %(default)s)", group=MODEL)
+    resize: ResizeMode = option(
+        "center-crop",
+        help="center-crop: the weights' own transform (default); squash; letterbox",
+        group=MODEL,
+    )
+    jpeg_draft: bool = option(
+        False,
+        help="let libjpeg downscale before the exact resize (faster, pixels differ)",
+        group=MODEL,
+    )
+    precision: Precision = option(
+        "fp32",
+        help="autocast dtype (default %(default)s): fp16 or bf16 on GPU; bf16 on CPUs with "
+        "AVX512-BF16 or AMX, refused on others; CPU actors compute fp16 as fp32 and record it",
+        group=MODEL,
+    )
+    normalize: bool = option(False, help="L2-normalize each embedding", group=MODEL)
+    batch_size: int | None = option(
+        None,
+        help=f"images per model forward (default {GPU_BATCH_SIZE} on GPU actors, "
+        f"{CPU_BATCH_SIZE} on CPU)",
+        group=SPEED,
+        metavar="N",
+    )
+    decode_device: DecodeDevice = option(
+        "cpu",
+        help="cpu: decode tasks send pixels to the model; cuda: they send the files' bytes and "
+        "GPU model actors decode JPEGs with nvJPEG (default %(default)s)",
+        group=SPEED,
+        details="With cuda, other files, and JPEGs nvJPEG should not take, are decoded on the "
+        "actor's CPU, one at a time. A block then holds its files' bytes: for large files, "
+        "lower --decode-batch-size.",
+    )
+    compile: Compile = option(
+        "auto",
+        help="torch.compile the model; auto: on GPU actors only (default %(default)s)",
+        group=SPEED,
+    )
+    concurrency: int | tuple[int, int] = option(
+        1,
+        help="model actors: fixed N or autoscaling MIN,MAX (default %(default)s)",
+        group=SPEED,
+        metavar="N|MIN,MAX",
+        parse=_concurrency,
+    )
+    calls_per_actor: int = option(
+        1,
+        help="batches each model actor works on at once, a thread and CUDA stream each, so "
+        "copies and GPU decode overlap forward passes; 1 on CPU actors (default %(default)s)",
+        group=SPEED,
+        metavar="N",
+        details="Ray Data's max_concurrent_calls_per_actor with enable_true_multi_threading. "
+        "Leave 1 on CPU actors, whose one forward pass already uses every core.",
+    )
+    num_gpus: float | None = option(
+        None,
+        help="GPUs per model actor, fractions allowed (default 1 if the cluster has GPUs, else 0)",
+        group=SPEED,
+        metavar="F",
+    )
+    model_threads: int | None = option(
+        None,
+        help="torch threads per CPU model actor (default: all cores; cores/actors if several "
+        "share a node)",
+        group=SPEED,
+        metavar="N",
+    )
+    model_cpus: float = option(
+        1.0,
+        help="CPUs reserved per CPU model actor, fractions allowed; the rest decode and write "
+        "(default %(default)s)",
+        group=SPEED,
+        metavar="F",
+        details="Several actors on a small node need less each (e.g. two actors of one thread "
+        "on 2 cores: 0.5), or nothing is left to decode on; such a plan is refused.",
+    )
+    decode_batch_size: int = option(
+        256,
+        help="images per decode task batch (default %(default)s)",
+        group=SPEED,
+        metavar="N",
+        details="Each task costs Ray Data a fixed time, so small tasks make the plan's "
+        "per-image cost. A task reads its files a bounded number of bytes at a time, so "
+        "large files do not make it hold more.",
+    )
+    decode_cpus: float = option(
+        1.0,
+        help="CPUs reserved per decode task, fractions allowed (default %(default)s)",
+        group=SPEED,
+        metavar="F",
+    )
+    decode_memory: int = option(
+        512 * 1024 * 1024,
+        help="RAM reserved per decode task, e.g. 1GiB (default %(default)s bytes)",
+        group=SPEED,
+        metavar="BYTES",
+        parse=parse_byte_size,
+    )
+    write_cpus: float = option(
+        1.0,
+        help="CPUs reserved per writer task, fractions allowed (default %(default)s)",
+        group=SPEED,
+        metavar="F",
+    )
+    object_store_memory: int | None = option(
+        None,
+        help="object store size when this command starts a local Ray, e.g. 2GiB (default: "
+        "Ray's, 30%% of RAM; a cluster sets its own)",
+        group=CLUSTER,
+        metavar="BYTES",
+        parse=parse_byte_size,
+    )
+    endpoint_url: str | None = option(
+        None,
+        help="S3 endpoint (default: AWS_ENDPOINT_URL or the AWS chain)",
+        group=CLUSTER,
+        metavar="URL",
+    )
+    storage_options: Mapping[str, Any] = option(
+        help="fsspec options for input and output, e.g. '{\"anon\": true}' (never logged)",
+        group=CLUSTER,
+        metavar="JSON",
+        parse=parse_json_object,
+        default_factory=dict,
+    )
 
     def __post_init__(self) -> None:
         if not self.input:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import PipelineError
 from pipeline.embed import EMBEDDING_DIM
-from pipeline.output import iter_embeddings
+from pipeline.read import iter_embeddings
 from pipeline.storage import is_local, open_fs
 
 IDS_SCHEMA = pa.schema(

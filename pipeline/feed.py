@@ -15,6 +15,7 @@ written, so the commit reads them then.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -25,8 +26,8 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import PipelineError
 from pipeline.incremental import NewImages
-from pipeline.inventory import LIST_SCHEMA, InputList, ReadListFile
-from pipeline.listing import LISTING_SCHEMA
+from pipeline.inventory import LIST_SCHEMA, InputList, ListFile
+from pipeline.listing import LISTING_SCHEMA, InputError
 
 # Chunks (of ``LISTING_BLOCK_ROWS`` new images) the feed holds before the lister waits.
 FEED_CHUNKS = 64
@@ -35,9 +36,11 @@ FEED_CHUNKS = 64
 FEED_READERS = 1
 # New images the listing may feed beyond those written: a bound on the listing rows held in
 # Ray's object store (the feed read's blocks and their splits run ahead of a slow model
-# stage by up to 64 blocks each). Well above one read block's rows (32 MiB: 197,000 rows of
-# 170 B, 840,000 of the shortest), which must fill before any of them can be written.
+# stage by up to ``TASK_BLOCKS_AHEAD`` blocks each). Well above the rows of one read block
+# (``PLAN_BLOCK_BYTES`` of listing rows), which must fill before any of them can be written.
 LISTING_AHEAD = 2_000_000
+# Read tasks at once over an --input-list's files: each streams one file, a batch at a time.
+LIST_READERS = 8
 
 
 class Feed:
@@ -196,3 +199,39 @@ class ListDatasource(_UnsizedDatasource):
     ) -> list[ReadTask]:
         reads = [ReadListFile(self.listed, entry) for entry in self.listed.files]
         return self._read_tasks(reads, LIST_SCHEMA)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadListFile:
+    """A read task's function (:class:`ListDatasource`): pickled as a reference to this class
+    and its fields, so it runs this module's code where Ray puts it."""
+
+    listed: InputList
+    entry: ListFile
+
+    def __call__(self) -> Iterator[pa.Table]:
+        return self.listed.read(self.entry)
+
+
+def read_list(listed: InputList) -> Iterator[pa.Table]:
+    """An ``--input-list``'s ``LIST_SCHEMA`` tables, read by Ray Data: a task per list file,
+    in the list's order; a read task's ``InputError`` comes back as one line."""
+    import ray
+
+    dataset = ray.data.read_datasource(
+        ListDatasource(listed),
+        override_num_blocks=len(listed.files),
+        concurrency=min(LIST_READERS, len(listed.files)),
+        # Parsing a list file is light next to decoding an image: the read tasks reserve
+        # no CPU (the ones the decode tasks and model actors reserve stay theirs), and
+        # Ray Data's backpressure, not a reservation, bounds how far ahead they read.
+        num_cpus=0,
+    )
+    # --limit takes the first entries: the order of a list must not depend on timing.
+    dataset.context.execution_options.preserve_order = True
+    try:
+        yield from dataset.iter_batches(batch_size=None, batch_format="pyarrow")
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, InputError):
+            raise InputError(str(exc.cause)) from None
+        raise

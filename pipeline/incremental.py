@@ -3,7 +3,7 @@
 An image is identified by its URI and versioned by ``(file_size, source_version)``, where the
 version is the store's ETag or the file's mtime. A run embeds only images whose key is not in
 the current table; a changed image gets a new row in the new run, and readers keep the latest
-row per URI (:func:`resolve_current`).
+row per URI (:mod:`pipeline.current`).
 """
 
 from __future__ import annotations
@@ -16,16 +16,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.current import KeyIndex, resolve_rows, take_rows
 from pipeline.listing import ListingCounts, list_images
-from pipeline.manifest import Failures, count_failures, failures_by_type
+from pipeline.manifest import Failures, Manifest, count_failures, failures_by_type
+from pipeline.output import Output, Snapshot
+from pipeline.read import load_table
 
 # Failed images are retried only when the failure may be transient.
 RETRIED_ERROR_TYPES = frozenset({"unreadable"})
 
 # Listing rows per chunk: the unit of the diff, and of the new images fed to the plan (which
-# re-splits them into decode-sized blocks). Each chunk costs the diff some 0.9 ms besides its
-# rows: against a million committed keys it takes 4.9 us a key in chunks of 256, 1.4 in
-# chunks of 4,096, 1.3 in chunks of 8,192 (bench/RESULTS.md).
+# re-splits them into decode-sized blocks). Each chunk costs the diff a fixed time besides its
+# rows, which larger chunks spread; past a few thousand rows the gain is small
+# (``bench.scale diff`` measures it).
 LISTING_BLOCK_ROWS = 4096
 
 # The committed columns the diff needs, per table.
@@ -242,88 +245,6 @@ class ChunkDiff:
     known_failed_rows: np.ndarray  # rows of CommittedImages.errors
 
 
-class KeyIndex:
-    """Rows of a table found by their key columns: each key hashed once, looked up per batch.
-
-    The table's keys are hashed to 64 bits once and sorted; a batch of ``n`` probes costs
-    ``O(n log N)``, never a rebuild over the ``N`` indexed rows. A hash match is checked
-    against the indexed row's columns, so a collision can only make a key look absent (for
-    the diff: embedded again), never make an absent key look present. The table is not
-    copied; the index adds 16 bytes per indexed row.
-
-    Args:
-        table: Holds the key columns (any chunking).
-        columns: The key.
-        rows: Index only these rows of ``table`` (default: all).
-
-    Example:
-        >>> index = KeyIndex(pa.table({"uri": ["a", "b"], "n": [1, 2]}), ["uri", "n"])
-        >>> index.find(pa.table({"uri": ["b", "a", "c"], "n": [2, 9, 1]})).tolist()
-        [1, -1, -1]
-    """
-
-    def __init__(
-        self, table: pa.Table, columns: Sequence[str], rows: np.ndarray | None = None
-    ) -> None:
-        self.columns = list(columns)
-        self.table = table.select(self.columns)
-        hashes = hash_keys(self.table, self.columns)
-        if rows is not None:
-            hashes = hashes[rows]
-        by_hash = np.argsort(hashes, kind="stable")
-        self.sorted = hashes[by_hash]
-        self.order = by_hash if rows is None else np.asarray(rows, np.int64)[by_hash]
-
-    def __len__(self) -> int:
-        return len(self.sorted)
-
-    def lookup(self, hashes: np.ndarray) -> np.ndarray:
-        """The indexed row whose key hash is each of ``hashes``, or -1: not yet checked
-        against the keys themselves (:meth:`find` does that)."""
-        if len(self.sorted) == 0:
-            return np.full(len(hashes), -1, np.int64)
-        at = np.minimum(np.searchsorted(self.sorted, hashes), len(self.sorted) - 1)
-        return np.where(self.sorted[at] == hashes, self.order[at], -1).astype(np.int64)
-
-    def find(self, probe: pa.Table) -> np.ndarray:
-        """The indexed row of each probe row's key, or -1 where it has none."""
-        if len(self.sorted) == 0 or probe.num_rows == 0:
-            return np.full(probe.num_rows, -1, np.int64)
-        rows = self.lookup(hash_keys(probe, self.columns))
-        candidates = np.flatnonzero(rows >= 0)
-        if candidates.size:
-            same = np.ones(candidates.size, dtype=bool)
-            for column in self.columns:
-                same &= _equal_rows(self.table[column], rows[candidates], probe[column], candidates)
-            rows[candidates[~same]] = -1
-        return rows
-
-
-# Rows hashed per step: bounds the Python strings that exist at once while hashing.
-_HASH_SLICE = 1 << 20
-
-
-def hash_keys(table: pa.Table, columns: Sequence[str]) -> np.ndarray:
-    """A uint64 hash of each row's ``columns`` (SipHash, through pandas, slice by slice).
-
-    Equal values hash equally whatever their Arrow type (``string`` or ``large_string``,
-    any integer width): the columns are joined as text.
-    """
-    from pandas.util import hash_array
-
-    out = np.empty(table.num_rows, dtype=np.uint64)
-    for start in range(0, table.num_rows, _HASH_SLICE):
-        part = table.slice(start, _HASH_SLICE)
-        key = pc.binary_join_element_wise(
-            *(pc.cast(part[c], pa.large_string()) for c in columns),
-            pa.scalar("\x00", pa.large_string()),
-        )
-        out[start : start + part.num_rows] = hash_array(
-            key.to_numpy(zero_copy_only=False), categorize=False
-        )
-    return out
-
-
 class CommittedImages:
     """The committed images a run need not embed again, indexed once per run.
 
@@ -428,163 +349,30 @@ def _key_columns(table: pa.Table, columns: Sequence[str]) -> pa.Table:
     return pa.table({c: table[c].cast(_KEY_TYPES[c]) for c in columns})
 
 
-def resolve_current(
-    embeddings: pa.Table,
-    errors: pa.Table,
-    deletions: pa.Table,
-    *,
-    order: Sequence[str] | None = None,
-) -> tuple[pa.Table, pa.Table]:
-    """Keep, per URI, only its latest row across both tables, and drop URIs deleted since
-    (the rows :func:`resolve_rows` picks)."""
-    emb_rows, err_rows = resolve_rows(embeddings, errors, deletions, order=order)
-    return embeddings.take(emb_rows), errors.take(err_rows)
-
-
-def resolve_rows(
-    embeddings: pa.Table,
-    errors: pa.Table,
-    deletions: pa.Table,
-    *,
-    order: Sequence[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Which rows are current: per URI its latest row across both tables, unless deleted since.
-
-    Each URI is hashed once and rows are sorted by (hash, run): no string sort, and no copy
-    of the URI column. Rows that share a hash are checked to share the URI; should two
-    URIs ever share a 64-bit hash, the exact string sort (:func:`_resolve_by_sort`) decides.
+def committed_images(
+    output: Output, snapshot: Snapshot, *, pending: bool = False
+) -> CommittedImages:
+    """The current images' keys, indexed for a run's diff; the key columns are read once,
+    as ``large_string``, and indexed where they lie (superseded rows are skipped, not
+    copied out).
 
     Args:
-        embeddings: Rows with at least ``uri`` and ``run_id``.
-        errors: Likewise.
-        deletions: ``uri`` and ``run_id`` of images found gone in that run.
-        order: The run ids in commit order (:meth:`Manifest.commit_order`): "latest" is the
-            run committed last, whatever its id or its driver's clock. ``None``: run ids in
-            sorted order (what a manifest without a commit sequence implies).
-
-    Returns:
-        The current rows of embeddings and of errors, in order; one per URI (a URI listed
-        twice in one run keeps one row). A deletion removes a URI whose latest row is
-        older than it.
+        snapshot: From :meth:`Output.snapshot`.
+        pending: The pending files of a ``--full`` run instead (one resuming them).
     """
-    n_emb = embeddings.num_rows
-    uris = _column(embeddings, errors, "uri")
-    if len(uris) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    run_ids = _column(embeddings, errors, "run_id")
-    gone_runs = deletions["run_id"].cast(pa.large_string())
-    found = pc.unique(pa.chunked_array([*run_ids.chunks, *gone_runs.chunks], pa.large_string()))
-    found = found.take(pc.sort_indices(found))
-    if order is not None:  # commit order; a run id it lacks sorts before every listed one
-        listed = set(order)
-        runs = pa.array(
-            [r for r in found.to_pylist() if r not in listed] + list(order), pa.large_string()
+    manifest = output.require(snapshot)
+    if pending:
+        assert manifest.pending is not None
+        manifest = Manifest(
+            current=manifest.pending.files,
+            runs=[],
+            sequence={r: n for n, r in enumerate(manifest.pending.runs)},
         )
-    else:
-        runs = found
-    rank = pc.index_in(run_ids, value_set=runs).to_numpy(zero_copy_only=False)
-    hashes = hash_keys(pa.table({"uri": uris}), ["uri"])
-    by_key = np.lexsort((-rank, hashes))  # by hash, then latest run first
-    sorted_hashes = hashes[by_key]
-    first = np.ones(len(by_key), dtype=bool)
-    first[1:] = sorted_hashes[1:] != sorted_hashes[:-1]
-    later = np.flatnonzero(~first)  # an older row of the URI before it, unless a collision
-    if later.size and not _all_equal(uris, by_key[later], by_key[later - 1]):
-        return _rows_by_sort(embeddings, errors, deletions, runs)
-    keep = by_key[first]
-    if deletions.num_rows:
-        gone = pa.table({"uri": deletions["uri"].cast(pa.large_string()), "run": gone_runs})
-        gone = gone.group_by("uri").aggregate([("run", "max")])
-        gone_rank = pc.index_in(gone["run_max"], value_set=runs).to_numpy(zero_copy_only=False)
-        index = KeyIndex(gone, ["uri"])
-        at = index.lookup(hashes[keep])
-        candidates = np.flatnonzero(at >= 0)
-        same = _equal_rows(uris, keep[candidates], index.table["uri"], at[candidates])
-        deleted = candidates[same][gone_rank[at[candidates[same]]] >= rank[keep[candidates[same]]]]
-        alive = np.ones(len(keep), dtype=bool)
-        alive[deleted] = False
-        keep = keep[alive]
-    keep = np.sort(keep)
-    return keep[keep < n_emb], keep[keep >= n_emb] - n_emb
-
-
-def _column(embeddings: pa.Table, errors: pa.Table, name: str) -> pa.ChunkedArray:
-    """One column of both tables, end to end, as ``large_string`` (no copy when it is)."""
-    parts = [t[name].cast(pa.large_string()) for t in (embeddings, errors)]
-    return pa.chunked_array([c for part in parts for c in part.chunks], pa.large_string())
-
-
-def _all_equal(values: pa.ChunkedArray, rows: np.ndarray, other_rows: np.ndarray) -> bool:
-    return bool(_equal_rows(values, rows, values, other_rows).all())
-
-
-def _equal_rows(
-    values: pa.ChunkedArray, rows: np.ndarray, others: pa.ChunkedArray, other_rows: np.ndarray
-) -> np.ndarray:
-    """``values[rows] == others[other_rows]``, element by element (taken in slices)."""
-    out = np.ones(len(rows), dtype=bool)
-    for start in range(0, len(rows), _HASH_SLICE):
-        end = start + _HASH_SLICE
-        equal = pc.equal(
-            take_rows(values, rows[start:end]), take_rows(others, other_rows[start:end])
-        )
-        out[start:end] = pc.fill_null(equal, False).to_numpy(zero_copy_only=False)
-    return out
-
-
-def _rows_by_sort(
-    embeddings: pa.Table, errors: pa.Table, deletions: pa.Table, runs: pa.Array
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`resolve_rows` by an exact sort of the URIs (slower, and more memory); ``runs``
-    holds the run ids in commit order."""
-    n_emb = embeddings.num_rows
-    rank = pc.index_in(_column(embeddings, errors, "run_id"), value_set=runs)
-    narrow = pa.table({"uri": _column(embeddings, errors, "uri"), "rank": rank})
-    order = pc.sort_indices(narrow, [("uri", "ascending"), ("rank", "descending")]).to_numpy()
-    uris = narrow["uri"].take(order)
-    first = np.ones(len(order), dtype=bool)
-    if len(order) > 1:
-        first[1:] = pc.not_equal(uris[1:], uris[:-1]).to_numpy(zero_copy_only=False)
-    keep = order[first]
-    if deletions.num_rows:
-        latest = narrow.take(keep)
-        gone = (
-            pa.table(
-                {
-                    "uri": deletions["uri"].cast(pa.large_string()),
-                    "rank": pc.index_in(
-                        deletions["run_id"].cast(pa.large_string()), value_set=runs
-                    ),
-                }
-            )
-            .group_by("uri")
-            .aggregate([("rank", "max")])
-        )
-        joined = latest.append_column("row", pa.array(keep)).join(
-            gone, keys="uri", join_type="left outer"
-        )
-        alive = pc.or_kleene(
-            pc.is_null(joined["rank_max"]),
-            pc.greater(joined["rank"], joined["rank_max"]),
-        )
-        keep = joined.filter(pc.fill_null(alive, True))["row"].to_numpy()
-    keep = np.sort(keep)
-    return keep[keep < n_emb], keep[keep >= n_emb] - n_emb
-
-
-def take_rows(values: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
-    """``values.take(rows)`` chunk by chunk: pyarrow's own take on a chunked array first
-    concatenates every chunk (a copy of the whole column, for each call)."""
-    if values.num_chunks <= 1:
-        return values.combine_chunks().take(pa.array(rows, pa.int64()))
-    offsets = np.cumsum([0, *(len(chunk) for chunk in values.chunks)])
-    which = np.searchsorted(offsets, rows, side="right") - 1
-    by_chunk = np.argsort(which, kind="stable")
-    parts = []
-    for k in np.unique(which):
-        local = rows[by_chunk][which[by_chunk] == k] - offsets[k]
-        parts.append(values.chunk(int(k)).take(pa.array(local, pa.int64())))
-    gathered = pa.concat_arrays(parts) if parts else pa.array([], values.type)
-    inverse = np.empty_like(by_chunk)
-    inverse[by_chunk] = np.arange(len(by_chunk))
-    return gathered.take(pa.array(inverse, pa.int64()))
+    narrow = ["uri", "run_id"]
+    emb = load_table(
+        output, manifest, "embeddings", [*EMBEDDINGS_KEY_COLUMNS, "run_id"], large=True
+    )
+    err = load_table(output, manifest, "errors", [*ERRORS_KEY_COLUMNS, "run_id"], large=True)
+    gone = load_table(output, manifest, "deletions", narrow, large=True)
+    rows = resolve_rows(emb, err, gone, order=manifest.commit_order())
+    return CommittedImages(emb, err, rows, refused=manifest.refused)

@@ -7,8 +7,8 @@
                                                    ``version``), or one URI per line
 
 The driver reads only an inventory's ``manifest.json``. A run's list files are read by Ray
-Data, one read task per file (:meth:`InputList.dataset`); a dry run or a small run's probe,
-which start no Ray, read them in-process (:meth:`InputList.tables`). Both yield the same
+Data, one read task per file (:func:`pipeline.feed.read_list`); a dry run or a small run's
+probe, which start no Ray, read them in-process (:meth:`InputList.tables`). Both yield the same
 Arrow tables of ``LISTING_SCHEMA`` plus an ``image`` flag (the contract's extensions), built
 with Arrow compute a record batch at a time, so the list is never held whole and nothing is
 done per entry in Python but the URL-decoding of the keys that need it. Only entries under
@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import json
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -32,9 +32,6 @@ import pyarrow.dataset as pads
 
 from pipeline.listing import IMAGE_EXTENSIONS, LISTING_SCHEMA, InputError
 from pipeline.storage import open_fs, to_uri
-
-if TYPE_CHECKING:
-    import ray.data
 
 # The columns of an S3 Inventory report this needs, as its fileSchema names them.
 INVENTORY_FIELDS = {
@@ -47,8 +44,6 @@ INVENTORY_FIELDS = {
     "IsDeleteMarker": "is_delete_marker",
 }
 BATCH_ROWS = 65_536
-# Read tasks at once over a list's files: each streams one file, a record batch at a time.
-LIST_READERS = 8
 # What a list's tables carry: the listing's columns, and whether the name is an image's.
 LIST_SCHEMA = LISTING_SCHEMA.append(pa.field("image", pa.bool_(), nullable=False))
 # A name with an image extension, as ``has_image_extension`` (``os.path.splitext``) sees it:
@@ -129,25 +124,6 @@ class InputList:
         for entry in self.files:
             yield from self.read(entry)
 
-    def dataset(self) -> ray.data.Dataset:
-        """The same tables, read by Ray Data: a task per list file, in the list's order."""
-        import ray.data
-
-        from pipeline.feed import ListDatasource
-
-        dataset = ray.data.read_datasource(
-            ListDatasource(self),
-            override_num_blocks=len(self.files),
-            concurrency=min(LIST_READERS, len(self.files)),
-            # Parsing a list file is light next to decoding an image: the read tasks reserve
-            # no CPU (the ones the decode tasks and model actors reserve stay theirs), and
-            # Ray Data's backpressure, not a reservation, bounds how far ahead they read.
-            num_cpus=0,
-        )
-        # --limit takes the first entries: the order of a list must not depend on timing.
-        dataset.context.execution_options.preserve_order = True
-        return dataset
-
     def read(self, entry: ListFile) -> Iterator[pa.Table]:
         """One list file's entries under the prefix, a record batch at a time."""
         fs, path = open_fs(entry.path, self.storage_options)
@@ -186,18 +162,6 @@ class InputList:
         return pa.table(
             [uri, path, table["file_size"], table["source_version"], image], schema=LIST_SCHEMA
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class ReadListFile:
-    """A read task's function (:class:`pipeline.feed.ListDatasource`): pickled as a reference
-    to this class and its fields, so it runs this module's code where Ray puts it."""
-
-    listed: InputList
-    entry: ListFile
-
-    def __call__(self) -> Iterator[pa.Table]:
-        return self.listed.read(self.entry)
 
 
 @contextlib.contextmanager
@@ -351,22 +315,8 @@ def _url_decoded(keys: pa.Array) -> pa.Array:
 
 
 def list_tables(
-    list_uri: str,
-    input_uri: str,
-    storage_options: Mapping[str, Any] | None = None,
-    *,
-    in_ray: bool,
+    list_uri: str, input_uri: str, storage_options: Mapping[str, Any] | None = None
 ) -> Iterator[pa.Table]:
-    """The list's ``LIST_SCHEMA`` tables: read by Ray Data (``in_ray``), or in this process."""
-    listed = InputList.open(list_uri, input_uri, storage_options)
-    if not in_ray:
-        yield from listed.tables()
-        return
-    import ray
-
-    try:
-        yield from listed.dataset().iter_batches(batch_size=None, batch_format="pyarrow")
-    except ray.exceptions.RayTaskError as exc:  # a read task's InputError, as one line
-        if isinstance(exc.cause, InputError):
-            raise InputError(str(exc.cause)) from None
-        raise
+    """The list's ``LIST_SCHEMA`` tables, read in this process (a dry run, a small run's
+    probe); a run reads them with Ray Data (:func:`pipeline.feed.read_list`)."""
+    yield from InputList.open(list_uri, input_uri, storage_options).tables()

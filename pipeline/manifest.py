@@ -10,7 +10,9 @@ reads and writes it.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
@@ -514,3 +516,14 @@ def _run_of(path: str) -> str:
 def _plain(value: Any) -> Any:
     """JSON's view of a value (tuples become lists), for comparing a record with a spec."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    """A sortable, path-safe run id, e.g. ``20261125T151307Z-3f9a1c``."""
+    now = now or dt.datetime.now(dt.UTC)
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
+
+
+def utc_iso() -> str:
+    """Now, in UTC, to the second: ``2026-11-25T15:13:07Z``."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -26,9 +26,9 @@ from pipeline.progress import (
     read_counter,
     reporting,
 )
-from pipeline.sink import write_files
 from pipeline.storage import RETRIED_IO_ERRORS
 from pipeline.weights import ResolvedWeights
+from pipeline.write import write_files
 
 if TYPE_CHECKING:
     from pipeline.feed import FeedDatasource
@@ -37,13 +37,13 @@ if TYPE_CHECKING:
 # Task-level retries of a stage after s3fs's and botocore's own retries are spent.
 MAX_MAP_RETRIES = 2
 # Bytes a plan's blocks hold at most (Ray's default: 128 MiB). A task that runs as long as
-# the listing (the feed's read) hands its rows on only in blocks of this size: some 197,000
-# listing rows here, against 790,000 at the default. A decode task's output (256 images of
-# 224 x 224 x 3, 38.5 MB) still stays one block: Ray slices a block only past 1.5x this.
+# the listing (the feed's read) hands its rows on only in blocks of this size, so a smaller
+# block lets decoding start sooner. A decode task's output (256 images of 224 x 224 x 3)
+# still stays one block: Ray slices a block only past 1.5x this.
 PLAN_BLOCK_BYTES = 32 * 2**20
 # Blocks a running task may hand on before Ray Data takes them (Ray's default: 2). The
-# repartition task splits each listing block into hundreds of decode-sized blocks; with 2,
-# it handed on about ten a second, and a 790,000-row block took 360 s before decode began.
+# repartition task splits each listing block into hundreds of decode-sized blocks; two at a
+# time would hand them on far slower than decode takes them.
 TASK_BLOCKS_AHEAD = 64
 
 
@@ -204,15 +204,6 @@ def model_remote_args(num_gpus: float, cpus: float = 1.0) -> dict[str, Any]:
     if num_gpus > 0:
         return {"num_gpus": num_gpus, "num_cpus": 0}
     return {"num_gpus": 0, "num_cpus": cpus, "runtime_env": {"env_vars": dict(CPU_ACTOR_ENV)}}
-
-
-def resolve_num_gpus(config: EmbedConfig) -> float:
-    """GPUs per model actor: ``--num-gpus``, else 1 where the cluster has GPUs, else 0."""
-    import ray
-
-    if config.num_gpus is not None:
-        return config.num_gpus
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 def _actor_pool(concurrency: int | tuple[int, int], calls: int = 1) -> Any:

@@ -20,6 +20,7 @@ from pipeline.embed import ResNet50Embedder
 from pipeline.manifest import Manifest
 from pipeline.output import Output
 from pipeline.preprocessing import PreprocessSpec
+from pipeline.read import iter_current
 from pipeline.storage import open_fs
 from pipeline.weights import load_weights
 
@@ -130,7 +131,8 @@ def nearest(
     query = embedder.embed(pixels[None])[0]
     best: list[tuple[float, int, dict[str, Any]]] = []
     counter = 0
-    for batch in table_output.iter_current(
+    for batch in iter_current(
+        table_output,
         snapshot,
         columns=("uri", "original_width", "original_height", "embedding"),
         batch_size=4096,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -10,12 +11,11 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import TYPE_CHECKING, Any, TextIO
 
+from pipeline.config import PROG
 from pipeline.manifest import Failures, Manifest, RunRecord
 
 if TYPE_CHECKING:
-    from pipeline.run import DryRun
-
-PROG = "embed-images"
+    from pipeline.incremental import NewImages
 
 STATUS_COLUMNS = (
     "run",
@@ -283,3 +283,12 @@ def _chart(samples: Sequence[Mapping[str, float]], width: int = 640, height: int
         f'<polyline fill="none" stroke="#1f6feb" stroke-width="2" points="40,{axis} {points}"/>'
         "</svg>"
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class DryRun:
+    """What a run would do: counts, an estimate, and what it would refuse."""
+
+    listing: NewImages
+    seconds_per_image: float | None  # the last committed run's, while embedding
+    refusal: str | None  # the run would stop here, with this line

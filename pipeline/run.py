@@ -11,50 +11,48 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import datetime as dt
 import logging
-import os
 import time
-import uuid
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipeline.config import ConfigError, EmbedConfig, PipelineError
+from pipeline.checks import (
+    Paths,
+    check_cpu_actors_fit,
+    check_decode_device,
+    check_paths,
+    check_run,
+    check_same_model,
+    model_difference,
+    resolve_num_gpus,
+    started_local_ray,
+)
+from pipeline.config import EmbedConfig
 from pipeline.embed import ResNet50Embedder
 from pipeline.incremental import (
     NewImages,
+    committed_images,
     list_new_images,
 )
-from pipeline.inventory import list_tables
+from pipeline.inventory import InputList
 from pipeline.listing import IMAGE_EXTENSIONS, InputError, ListingCounts
-from pipeline.manifest import Manifest, ModelIdentity, RunRecord
+from pipeline.manifest import ModelIdentity, RunRecord, new_run_id, utc_iso
 from pipeline.output import Output, Snapshot
 from pipeline.preprocessing import PreprocessSpec, preprocess_spec
 from pipeline.progress import ProgressMode
+from pipeline.report import DryRun
 from pipeline.storage import (
-    RAY_WORKING_DIR,
-    is_local,
     one_line,
-    open_fs,
-    storage_errors,
-    to_uri,
-    within,
 )
-from pipeline.weights import ResolvedWeights, load_weights, sniff_checkpoint, weights_name
+from pipeline.weights import ResolvedWeights, load_weights
 
 if TYPE_CHECKING:
     from pipeline.feed import StreamedListing
     from pipeline.sink import RunSink
 
 logger = logging.getLogger(__name__)
-
-
-def new_run_id(now: dt.datetime | None = None) -> str:
-    """A sortable, path-safe run id, e.g. ``20261125T151307Z-3f9a1c``."""
-    now = now or dt.datetime.now(dt.UTC)
-    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +69,6 @@ class PreparedRun:
     output: Output
     weights: ResolvedWeights
     spec: PreprocessSpec
-
-
-class Paths(NamedTuple):
-    """A run's input and output, resolved and checked once (:func:`check_run`)."""
-
-    input_fs: Any
-    input_root: str
-    input_uri: str
-    output: Output
 
 
 def prepare_run(
@@ -104,8 +93,6 @@ def prepare_run(
     Raises:
         PipelineError: with one line saying what to fix.
     """
-    from pipeline.sink import utc_iso
-
     started, started_at = time.time(), utc_iso()
     options = config.fs_options()
     in_fs, in_root, input_uri, output = paths or check_run(config)
@@ -132,92 +119,6 @@ def prepare_run(
         weights=weights,
         spec=preprocess_spec(config.resize, jpeg_draft=config.jpeg_draft),
     )
-
-
-def check_run(config: EmbedConfig) -> Paths:
-    """:func:`check_paths`, then a writable output and a weights file that can be a checkpoint
-    (from its first bytes): what fails in a second, before anything is listed or loaded."""
-    paths = check_paths(config)
-    with storage_errors(paths.output.uri):
-        paths.output.check_writable()
-    sniff_checkpoint(config.weights, storage_options=config.fs_options())
-    return paths
-
-
-def check_paths(config: EmbedConfig) -> Paths:
-    """The input's filesystem, root and URI, and the output; refuses a missing input and an
-    output inside the input."""
-    options = config.fs_options()
-    in_fs, in_root = open_fs(config.input, options)
-    input_uri = to_uri(in_fs, in_root)
-    output = Output(config.output, options)
-    if is_local(in_fs) and is_local(output.fs):
-        inside = within(output.root, in_root)  # real paths: through links and ".."
-    else:
-        inside = type(in_fs) is type(output.fs) and (output.root + "/").startswith(
-            in_root.rstrip("/") + "/"
-        )
-    if inside:
-        raise ConfigError(
-            f"output {output.uri} is inside input {input_uri}: its Parquet files would be "
-            "listed by later runs; choose an output outside the input"
-        )
-    for name, fs, root in (("--input", in_fs, in_root), ("--output", output.fs, output.root)):
-        if is_local(fs) and RAY_WORKING_DIR in os.path.realpath(root) + "/":
-            raise ConfigError(
-                f"{name} {root} lies in this Ray job's --working-dir, which Ray unpacks to a "
-                "new folder for each job: images would be recorded under a path that changes "
-                "from job to job. Give an absolute path outside it, or an s3:// URI"
-            )
-    with storage_errors(input_uri):
-        if not in_fs.exists(in_root):
-            raise InputError(f"input not found: {input_uri}")
-    return Paths(in_fs, in_root, input_uri, output)
-
-
-def _started_local_ray() -> bool:
-    from pipeline import runtime  # imports this module: here, not at the top
-
-    return runtime.started_local_ray
-
-
-def check_decode_device(config: EmbedConfig, num_gpus: float) -> None:
-    """``--decode-device cuda`` needs GPU model actors: refuse it, in one line, elsewhere."""
-    if config.decode_device == "cuda" and num_gpus <= 0:
-        raise ConfigError(
-            "--decode-device cuda needs GPU model actors, and this cluster has no GPU "
-            "(or --num-gpus is 0): use --decode-device cpu"
-        )
-
-
-def check_cpu_actors_fit(config: EmbedConfig, num_gpus: float, cpus: float, fixed: bool) -> None:
-    """CPU model actors and a decode task must fit the Ray's ``cpus`` together: actors that
-    reserve every CPU leave decode none, and the run would wait forever. Refused in one line
-    on a Ray of fixed size (``fixed``: the one this process started); on a cluster, whose
-    autoscaler may add nodes, a warning."""
-    if num_gpus > 0:
-        return
-    actors = config.concurrency if isinstance(config.concurrency, int) else config.concurrency[0]
-    task = max(config.decode_cpus, config.write_cpus)
-    need = actors * config.model_cpus + task
-    if need <= cpus + 1e-9:
-        return
-    what = (
-        f"--concurrency {actors}: CPU model actors reserve {config.model_cpus:g} CPU each "
-        f"(--model-cpus) and decode and writer tasks {task:g} (--decode-cpus, --write-cpus), "
-        f"{need:g} CPUs in all, and this Ray has {cpus:g}"
-    )
-    if fixed:
-        if task < cpus:
-            fits = f"--model-cpus {(cpus - task) / actors:.3g}"
-        else:  # a task alone takes every CPU: halve it
-            half = cpus / 2
-            fits = f"--model-cpus {half / actors:.3g} --decode-cpus {half:g} --write-cpus {half:g}"
-        raise ConfigError(
-            f"{what}: nothing would be left to decode on; lower --concurrency, or reserve "
-            f"less (e.g. {fits}, and --model-threads cores/actors)"
-        )
-    logger.warning("%s now: the run waits until the cluster grows", what)
 
 
 def execute_run(
@@ -247,7 +148,7 @@ def execute_run(
     """
     import ray
 
-    from pipeline.plan import resolve_num_gpus, run_plan
+    from pipeline.plan import run_plan
     from pipeline.sink import RunBooks, RunSink
 
     config, output = prepared.config, prepared.output
@@ -257,7 +158,7 @@ def execute_run(
     num_gpus = resolve_num_gpus(config)
     check_decode_device(config, num_gpus)
     check_cpu_actors_fit(
-        config, num_gpus, ray.cluster_resources().get("CPU", 0.0), fixed=_started_local_ray()
+        config, num_gpus, ray.cluster_resources().get("CPU", 0.0), fixed=started_local_ray()
     )
     if num_gpus == 0 and config.calls_per_actor > 1:
         logger.warning(
@@ -461,17 +362,13 @@ def list_work(
         root,
         # Only the index is kept: the tables it was built from go before the listing starts.
         known=(
-            output.committed_images(snapshot, pending=pending) if snapshot is not None else None
+            committed_images(output, snapshot, pending=pending) if snapshot is not None else None
         ),
         keep=keep,
         limit=config.limit,
         max_listed=max_listed,
         concurrency=config.list_concurrency,
-        tables=(
-            list_tables(config.input_list, input_uri, config.fs_options(), in_ray=in_ray)
-            if config.input_list
-            else None
-        ),
+        tables=_list_tables(config, input_uri, in_ray=in_ray) if config.input_list else None,
     )
     if listing.counts.listed == 0:
         raise InputError(
@@ -481,13 +378,14 @@ def list_work(
     return listing
 
 
-@dataclasses.dataclass(frozen=True)
-class DryRun:
-    """What a run would do: counts, an estimate, and what it would refuse."""
+def _list_tables(config: EmbedConfig, input_uri: str, *, in_ray: bool) -> Iterator[pa.Table]:
+    assert config.input_list is not None
+    listed = InputList.open(config.input_list, input_uri, config.fs_options())
+    if not in_ray:
+        return listed.tables()
+    from pipeline.feed import read_list
 
-    listing: NewImages
-    seconds_per_image: float | None  # the last committed run's, while embedding
-    refusal: str | None  # the run would stop here, with this line
+    return read_list(listed)
 
 
 def dry_run(config: EmbedConfig) -> DryRun:
@@ -502,7 +400,7 @@ def dry_run(config: EmbedConfig) -> DryRun:
     manifest = snapshot.manifest
     incremental = manifest is not None and not config.full
     limited_full = manifest is not None and config.full and config.limit is not None
-    refusal = _model_difference(config, snapshot, output) if incremental or limited_full else None
+    refusal = model_difference(config, snapshot, output) if incremental or limited_full else None
     listing = list_work(
         in_fs, in_root, input_uri, output, snapshot if incremental else None, config, keep=None
     )
@@ -525,29 +423,6 @@ def dry_run(config: EmbedConfig) -> DryRun:
         seconds_per_image=1 / rates[-1] if rates else None,
         refusal=refusal,
     )
-
-
-def _model_difference(config: EmbedConfig, snapshot: Snapshot, output: Output) -> str | None:
-    """Why the table's model differs from the one ``config`` names, as far as is known
-    without loading the weights (their name stands for their sha256)."""
-    manifest = snapshot.manifest
-    if manifest is None or manifest.model is None:
-        return None
-    preprocessing = preprocess_spec(config.resize, jpeg_draft=config.jpeg_draft).to_metadata()
-    model = dataclasses.replace(
-        manifest.model, weights=weights_name(config), normalized=config.normalize
-    )
-    if model.weights != manifest.model.weights:
-        return (
-            f"{output.uri} holds embeddings of weights {manifest.model.weights!r}, this run "
-            f"names {model.weights!r}: it refuses them unless their sha256 is the recorded one "
-            "(--full replaces the table)"
-        )
-    try:
-        check_same_model(manifest, model, preprocessing, output.uri)
-    except PipelineError as exc:
-        return str(exc)
-    return None
 
 
 # Listed keys a run holds in the driver before it starts Ray: a run whose input fits finds out
@@ -586,8 +461,6 @@ def probe_run(
         The probe; ``None`` when the input is larger, or when there is nothing to embed but
         the table's model may differ (then the run loads the weights and compares sha256s).
     """
-    from pipeline.sink import utc_iso
-
     started, started_at = time.time(), utc_iso()
     in_fs, in_root, input_uri, output = paths
     snapshot = snapshot or output.snapshot()
@@ -609,7 +482,7 @@ def probe_run(
     # Only a run with nothing to embed is decided here; one with work checks the model with
     # its weights loaded (and the import of torchvision overlaps Ray's start there).
     if listing.to_embed == 0 and incremental:
-        if _model_difference(config, snapshot, output) is not None:
+        if model_difference(config, snapshot, output) is not None:
             return None
     return Probe(input_uri, output, snapshot, listing, started, started_at)
 
@@ -642,43 +515,3 @@ def commit_without_work(
     finally:
         if sink.record is not None:
             write_run_report(probe.output, config, sink, {"start-up": 0.0})
-
-
-def check_same_model(
-    previous: Manifest,
-    model: ModelIdentity,
-    preprocessing: Mapping[str, Any],
-    output: str,
-    *,
-    limited_full: bool = False,
-) -> None:
-    """Refuse to mix vectors of different models or preprocessing in one table.
-
-    ``limited_full``: the run is ``--full --limit N``, which adds to the table without
-    replacing it, so it too must match the table's model.
-    """
-    fix = (
-        "drop --limit, so that --full replaces the whole table"
-        if limited_full
-        else "pass --full to replace them, or use another output"
-    )
-    if previous.model is not None:
-        difference = previous.model.first_difference(model)
-        if difference:
-            key, before, now = difference
-            raise ConfigError(
-                f"{output} holds embeddings with {key}={before!r}, this run would "
-                f"write {key}={now!r}: {fix}"
-            )
-    # Only what turns pixels into inputs is compared, not descriptive keys.
-    fields = [f.name for f in dataclasses.fields(PreprocessSpec)]
-    before_spec = {k: _plain((previous.preprocessing or {}).get(k)) for k in fields}
-    if before_spec != {k: _plain(preprocessing.get(k)) for k in fields}:
-        raise ConfigError(
-            f"{output} holds embeddings made with other preprocessing "
-            f"({before_spec['mode']!r}): {fix}"
-        )
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple | list) else value

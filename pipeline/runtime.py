@@ -1,6 +1,7 @@
 """The entry points' side of a run: start or join Ray (the stages and the plan never do), stop
-cleanly on Ctrl-C or SIGTERM, and :func:`embed_images`, the one call that runs the pipeline from
-Python."""
+cleanly on Ctrl-C or SIGTERM, and the calls every entry point shares: :func:`run_and_report`
+(``embed-images run``, ``jobs/``), :func:`run_guarded` (one error line and exit status for any
+failure) and :func:`embed_images`, the one call that runs the pipeline from Python."""
 
 from __future__ import annotations
 
@@ -10,17 +11,29 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import ConfigError, EmbedConfig
-from pipeline.manifest import RunRecord
-from pipeline.report import PROG
-from pipeline.run import Paths, PreparedRun, check_run, prepare_run
+from pipeline.checks import Paths, check_run
+from pipeline.config import (
+    EXIT_BAD_DATA,
+    EXIT_FAILED,
+    EXIT_USAGE,
+    PROG,
+    ConfigError,
+    EmbedConfig,
+    NotRetryableError,
+    PipelineError,
+)
+from pipeline.manifest import RunRecord, new_run_id
+from pipeline.progress import ProgressMode
+from pipeline.run import PreparedRun, commit_without_work, execute_run, prepare_run, probe_run
+from pipeline.storage import one_line
+
+if TYPE_CHECKING:
+    from pipeline.output import Snapshot
 
 logger = logging.getLogger(__name__)
-
-# Whether this process started a local Ray of its own (its head processes share its fate).
-started_local_ray = False
 
 
 def prepare_and_start_ray(
@@ -48,9 +61,8 @@ def prepare_and_start_ray(
         prepared = prepare_run(config, paths=paths, run_id=run_id)
         start()
         return prepared
-    # Ray's and Ray Data's imports (1 s of Python) come first: beside the weights' torch
-    # import they share the GIL and take twice that, and they lie on the way to ray.init, the
-    # longer of the two. A 24-image cold run here: 13.0 s against 13.6 (11 pairs, in turn).
+    # Ray's and Ray Data's imports come first: beside the weights' torch import they would
+    # share the GIL, and they lie on the way to ray.init, the longer of the two paths.
     paths = paths or check_run(config)  # what fails in a second still fails first
     quiet_ray(verbose)
     return prepare_run(config, paths=paths, run_id=run_id, meanwhile=start)
@@ -77,7 +89,6 @@ def start_ray(
     quiet_ray(verbose)
     if ray.is_initialized():
         return
-    global started_local_ray
     level = logging.INFO if verbose else logging.WARNING
     if not joins_running_ray(address):
         # A local Ray needs no dashboard.
@@ -87,7 +98,6 @@ def start_ray(
             object_store_memory=object_store_memory,
             logging_level=level,
         )
-        started_local_ray = True
     else:
         if object_store_memory is not None:
             logger.warning(
@@ -106,8 +116,8 @@ def kill_local_ray() -> None:
 
     For a command that exits without Ray's orderly shutdown (:func:`pipeline.cli.console`).
     Ray's fate sharing takes the raylet and its workers with the driver, but the raylet's
-    dashboard and runtime-env agents outlive it by a minute or more, holding their ports: a
-    local Ray started meanwhile waits some 3.3 s for its agent's port, then goes without it.
+    dashboard and runtime-env agents outlive it, holding their ports: a local Ray started
+    meanwhile waits for its agent's port, then goes without it.
     """
     import ray
 
@@ -186,8 +196,6 @@ def embed_images(
         >>> run.counts.embedded  # doctest: +SKIP
         24
     """
-    from pipeline.run import execute_run, new_run_id
-
     fields = {f.name for f in dataclasses.fields(EmbedConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -247,3 +255,85 @@ def stopped_run(stop: Stopped, prepared: PreparedRun) -> int:
         file=sys.stderr,
     )
     return stop.exit_status
+
+
+def run_and_report(
+    config: EmbedConfig,
+    address: str | None,
+    *,
+    run_id: str | None = None,
+    snapshot: Snapshot | None = None,
+    verbose: bool = False,
+    progress: ProgressMode = "auto",
+) -> int:
+    """Probe the input; if there is work, start or join Ray and run; print the summary;
+    return the exit status.
+
+    Shared by ``embed-images run`` and ``jobs/``. ``PipelineError`` propagates (the caller
+    prints it); a stop signal during the run leaves Ray and the output clean. An input of at
+    most ``PROBE_LISTED`` images is listed before anything starts, so that a run with nothing
+    to embed commits (its deletions) in seconds, with no Ray and no weights.
+    """
+    from pipeline.logs import native_stderr_filtered
+    from pipeline.report import print_summary
+
+    paths = check_run(config)  # once: the probe and the run share it
+    run_id = run_id or new_run_id()
+    # Held from here to the end: a second run into this output is refused before it
+    # lists anything, and whatever way this one ends, its staging goes.
+    with paths.output.lease(run_id):
+        probe = probe_run(config, paths, snapshot=snapshot)
+        if probe is not None and probe.listing.to_embed == 0:
+            record = commit_without_work(config, probe, run_id=run_id)
+            output = probe.output
+        else:
+            if progress == "auto":  # decided here: stderr is a pipe to the filter below
+                progress = "bar" if sys.stderr.isatty() else "log"
+            with native_stderr_filtered(enabled=not verbose):
+                prepared = prepare_and_start_ray(
+                    config, address, paths=paths, run_id=run_id, verbose=verbose
+                )
+                catch_stop_signals()  # again: ray.init installs a SIGTERM handler of its own
+                try:
+                    record = execute_run(
+                        prepared,
+                        snapshot=probe.snapshot if probe else snapshot,
+                        listing=probe.listing if probe else None,
+                        progress=progress,
+                    )
+                except Stopped as stop:
+                    return stopped_run(stop, prepared)
+            output = prepared.output
+    print_summary(record, output.uri, report=output.report_uri(record.run_id))
+    return 0
+
+
+def report_failure(exc: PipelineError, *, prog: str = PROG) -> int:
+    """Print the one line a failed command owes its user; return the exit status."""
+    from pipeline.sink import ErrorRateExceededError
+
+    print(f"{prog}: error: {exc}", file=sys.stderr)
+    if isinstance(exc, ErrorRateExceededError):
+        return EXIT_BAD_DATA
+    return EXIT_USAGE if isinstance(exc, NotRetryableError) else EXIT_FAILED
+
+
+def run_guarded(command: Callable[[], int], *, committed: bool = True, prog: str = PROG) -> int:
+    """Run a command the way every entry point does (``embed-images``, ``jobs/*``): stop
+    signals caught, and any failure one line on stderr with its exit status
+    (:func:`report_failure`), never a traceback."""
+    catch_stop_signals()
+    try:
+        return command()
+    except Stopped as stop:
+        what = "; nothing was committed" if committed else ""
+        print(f"{prog}: stopped by {stop}{what}", file=sys.stderr)
+        return stop.exit_status
+    except PipelineError as exc:
+        return report_failure(exc, prog=prog)
+    except OSError as exc:
+        # An I/O failure after the checks (a store that went away mid-run, a permission
+        # error): nothing more was committed, since the manifest is written last.
+        return report_failure(
+            PipelineError(f"I/O failure, nothing committed: {one_line(exc)}"), prog=prog
+        )

@@ -1,7 +1,7 @@
-"""Stages 4 and 5 as Ray Data runs them: writer tasks, and the run's commits in the driver.
+"""Stage 5 in the driver: the run's books, and its commits as the writer tasks finish.
 
     start            (driver) delete what runs that never committed left behind
-    write_files      (tasks)  write_batch: uniquely named files into OUTPUT/_staging/RUN_ID/
+    write_files      (tasks)  :mod:`pipeline.write`: files into OUTPUT/_staging/RUN_ID/
     consume          (driver) each writer task's files as it finishes; every ``--commit-every``
                               images (or ``--commit-interval`` seconds) a checkpoint commit;
                               at the end: every image once? error rate? the last commit
@@ -17,14 +17,12 @@ run's diff finds those images committed and embeds only the rest.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypedDict
+from typing import Any
 
-import numpy as np
-
+from pipeline.commit import commit_run
 from pipeline.config import EmbedConfig, PipelineError
 from pipeline.incremental import NewImages
 from pipeline.manifest import (
@@ -38,48 +36,11 @@ from pipeline.manifest import (
     RunStatus,
     count_failures,
     describe_failures,
-    failures_by_type,
     merge_failures,
+    utc_iso,
 )
 from pipeline.output import Output, Snapshot
-from pipeline.write import file_metadata, write_batch
-
-
-class Staged(TypedDict):
-    """What one writer task returns to the driver."""
-
-    # (table, path relative to the run's staging folder, rows) per file written.
-    files: list[tuple[str, str, int]]
-    failures: dict[str, Failures]
-    finished_at: float  # when the task's files were written: the run report's throughput
-
-
-def write_files(
-    batch: dict[str, np.ndarray],
-    *,
-    staging_uri: str,
-    storage_options: Mapping[str, Any],
-    metadata: Mapping[str, str],
-) -> dict[str, np.ndarray]:
-    """The writer stage (a ``map_batches`` function): write one batch, and return one row
-    that tells the driver what was written (:class:`Staged`, as JSON)."""
-    if not len(batch["uri"]):
-        return {"staged": np.zeros(0, dtype=object)}
-    failed = np.asarray(batch["error_type"] != "", dtype=bool)
-    out = write_batch(
-        batch, staging_uri=staging_uri, storage_options=storage_options, metadata=metadata
-    )
-    staged: Staged = {
-        "files": [
-            (str(t), str(p), int(n))
-            for t, p, n in zip(out["table"], out["path"], out["rows"], strict=True)
-        ],
-        "failures": failures_by_type(
-            batch["error_type"][failed], batch["uri"][failed], batch["error_message"][failed]
-        ),
-        "finished_at": time.time(),
-    }
-    return {"staged": np.asarray([json.dumps(staged)], dtype=object)}
+from pipeline.write import Staged, file_metadata
 
 
 def error_rate_verdict(
@@ -342,7 +303,8 @@ class RunSink:
         )
         if too_many is not None:
             # The errors are worth keeping (they say what to fix); the embeddings are not.
-            self.snapshot = books.output.commit(
+            self.snapshot = commit_run(
+                books.output,
                 self.snapshot,
                 record,
                 staged={"errors": files["errors"]},
@@ -354,7 +316,8 @@ class RunSink:
                 + ("no embeddings committed" if not self.checkpoints else self.kept()),
                 record,
             )
-        self.snapshot = books.output.commit(
+        self.snapshot = commit_run(
+            books.output,
             self.snapshot,
             record,
             staged=files,
@@ -382,7 +345,3 @@ class RunSink:
         self.start()
         self.executing_since = time.time()
         return self.consume([])
-
-
-def utc_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -54,9 +54,6 @@ class ResolvedWeights:
         """The tensors as numpy arrays, which Ray ships to actors without pickling copies."""
         return {key: value.numpy() for key, value in self.state_dict.items()}
 
-    def to_metadata(self) -> dict[str, str]:
-        return {"weights": self.name, "weights_sha256": self.sha256}
-
 
 IMAGENET_NAME = "imagenet:IMAGENET1K_V2"
 

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.embed import EMBEDDING_DIM
-from pipeline.manifest import ModelIdentity
+from pipeline.manifest import Failures, ModelIdentity, failures_by_type
 from pipeline.storage import join, make_parent, open_fs
 
 EMBEDDINGS_SCHEMA = pa.schema(
@@ -85,13 +86,13 @@ def write_batch(
     name = f"part-{uuid.uuid4().hex}.parquet"
     if ok.any():
         table = embeddings_table(batch, ok).replace_schema_metadata(dict(metadata))
-        _write(fs, join(root, "embeddings", name), table)
+        write_parquet_file(fs, join(root, "embeddings", name), table)
         written["table"].append("embeddings")
         written["path"].append(f"embeddings/{name}")
         written["rows"].append(table.num_rows)
     if failed.any():
         table = errors_table(batch, failed).replace_schema_metadata(dict(metadata))
-        _write(fs, join(root, "errors", name), table)
+        write_parquet_file(fs, join(root, "errors", name), table)
         written["table"].append("errors")
         written["path"].append(f"errors/{name}")
         written["rows"].append(table.num_rows)
@@ -132,7 +133,8 @@ def errors_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
     )
 
 
-def _write(fs: Any, path: str, table: pa.Table) -> None:
+def write_parquet_file(fs: Any, path: str, table: pa.Table) -> None:
+    """Write ``table`` to ``path`` in one PUT, and check that the store holds every byte."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     data = buffer.getvalue()
@@ -143,3 +145,40 @@ def _write(fs: Any, path: str, table: pa.Table) -> None:
     size = int(fs.info(path)["size"])
     if size != len(data):
         raise OSError(f"{path}: the store holds {size} of the {len(data)} bytes written")
+
+
+class Staged(TypedDict):
+    """What one writer task returns to the driver."""
+
+    # (table, path relative to the run's staging folder, rows) per file written.
+    files: list[tuple[str, str, int]]
+    failures: dict[str, Failures]
+    finished_at: float  # when the task's files were written: the run report's throughput
+
+
+def write_files(
+    batch: dict[str, np.ndarray],
+    *,
+    staging_uri: str,
+    storage_options: Mapping[str, Any],
+    metadata: Mapping[str, str],
+) -> dict[str, np.ndarray]:
+    """The writer stage (a ``map_batches`` function): write one batch, and return one row
+    that tells the driver what was written (:class:`Staged`, as JSON)."""
+    if not len(batch["uri"]):
+        return {"staged": np.zeros(0, dtype=object)}
+    failed = np.asarray(batch["error_type"] != "", dtype=bool)
+    out = write_batch(
+        batch, staging_uri=staging_uri, storage_options=storage_options, metadata=metadata
+    )
+    staged: Staged = {
+        "files": [
+            (str(t), str(p), int(n))
+            for t, p, n in zip(out["table"], out["path"], out["rows"], strict=True)
+        ],
+        "failures": failures_by_type(
+            batch["error_type"][failed], batch["uri"][failed], batch["error_message"][failed]
+        ),
+        "finished_at": time.time(),
+    }
+    return {"staged": np.asarray([json.dumps(staged)], dtype=object)}

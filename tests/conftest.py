@@ -238,14 +238,21 @@ def ray_session(aws_credentials: None) -> Iterator[None]:
     ray.shutdown()
 
 
-# ----------------------------------------------------------------------------- README
+# ----------------------------------------------------------------------------- docs
 
 
 @pytest.fixture(scope="session")
-def readme_examples() -> dict[str, str]:
-    """The README's tested examples: code blocks right after a `<!-- tested: NAME -->` line."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    return dict(re.findall(r"<!-- tested: (\w+) -->\n```(?:python|sql)\n(.*?)```", text, re.S))
+def doc_examples() -> dict[str, str]:
+    """The tested examples of README.md and docs/*.md: code blocks right after a
+    `<!-- tested: NAME -->` line, by name."""
+    root = Path(__file__).resolve().parents[1]
+    found: dict[str, str] = {}
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        pattern = r"<!-- tested: (\w+) -->\n```(?:python|sql)\n(.*?)```"
+        for name, code in re.findall(pattern, page.read_text(), re.S):
+            assert name not in found, f"two examples named {name}"
+            found[name] = code
+    return found
 
 
 # ----------------------------------------------------------------------------- processes

@@ -217,7 +217,7 @@ def test_bad_storage_fails_fast_with_one_line(
 
 
 def test_sizes_read_like_ray_users_write_them() -> None:
-    from pipeline.cli import _byte_size
+    from pipeline.config import parse_byte_size as _byte_size
 
     assert _byte_size("2GiB") == 2 * 2**30
     assert _byte_size("512MiB") == 512 * 2**20
@@ -243,8 +243,9 @@ def test_object_store_memory_sizes_the_local_ray_it_starts() -> None:
 def test_every_config_field_is_a_flag_with_the_configs_default() -> None:
     import dataclasses
 
-    from pipeline.cli import build_parser, config_from_args
+    from pipeline.cli import build_parser
     from pipeline.config import EmbedConfig
+    from pipeline.options import config_from_args
 
     args = build_parser().parse_args(["run", "--input", "a", "--output", "b"])
     assert {f.name for f in dataclasses.fields(EmbedConfig)} <= set(vars(args))
@@ -382,7 +383,8 @@ def _processes_naming(text: str) -> list[str]:
 
 
 def test_a_config_file_gives_the_options_and_flags_override_it(tmp_path: Path) -> None:
-    from pipeline.cli import build_parsers, config_from_args, parse_run_args
+    from pipeline.cli import build_parsers
+    from pipeline.options import config_from_args, parse_run_args
 
     config_file = tmp_path / "run.toml"
     config_file.write_text(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.output import read_embeddings, read_manifest
+from pipeline.read import read_embeddings, read_manifest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from ray import cloudpickle
 from pipeline.cli import main
 from pipeline.config import EmbedConfig
 from pipeline.embed import ResNet50Embedder
-from pipeline.output import Output, read_embeddings, read_manifest
+from pipeline.read import read_embeddings, read_manifest
 from pipeline.run import execute_run, prepare_run
 
 pytestmark = pytest.mark.slow
@@ -104,7 +104,7 @@ def test_crash_between_moving_files_and_the_manifest(
     def power_cut(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError("power cut")
 
-    monkeypatch.setattr(Output, "_write_manifest", power_cut)
+    monkeypatch.setattr("pipeline.commit.write_manifest", power_cut)
     with pytest.raises(OSError, match="power cut"):
         execute_run(prepare_run(config))
     assert read_manifest(str(output)) is None  # nothing committed

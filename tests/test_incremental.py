@@ -11,27 +11,9 @@ import pyarrow.dataset as pads
 import pytest
 
 from pipeline.cli import main
-from pipeline.incremental import CommittedImages, resolve_current
+from pipeline.incremental import CommittedImages
 from pipeline.manifest import MANIFEST_FORMAT, Manifest
-from pipeline.output import read_embeddings, read_manifest
-
-
-def _narrow(rows: list[tuple[str, str]]) -> pa.Table:
-    return pa.table({"uri": [u for u, _ in rows], "run_id": [r for _, r in rows]})
-
-
-def test_latest_row_per_uri_wins_and_deletions_drop() -> None:
-    embeddings = _narrow([("a", "r1"), ("b", "r1"), ("a", "r2"), ("c", "r2")])
-    errors = _narrow([("b", "r3"), ("d", "r1")])
-    deletions = _narrow([("c", "r3"), ("d", "r0")])  # d's deletion predates its row: d stays
-    emb, err = resolve_current(embeddings, errors, deletions)
-    assert sorted(zip(emb["uri"].to_pylist(), emb["run_id"].to_pylist(), strict=True)) == [
-        ("a", "r2")
-    ]
-    assert sorted(zip(err["uri"].to_pylist(), err["run_id"].to_pylist(), strict=True)) == [
-        ("b", "r3"),
-        ("d", "r1"),
-    ]
+from pipeline.read import read_embeddings, read_manifest
 
 
 def test_unchanged_images_are_skipped_and_transient_errors_retried() -> None:
@@ -129,17 +111,17 @@ def test_runs_embed_only_what_is_new_and_each_image_stays_once(
         second[str(photos / "img1.jpg")][1], first[str(photos / "img1.jpg")][1]
     )
 
-    # The README's DuckDB recipe for readers without this library gives the same current rows.
+    # The DuckDB recipe for readers without this library (docs/search.md) agrees.
     import re
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    recipe = re.search(r"<!-- tested: duckdb_current -->\n```python\n(.*?)```", readme, re.S)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "search.md").read_text()
+    recipe = re.search(r"<!-- tested: duckdb -->\n```python\n(.*?)```", page, re.S)
     assert recipe
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
         scope: dict[str, object] = {}
-        exec(compile(recipe.group(1), "README.md:duckdb_current", "exec"), scope)  # noqa: S102
+        exec(compile(recipe.group(1), "docs/search.md:duckdb", "exec"), scope)  # noqa: S102
     finally:
         os.chdir(cwd)
     duck = scope["current"]
@@ -317,66 +299,6 @@ def test_a_dry_run_diffs_without_ray_or_weights_and_writes_nothing(
         str(photos / "img0.jpg"),
         str(photos / "img1.jpg"),
     ]
-
-
-def _random_runs(seed: int) -> tuple[pa.Table, pa.Table, pa.Table]:
-    rng = np.random.default_rng(seed)
-    uris = [f"s3://b/{i}.jpg" for i in rng.integers(0, 300, 1000)]
-    runs = [f"2026010{d}T000000Z-x" for d in rng.integers(1, 9, 1000)]
-    emb = pa.table({"uri": uris[:700], "run_id": runs[:700]})
-    err = pa.table({"uri": uris[700:], "run_id": runs[700:]})
-    gone_at = rng.choice(1000, 80, replace=False)
-    gone = pa.table(
-        {
-            "uri": [uris[i] for i in gone_at],
-            "run_id": [f"2026010{d}T000000Z-x" for d in rng.integers(1, 9, 80)],
-        }
-    )
-    # Many small chunks, as tables read from many files are.
-    return (
-        pa.Table.from_batches(emb.to_batches(max_chunksize=64)),
-        pa.Table.from_batches(err.to_batches(max_chunksize=64)),
-        gone,
-    )
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_resolving_by_hash_equals_the_exact_sort(seed: int) -> None:
-    from pipeline.incremental import _rows_by_sort, resolve_rows
-
-    tables = _random_runs(seed)
-    runs = sorted({*tables[0]["run_id"].to_pylist(), *tables[1]["run_id"].to_pylist()})
-    runs = sorted({*runs, *tables[2]["run_id"].to_pylist()})
-    by_hash = resolve_rows(*tables)
-    by_sort = _rows_by_sort(*tables, pa.array(runs, pa.large_string()))
-    for ours, exact in zip(by_hash, by_sort, strict=True):
-        assert ours.tolist() == exact.tolist()
-    emb, err = resolve_current(*tables)
-    uris = emb["uri"].to_pylist() + err["uri"].to_pylist()
-    assert len(set(uris)) == len(uris)  # each URI once
-
-
-def test_hash_collisions_never_make_an_absent_key_present(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from pipeline import incremental
-    from pipeline.incremental import KeyIndex, take_rows
-
-    # Every key hashes alike: each lookup is a collision, which the keys must settle.
-    monkeypatch.setattr(
-        incremental, "hash_keys", lambda table, columns: np.zeros(table.num_rows, np.uint64)
-    )
-    index = KeyIndex(pa.table({"uri": ["a", "b", "c"]}), ["uri"])
-    found = index.find(pa.table({"uri": ["a", "b", "zz"]}))
-    assert found[2] == -1 and found[1] == -1  # absent stays absent; "b" degrades to absent
-    assert found[0] == 0
-    # resolve_current falls back to the exact sort: the same rows as without collisions.
-    tables = _random_runs(3)
-    collided = resolve_current(*tables)
-    monkeypatch.undo()
-    for ours, exact in zip(collided, resolve_current(*tables), strict=True):
-        assert ours.to_pydict() == exact.to_pydict()
-    values = tables[0]["uri"]
-    rows = np.array([5, 600, 0, 64, 63, 5])
-    assert take_rows(values, rows).to_pylist() == values.take(rows).to_pylist()
 
 
 def test_the_uri_set_agrees_with_a_python_set_batch_by_batch() -> None:

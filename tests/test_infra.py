@@ -162,9 +162,9 @@ def test_case_2_token_auth_is_kuberays_authoptions(deployed) -> None:  # type: i
     # The submitter pod gets the token only this way (KubeRay's utils.IsAuthEnabled).
     (rayjob,) = _of_kind(deployed["nightly"], "RayJob")
     assert submitter_env(rayjob, "h:8265", "j", "secret")["RAY_AUTH_TOKEN"] == "secret"
-    # The README names KubeRay's Secret key, auth_token.
-    readme = (ROOT / "README.md").read_text()
-    assert "auth_token" in readme and "key: token" not in readme
+    # The operating guide names KubeRay's Secret key, auth_token.
+    guide = (ROOT / "docs" / "operating.md").read_text()
+    assert "auth_token" in guide and "key: token" not in guide
 
 
 def test_case_3_the_schedule_runs_on_a_default_install_one_night_at_a_time(deployed) -> None:  # type: ignore[no-untyped-def]

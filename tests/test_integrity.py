@@ -22,9 +22,11 @@ from conftest import kill_stalled_driver, stage_rows
 
 from bench.overhead import Identity
 from pipeline.cli import main
+from pipeline.commit import commit_run
 from pipeline.config import EmbedConfig
 from pipeline.manifest import ModelIdentity, RunCounts, RunRecord
-from pipeline.output import Output, read_embeddings, read_manifest
+from pipeline.output import Output
+from pipeline.read import read_embeddings, read_manifest
 from pipeline.run import execute_run, prepare_run
 from pipeline.storage import make_parent
 
@@ -45,7 +47,9 @@ _stage = stage_rows
 
 def _commit(output: str, run_id: str, uris: list[str], options: Any = None, **kw: Any) -> None:
     out = Output(output, options)
-    out.commit(out.snapshot(), _record(run_id), staged=_stage(output, run_id, uris, options), **kw)
+    commit_run(
+        out, out.snapshot(), _record(run_id), staged=_stage(output, run_id, uris, options), **kw
+    )
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -198,7 +202,7 @@ def test_case_03_an_input_list_naming_a_uri_twice_embeds_it_once(tmp_path) -> No
         str(photos),
         known=None,
         keep=kept.append,
-        tables=list_tables(str(listing), str(photos), {}, in_ray=False),
+        tables=list_tables(str(listing), str(photos), {}),
     )
     uris = [u for t in kept for u in t["uri"].to_pylist()]
     assert sorted(uris) == [str(a), str(b)] and new.to_embed == 2
@@ -405,12 +409,14 @@ def test_case_08_the_last_commit_wins_whatever_the_run_ids(output_uri) -> None: 
     output, options = output_uri
     out = Output(output, options)
     # A run of today, then a backfill of an earlier day: its id sorts first, it committed last.
-    out.commit(
+    commit_run(
+        out,
         out.snapshot(),
         _record("20261205T020000Z-nightly"),
         staged=_stage(output, "20261205T020000Z-nightly", ["/a.png"], options, version="old"),
     )
-    out.commit(
+    commit_run(
+        out,
         out.snapshot(),
         _record("20261101T020000Z-nightly"),
         staged=_stage(output, "20261101T020000Z-nightly", ["/a.png"], options, version="new"),
@@ -515,7 +521,7 @@ def test_case_12_inside_and_outside_are_decided_on_real_paths(tmp_path, capsys) 
     entries.write_text(f"{photos}/a.jpg\n{photos}/../outside/x.jpg\n")
     uris = [
         u
-        for t in list_tables(str(entries), str(photos), {}, in_ray=False)
+        for t in list_tables(str(entries), str(photos), {})
         for u, image in zip(t["uri"].to_pylist(), t["image"].to_pylist(), strict=True)
         if image
     ]

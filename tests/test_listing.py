@@ -206,7 +206,7 @@ def test_a_uri_list_feeds_the_listing(tmp_path) -> None:  # type: ignore[no-unty
     pa.csv.write_csv(table, tmp_path / "list.csv")
     for name in ("list.parquet", "list.csv"):
         counts = ListingCounts()
-        tables = list_tables(str(tmp_path / name), str(photos), in_ray=False)
+        tables = list_tables(str(tmp_path / name), str(photos))
         listed = list(list_images(fs, root, counts, chunk_rows=10, tables=tables))
         assert _keys(listed) == [
             (f"{photos}/a.jpg", 1, "version:v1"),
@@ -215,15 +215,15 @@ def test_a_uri_list_feeds_the_listing(tmp_path) -> None:  # type: ignore[no-unty
         assert (counts.listed, counts.skipped_by_extension) == (2, 1)  # c, d: not under input
 
     (tmp_path / "list.txt").write_text(f"{photos}/a.jpg\n\n{photos}/sub/d.webp\n")
-    tables = list_tables(str(tmp_path / "list.txt"), str(photos), in_ray=False)
+    tables = list_tables(str(tmp_path / "list.txt"), str(photos))
     listed = list(list_images(fs, root, ListingCounts(), chunk_rows=10, tables=tables))
     assert [k[0] for k in _keys(listed)] == [f"{photos}/a.jpg", f"{photos}/sub/d.webp"]
     assert [k[2] for k in _keys(listed)] == ["", ""]  # no version column: none is made up
     pq.write_table(pa.table({"path": ["x"]}), tmp_path / "bad.parquet")
     with pytest.raises(InputError, match="no 'uri' column"):
-        list(list_tables(str(tmp_path / "bad.parquet"), str(photos), in_ray=False))
+        list(list_tables(str(tmp_path / "bad.parquet"), str(photos)))
     with pytest.raises(InputError, match="--input-list not found"):
-        list(list_tables(str(tmp_path / "missing.txt"), str(photos), in_ray=False))
+        list(list_tables(str(tmp_path / "missing.txt"), str(photos)))
 
 
 @pytest.mark.parametrize("limit", [None, 7])
@@ -262,7 +262,7 @@ def test_a_list_names_images_as_the_listing_does(tmp_path) -> None:  # type: ign
         "dir.jpg/file", "dir.jpg/.png", "a b.jpg", "é.jpg", "jpg",
     ]  # fmt: skip
     (tmp_path / "list.txt").write_text("".join(f"{tmp_path}/in/{n}\n" for n in names))
-    (table,) = list_tables(str(tmp_path / "list.txt"), str(tmp_path / "in"), in_ray=False)
+    (table,) = list_tables(str(tmp_path / "list.txt"), str(tmp_path / "in"))
     assert table["image"].to_pylist() == [has_image_extension(n) for n in names]
 
 
@@ -281,7 +281,8 @@ def test_an_s3_inventory_gives_the_keys_list_gives(
     import pyarrow.orc as orc
     import pyarrow.parquet as pq
 
-    from pipeline.inventory import list_tables
+    from pipeline.feed import read_list
+    from pipeline.inventory import InputList
 
     if in_ray:
         request.getfixturevalue("ray_session")
@@ -329,9 +330,10 @@ def test_an_s3_inventory_gives_the_keys_list_gives(
     }
     s3.pipe(f"{bucket}/inventory/manifest.json", json.dumps(manifest).encode())
     counts = ListingCounts()
-    tables = list_tables(
-        f"s3://{bucket}/inventory/manifest.json", f"s3://{bucket}/photos/", options, in_ray=in_ray
+    inventory = InputList.open(
+        f"s3://{bucket}/inventory/manifest.json", f"s3://{bucket}/photos/", options
     )
+    tables = read_list(inventory) if in_ray else inventory.tables()
     from_list = _keys(list_images(fs, path, counts, chunk_rows=100, tables=tables))
     assert from_list == listed  # same URIs, sizes and versions: the diff treats them alike
     assert counts.skipped_by_extension == 1

@@ -9,8 +9,10 @@ import pyarrow.dataset as pads
 import pytest
 from conftest import stage_rows
 
+from pipeline.commit import commit_run, write_manifest
 from pipeline.manifest import ModelIdentity, RunCounts, RunRecord
-from pipeline.output import ConcurrentCommitError, Output, read_embeddings, read_manifest
+from pipeline.output import ConcurrentCommitError, Output
+from pipeline.read import read_embeddings, read_manifest
 
 MODEL = ModelIdentity(
     weights="random:seed=0", weights_sha256="00" * 32, normalized=False, precision="fp32"
@@ -28,7 +30,7 @@ _stage = stage_rows
 
 def _commit(output: str, run_id: str, staged: dict[str, list[str]]) -> None:
     out = Output(output)
-    out.commit(out.snapshot(), _record(run_id), staged=staged)
+    commit_run(out, out.snapshot(), _record(run_id), staged=staged)
 
 
 def test_commit_then_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -39,7 +41,7 @@ def test_commit_then_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(FileNotFoundError):
         read_embeddings(output)
     out = Output(output)
-    manifest = out.commit(out.snapshot(), _record("run1"), staged=staged).manifest
+    manifest = commit_run(out, out.snapshot(), _record("run1"), staged=staged).manifest
     assert manifest is not None
     assert manifest.runs[0].files["embeddings"][0].startswith("embeddings/run_id=run1/")
     assert not (tmp_path / "out" / "_staging").exists()
@@ -83,10 +85,10 @@ def test_a_commit_refuses_when_another_run_committed_meanwhile(tmp_path) -> None
     _commit(output, "r1", _stage(output, "r1", ["/a.png"]))
     seen_by_r2 = out.snapshot()
     # r3 starts and commits while r2 is still running.
-    out.commit(out.snapshot(), _record("r3"), staged=_stage(output, "r3", ["/c.png"]))
+    commit_run(out, out.snapshot(), _record("r3"), staged=_stage(output, "r3", ["/c.png"]))
     staged = _stage(output, "r2", ["/b.png"])
     with pytest.raises(ConcurrentCommitError, match="another run committed"):
-        out.commit(seen_by_r2, _record("r2"), staged=staged)
+        commit_run(out, seen_by_r2, _record("r2"), staged=staged)
     manifest = read_manifest(output)
     assert manifest is not None and [r.run_id for r in manifest.runs] == ["r1", "r3"]
     assert not list((tmp_path / "out" / "embeddings").glob("run_id=r2*"))  # nothing moved
@@ -105,18 +107,18 @@ def test_local_commits_are_serialized_so_a_racing_commit_is_refused(tmp_path) ->
 
     def commit_r2() -> None:
         try:
-            outcome.append(Output(output).commit(seen, _record("r2"), staged=staged))
+            outcome.append(commit_run(Output(output), seen, _record("r2"), staged=staged))
         except ConcurrentCommitError as exc:
             outcome.append(exc)
 
-    with out._lock():
+    with out.lock():
         racer = threading.Thread(target=commit_r2)
         racer.start()
         racer.join(1.0)
         assert racer.is_alive() and not outcome  # r2 waits for r3's commit to finish
         assert seen.manifest is not None
         r3, _ = seen.manifest.with_run(_record("r3"))
-        out._write_manifest(r3.to_bytes(), seen.version)
+        write_manifest(out, r3.to_bytes(), seen.version)
     racer.join(30)
     assert len(outcome) == 1 and isinstance(outcome[0], ConcurrentCommitError)
     manifest = read_manifest(output)
@@ -127,14 +129,14 @@ def test_local_commits_are_serialized_so_a_racing_commit_is_refused(tmp_path) ->
 def test_s3_manifest_puts_are_conditional(s3_bucket, s3_endpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
     s3, bucket = s3_bucket
     out = Output(f"s3://{bucket}/out", {"endpoint_url": s3_endpoint})
-    out._write_manifest(b'{"v": 1}', None)  # If-None-Match: * on a new key
+    write_manifest(out, b'{"v": 1}', None)  # If-None-Match: * on a new key
     with pytest.raises(ConcurrentCommitError):
-        out._write_manifest(b'{"v": 2}', None)  # ...refused once it exists
-    etag = out._version()
+        write_manifest(out, b'{"v": 2}', None)  # ...refused once it exists
+    etag = out.version()
     assert etag
-    out._write_manifest(b'{"v": 3}', etag)  # If-Match: the ETag we read
+    write_manifest(out, b'{"v": 3}', etag)  # If-Match: the ETag we read
     with pytest.raises(ConcurrentCommitError):
-        out._write_manifest(b'{"v": 4}', etag)  # stale ETag: refused
+        write_manifest(out, b'{"v": 4}', etag)  # stale ETag: refused
     assert s3.cat_file(f"{bucket}/out/_manifest.json") == b'{"v": 3}'
 
 
@@ -174,13 +176,13 @@ def test_a_run_reads_the_manifest_once(tmp_path, make_image, ray_session, monkey
 def test_the_dataset_reader_gives_the_current_table(tmp_path, ray_session) -> None:  # type: ignore[no-untyped-def]
     import pyarrow as pa
 
-    from pipeline.output import read_embeddings_dataset
+    from pipeline.read import read_embeddings_dataset
 
     output = str(tmp_path / "out")
     _commit(output, "r1", _stage(output, "r1", ["/a.png", "/b.png", "/c.png"]))
     _commit(output, "r2", _stage(output, "r2", ["/b.png", "/d.png"]))  # /b.png changed
     out = Output(output)
-    out.commit(out.snapshot(), _record("r3"), staged={}, deleted_uris=pa.array(["/c.png"]))
+    commit_run(out, out.snapshot(), _record("r3"), staged={}, deleted_uris=pa.array(["/c.png"]))
 
     def rows(table: pa.Table) -> list[tuple[str, str]]:
         return sorted(zip(table["uri"].to_pylist(), table["run_id"].to_pylist(), strict=True))
@@ -209,15 +211,18 @@ def test_a_racing_run_is_refused_between_the_checkpoints_of_another(
         fs, output, options = None, str(tmp_path / "out"), {}
     out = Output(output, options)
     start = out.snapshot()  # both runs start from the same (empty) output
-    a1 = out.commit(
+    a1 = commit_run(
+        out,
         start,
         dataclasses.replace(_record("a"), status="checkpointed"),
         staged=_stage(output, "a", ["/1.png"], options),
         final=False,
     )
     with pytest.raises(ConcurrentCommitError):  # run b's first commit: a committed meanwhile
-        out.commit(start, _record("b"), staged=_stage(output, "b", ["/1.png", "/2.png"], options))
-    out.commit(a1, _record("a"), staged=_stage(output, "a", ["/2.png"], options))  # a goes on
+        commit_run(
+            out, start, _record("b"), staged=_stage(output, "b", ["/1.png", "/2.png"], options)
+        )
+    commit_run(out, a1, _record("a"), staged=_stage(output, "a", ["/2.png"], options))  # a goes on
     out.remove_orphans(retention=0)  # what the next run does first
     current = read_embeddings(output, storage_options=options)["uri"].to_pylist()
     assert sorted(current) == ["/1.png", "/2.png"]

@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from pipeline.cli import main
 from pipeline.manifest import RunRecord
-from pipeline.output import read_embeddings, read_manifest
+from pipeline.read import read_embeddings, read_manifest
 from pipeline.write import EMBEDDINGS_SCHEMA, ERRORS_SCHEMA
 
 pytestmark = pytest.mark.slow
@@ -246,7 +246,7 @@ def test_limit_and_resize_mode_are_recorded(corpus, tmp_path, ray_session) -> No
 
 
 def test_readme_python_example_runs(
-    tmp_path, make_image, ray_session, monkeypatch, readme_examples
+    tmp_path, make_image, ray_session, monkeypatch, doc_examples
 ) -> None:  # type: ignore[no-untyped-def]
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -255,7 +255,7 @@ def test_readme_python_example_runs(
     (photos / "broken.jpg").write_bytes(b"not a jpeg")
     monkeypatch.chdir(tmp_path)
     scope: dict[str, object] = {}
-    exec(compile(readme_examples["api"], "README.md:api", "exec"), scope)  # noqa: S102
+    exec(compile(doc_examples["api"], "README.md:api", "exec"), scope)  # noqa: S102
     run = scope["run"]
     assert isinstance(run, RunRecord)
     assert (run.counts.embedded, run.counts.failed) == (10, 1)
@@ -369,8 +369,8 @@ def test_two_cpu_actors_of_half_a_cpu_each_leave_a_two_cpu_ray_room_to_decode(
 
 
 def test_cpu_actors_that_leave_no_cpu_to_decode_are_refused_in_one_line(caplog) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.checks import check_cpu_actors_fit
     from pipeline.config import ConfigError, EmbedConfig
-    from pipeline.run import check_cpu_actors_fit
 
     def config(**knobs: Any) -> EmbedConfig:
         return EmbedConfig(input="in", output="out", **knobs)
@@ -437,8 +437,8 @@ def test_calls_per_actor_runs_batches_at_once_in_one_actor(
 
 
 def test_decode_device_cuda_is_refused_in_one_line_without_gpus() -> None:
+    from pipeline.checks import check_decode_device
     from pipeline.config import ConfigError, EmbedConfig
-    from pipeline.run import check_decode_device
 
     config = EmbedConfig(input="in", output="out", decode_device="cuda")
     with pytest.raises(ConfigError, match=r"^--decode-device cuda needs GPU model actors"):

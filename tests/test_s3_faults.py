@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from pipeline.cli import main
-from pipeline.output import read_embeddings, read_manifest
+from pipeline.read import read_embeddings, read_manifest
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from conftest import kill_stalled_driver
 
 from bench.overhead import Identity
 from pipeline.config import EmbedConfig
-from pipeline.output import read_embeddings, read_manifest
+from pipeline.read import read_embeddings, read_manifest
 from pipeline.run import execute_run, prepare_run
 
 
@@ -279,9 +279,11 @@ def test_a_compaction_killed_midway_loses_nothing(
     def power_cut(*args: Any, **kwargs: Any) -> None:
         raise OSError("power cut")
 
-    target = "_write_manifest" if killed == "before its manifest" else "discard_staging"
     with monkeypatch.context() as patch:
-        patch.setattr(Output, target, power_cut)
+        if killed == "before its manifest":
+            patch.setattr("pipeline.commit.write_manifest", power_cut)
+        else:
+            patch.setattr(Output, "discard_staging", power_cut)
         with pytest.raises(OSError, match="power cut"):
             compact(output, storage_options=options)
     # Readers that go through the manifest see each image once, either way.

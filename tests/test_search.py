@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,8 +13,8 @@ from PIL import Image
 from bench.corpus import photo_like
 from pipeline.cli import main
 from pipeline.config import PipelineError
-from pipeline.output import iter_embeddings, read_embeddings
 from pipeline.query import nearest
+from pipeline.read import iter_embeddings, read_embeddings
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,19 +134,48 @@ def test_lancedb_export_finds_the_near_duplicates(table, tmp_path) -> None:  # t
         assert {"original_width", "original_height"} <= set(hits[0])
 
 
-def test_readme_ingestion_examples_run(table, tmp_path, monkeypatch, readme_examples) -> None:  # type: ignore[no-untyped-def]
-    output, groups = table
-    examples = readme_examples
-    assert {"faiss", "lancedb", "duckdb"} <= set(examples)
+@pytest.fixture(scope="module")
+def changed(tmp_path_factory, ray_session) -> Path:  # type: ignore[no-untyped-def]
+    """An output whose folders hold rows that are no longer current: one image changed and one
+    deleted between two runs; vectors not normalized."""
+    base = tmp_path_factory.mktemp("changed")
+    photos, output = base / "photos", base / "out"
+    _near_duplicates(photos)
+    args = ["run", "--input", str(photos), "--output", str(output), "--weights", "random"]
+    assert main(args) == 0
+    photo_like((320, 240), seed=77).save(photos / "g0-original.png")  # another picture
+    (photos / "g3-rescaled.jpg").unlink()
+    assert main(args) == 0
+    return output
+
+
+RECIPES = ("faiss_export", "faiss", "lancedb", "duckdb")
+
+
+def _keys(table: Any) -> list[tuple[str, str]]:
+    return sorted(zip(table["uri"].to_pylist(), table["run_id"].to_pylist(), strict=True))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_each_search_recipe_reads_current_rows_and_ranks_the_query_first(
+    changed, tmp_path, monkeypatch, doc_examples, name
+) -> None:  # type: ignore[no-untyped-def]
+    """The recipes of docs/search.md, as written (issue 24: the plain folder read brought deleted
+    and changed images back, and raw inner products of un-normalized vectors did not rank an
+    image first against itself)."""
+    current = read_embeddings(str(changed), columns=["uri", "run_id"])
+    current_keys = _keys(current)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "out").symlink_to(output)
-    for name in ("faiss", "lancedb", "duckdb"):
-        scope: dict[str, object] = {}
-        exec(compile(examples[name], f"README.md:{name}", "exec"), scope)  # noqa: S102
-        assert scope["neighbours"], name  # each example ends with the nearest uris of one image
-        assert {groups[str(u)] for u in scope["neighbours"]} == {groups[str(scope["query_uri"])]}, (
-            name
-        )
+    (tmp_path / "out").symlink_to(changed)
+    if name == "faiss_export":  # the page's command, before its code
+        assert main(["export", "out", "--to", "faiss", "out.faiss", "--normalize"]) == 0
+    scope: dict[str, object] = {}
+    exec(compile(doc_examples[name], f"docs/search.md:{name}", "exec"), scope)  # noqa: S102
+    neighbours = [str(u) for u in scope["neighbours"]]  # type: ignore[attr-defined]
+    assert neighbours[0] == scope["query_uri"], neighbours  # an image is nearest to itself
+    assert set(neighbours) <= {u for u, _ in current_keys}  # never a deleted image
+    if "current" in scope:
+        assert _keys(scope["current"]) == current_keys  # the new row of the changed image
 
 
 @pytest.mark.parametrize("to", ["faiss", "lancedb"])

@@ -1,0 +1,196 @@
+"""The fail-fast checks of a run: what can be refused in one line before any data moves.
+
+The input and output (:func:`check_run`), the model actors' GPUs and CPUs against the Ray's
+(:func:`resolve_num_gpus`, :func:`check_cpu_actors_fit`), and the table's model against the
+run's (:func:`check_same_model`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from pipeline.config import ConfigError, EmbedConfig, PipelineError
+from pipeline.listing import InputError
+from pipeline.manifest import Manifest, ModelIdentity
+from pipeline.output import Output, Snapshot
+from pipeline.preprocessing import PreprocessSpec, preprocess_spec
+from pipeline.storage import RAY_WORKING_DIR, is_local, open_fs, storage_errors, to_uri, within
+from pipeline.weights import sniff_checkpoint, weights_name
+
+logger = logging.getLogger(__name__)
+
+
+class Paths(NamedTuple):
+    """A run's input and output, resolved and checked once (:func:`check_run`)."""
+
+    input_fs: Any
+    input_root: str
+    input_uri: str
+    output: Output
+
+
+def check_run(config: EmbedConfig) -> Paths:
+    """:func:`check_paths`, then a writable output and a weights file that can be a checkpoint
+    (from its first bytes): what fails in a second, before anything is listed or loaded."""
+    paths = check_paths(config)
+    with storage_errors(paths.output.uri):
+        paths.output.check_writable()
+    sniff_checkpoint(config.weights, storage_options=config.fs_options())
+    return paths
+
+
+def check_paths(config: EmbedConfig) -> Paths:
+    """The input's filesystem, root and URI, and the output; refuses a missing input and an
+    output inside the input."""
+    options = config.fs_options()
+    in_fs, in_root = open_fs(config.input, options)
+    input_uri = to_uri(in_fs, in_root)
+    output = Output(config.output, options)
+    if is_local(in_fs) and is_local(output.fs):
+        inside = within(output.root, in_root)  # real paths: through links and ".."
+    else:
+        inside = type(in_fs) is type(output.fs) and (output.root + "/").startswith(
+            in_root.rstrip("/") + "/"
+        )
+    if inside:
+        raise ConfigError(
+            f"output {output.uri} is inside input {input_uri}: its Parquet files would be "
+            "listed by later runs; choose an output outside the input"
+        )
+    for name, fs, root in (("--input", in_fs, in_root), ("--output", output.fs, output.root)):
+        if is_local(fs) and RAY_WORKING_DIR in os.path.realpath(root) + "/":
+            raise ConfigError(
+                f"{name} {root} lies in this Ray job's --working-dir, which Ray unpacks to a "
+                "new folder for each job: images would be recorded under a path that changes "
+                "from job to job. Give an absolute path outside it, or an s3:// URI"
+            )
+    with storage_errors(input_uri):
+        if not in_fs.exists(in_root):
+            raise InputError(f"input not found: {input_uri}")
+    return Paths(in_fs, in_root, input_uri, output)
+
+
+def check_decode_device(config: EmbedConfig, num_gpus: float) -> None:
+    """``--decode-device cuda`` needs GPU model actors: refuse it, in one line, elsewhere."""
+    if config.decode_device == "cuda" and num_gpus <= 0:
+        raise ConfigError(
+            "--decode-device cuda needs GPU model actors, and this cluster has no GPU "
+            "(or --num-gpus is 0): use --decode-device cpu"
+        )
+
+
+def check_cpu_actors_fit(config: EmbedConfig, num_gpus: float, cpus: float, fixed: bool) -> None:
+    """CPU model actors and a decode task must fit the Ray's ``cpus`` together: actors that
+    reserve every CPU leave decode none, and the run would wait forever. Refused in one line
+    on a Ray of fixed size (``fixed``: the one this process started); on a cluster, whose
+    autoscaler may add nodes, a warning."""
+    if num_gpus > 0:
+        return
+    actors = config.concurrency if isinstance(config.concurrency, int) else config.concurrency[0]
+    task = max(config.decode_cpus, config.write_cpus)
+    need = actors * config.model_cpus + task
+    if need <= cpus + 1e-9:
+        return
+    what = (
+        f"--concurrency {actors}: CPU model actors reserve {config.model_cpus:g} CPU each "
+        f"(--model-cpus) and decode and writer tasks {task:g} (--decode-cpus, --write-cpus), "
+        f"{need:g} CPUs in all, and this Ray has {cpus:g}"
+    )
+    if fixed:
+        if task < cpus:
+            fits = f"--model-cpus {(cpus - task) / actors:.3g}"
+        else:  # a task alone takes every CPU: halve it
+            half = cpus / 2
+            fits = f"--model-cpus {half / actors:.3g} --decode-cpus {half:g} --write-cpus {half:g}"
+        raise ConfigError(
+            f"{what}: nothing would be left to decode on; lower --concurrency, or reserve "
+            f"less (e.g. {fits}, and --model-threads cores/actors)"
+        )
+    logger.warning("%s now: the run waits until the cluster grows", what)
+
+
+def model_difference(config: EmbedConfig, snapshot: Snapshot, output: Output) -> str | None:
+    """Why the table's model differs from the one ``config`` names, as far as is known
+    without loading the weights (their name stands for their sha256)."""
+    manifest = snapshot.manifest
+    if manifest is None or manifest.model is None:
+        return None
+    preprocessing = preprocess_spec(config.resize, jpeg_draft=config.jpeg_draft).to_metadata()
+    model = dataclasses.replace(
+        manifest.model, weights=weights_name(config), normalized=config.normalize
+    )
+    if model.weights != manifest.model.weights:
+        return (
+            f"{output.uri} holds embeddings of weights {manifest.model.weights!r}, this run "
+            f"names {model.weights!r}: it refuses them unless their sha256 is the recorded one "
+            "(--full replaces the table)"
+        )
+    try:
+        check_same_model(manifest, model, preprocessing, output.uri)
+    except PipelineError as exc:
+        return str(exc)
+    return None
+
+
+def check_same_model(
+    previous: Manifest,
+    model: ModelIdentity,
+    preprocessing: Mapping[str, Any],
+    output: str,
+    *,
+    limited_full: bool = False,
+) -> None:
+    """Refuse to mix vectors of different models or preprocessing in one table.
+
+    ``limited_full``: the run is ``--full --limit N``, which adds to the table without
+    replacing it, so it too must match the table's model.
+    """
+    fix = (
+        "drop --limit, so that --full replaces the whole table"
+        if limited_full
+        else "pass --full to replace them, or use another output"
+    )
+    if previous.model is not None:
+        difference = previous.model.first_difference(model)
+        if difference:
+            key, before, now = difference
+            raise ConfigError(
+                f"{output} holds embeddings with {key}={before!r}, this run would "
+                f"write {key}={now!r}: {fix}"
+            )
+    # Only what turns pixels into inputs is compared, not descriptive keys.
+    fields = [f.name for f in dataclasses.fields(PreprocessSpec)]
+    before_spec = {k: _plain((previous.preprocessing or {}).get(k)) for k in fields}
+    if before_spec != {k: _plain(preprocessing.get(k)) for k in fields}:
+        raise ConfigError(
+            f"{output} holds embeddings made with other preprocessing "
+            f"({before_spec['mode']!r}): {fix}"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+def resolve_num_gpus(config: EmbedConfig) -> float:
+    """GPUs per model actor: ``--num-gpus``, else 1 where the cluster has GPUs, else 0."""
+    import ray
+
+    if config.num_gpus is not None:
+        return config.num_gpus
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def started_local_ray() -> bool:
+    """Whether this process started the Ray it is connected to (a local Ray of fixed size,
+    whose head processes share its fate), rather than joined a running one."""
+    ray = sys.modules.get("ray")  # never imported here: a process without Ray started none
+    if ray is None or not ray.is_initialized():
+        return False
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
