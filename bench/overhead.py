@@ -65,6 +65,26 @@ def decode_cpu_ms(folder: Path) -> float:
     return 1000 * (time.process_time() - start) / len(paths)
 
 
+def make_corpora(
+    work: Path, empty: int, small: int, scale: int
+) -> list[tuple[str, list[tuple[Path, int]]]]:
+    """Each kind of file, in two folders: N files and SCALE x N."""
+    corpora = []
+    for name, count in (("zero-byte", empty), ("small JPEG", small)):
+        pair = []
+        for n in (count, scale * count):  # a run and a run SCALE x as long
+            folder = work / f"{name.replace(' ', '-')}-{n}"
+            if name == "zero-byte":
+                folder.mkdir()
+                for i in range(n):
+                    (folder / f"{i:06d}.jpg").write_bytes(b"")
+            else:
+                make_corpus("small", folder, count=n)
+            pair.append((folder, n))
+        corpora.append((name, pair))
+    return corpora
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--empty", type=int, default=2000, help="zero-byte files")
@@ -89,19 +109,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        corpora = []
-        for name, count in (("zero-byte", args.empty), ("small JPEG", args.small)):
-            pair = []
-            for n in (count, args.scale * count):  # a run and a run SCALE x as long
-                folder = work / f"{name.replace(' ', '-')}-{n}"
-                if name == "zero-byte":
-                    folder.mkdir()
-                    for i in range(n):
-                        (folder / f"{i:06d}.jpg").write_bytes(b"")
-                else:
-                    make_corpus("small", folder, count=n)
-                pair.append((folder, n))
-            corpora.append((name, pair))
+        corpora = make_corpora(work, args.empty, args.small, args.scale)
         rows = []
         for name, pair in corpora:
             decode_ms = decode_cpu_ms(pair[0][0])

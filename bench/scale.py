@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,14 +130,15 @@ def write_committed(root: Path, keys: int, changed: float) -> None:
 def diff_child(root: str, keys: int, changed: float) -> dict[str, Any]:
     """In a fresh process: read the committed keys, index them, diff a listing in the chunks
     a run diffs."""
-    from pipeline.incremental import LISTING_BLOCK_ROWS, committed_images, diff_listing
+    from pipeline.incremental import LISTING_BLOCK_ROWS, diff_listing
     from pipeline.listing import ListingCounts
     from pipeline.output import Output
+    from pipeline.read import committed_images
 
-    # As pipeline.run.list_work does it.
+    # As pipeline.incremental.list_work does it.
     started = time.perf_counter()
     output = Output(root)
-    known = committed_images(output, output.snapshot())
+    known = committed_images(output, output.require(output.snapshot()))
     read_s = time.perf_counter() - started
     rows = len(known.current)
     counts = ListingCounts()
@@ -651,6 +652,20 @@ def bench_first_batch(args: argparse.Namespace) -> list[str]:
     ]
 
 
+# Each part of the bench: (its block's title in RESULTS.md, the bench).
+PARTS: dict[str, tuple[str, Callable[[argparse.Namespace], list[str]]]] = {
+    "diff": ("incremental diff", bench_diff),
+    "listing": ("listing an object store", bench_listing),
+    "listing-moto": ("listing moto's S3 server", bench_listing_moto),
+    "commit": ("commit of staged files", bench_commit),
+    "manifest": ("manifest size over a year of nightly runs", bench_manifest),
+    "local": ("zero-byte files on local disk, first and second run", bench_local),
+    "first-batch": ("time to the first batch at the model stage", bench_first_batch),
+    "input-list": ("reading an --input-list", bench_input_list),
+    "first-chunk": ("time to the first block of listing rows", bench_first_chunk),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_first_batch_child":
@@ -693,24 +708,9 @@ def main(argv: list[str] | None = None) -> None:
     input_list = sub.add_parser("input-list")
     input_list.add_argument("--keys", type=int, default=10_000_000)
     args = parser.parse_args(argv)
-    if args.part == "diff":
-        append("Scale: incremental diff", bench_diff(args))
-    elif args.part == "listing" and args.moto:
-        append("Scale: listing moto's S3 server", bench_listing_moto(args))
-    elif args.part == "listing":
-        append("Scale: listing an object store", bench_listing(args))
-    elif args.part == "commit":
-        append("Scale: commit of staged files", bench_commit(args))
-    elif args.part == "manifest":
-        append("Scale: manifest size over a year of nightly runs", bench_manifest(args))
-    elif args.part == "local":
-        append("Scale: zero-byte files on local disk, first and second run", bench_local(args))
-    elif args.part == "first-batch":
-        append("Scale: time to the first batch at the model stage", bench_first_batch(args))
-    elif args.part == "input-list":
-        append("Scale: reading an --input-list", bench_input_list(args))
-    elif args.part == "first-chunk":
-        append("Scale: time to the first block of listing rows", bench_first_chunk(args))
+    part = "listing-moto" if args.part == "listing" and args.moto else args.part
+    title, bench = PARTS[part]
+    append(f"Scale: {title}", bench(args))
 
 
 if __name__ == "__main__":

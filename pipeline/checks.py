@@ -1,8 +1,8 @@
-"""The fail-fast checks of a run: what can be refused in one line before any data moves.
+"""A run, checked: the :class:`Run` object and the fail-fast rules that build it.
 
-The input and output (:func:`check_run`), the model actors' GPUs and CPUs against the Ray's
-(:func:`resolve_num_gpus`, :func:`check_cpu_actors_fit`), and the table's model against the
-run's (:func:`check_same_model`).
+The input and output (:func:`check_run`, which builds the ``Run``), the model actors' GPUs and
+CPUs against the Ray's (:func:`placed`), and the table's model against the run's
+(:func:`check_same_model`): whatever can be refused in one line before any data moves.
 """
 
 from __future__ import annotations
@@ -11,42 +11,105 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from pipeline.config import ConfigError, EmbedConfig, PipelineError
+from pipeline.embed import ModelIdentity
+from pipeline.inventory import InputList
 from pipeline.listing import InputError
-from pipeline.manifest import Manifest, ModelIdentity
+from pipeline.manifest import Manifest, new_run_id, utc_iso
 from pipeline.output import Output, Snapshot
 from pipeline.preprocessing import PreprocessSpec, preprocess_spec
 from pipeline.storage import RAY_WORKING_DIR, is_local, open_fs, storage_errors, to_uri, within
-from pipeline.weights import sniff_checkpoint, weights_name
+from pipeline.weights import ResolvedWeights, sniff_checkpoint, weights_name
 
 logger = logging.getLogger(__name__)
 
 
-class Paths(NamedTuple):
-    """A run's input and output, resolved and checked once (:func:`check_run`)."""
+class Input(NamedTuple):
+    """A run's input, resolved and checked once: its filesystem, root and URI, and its
+    ``--input-list`` opened (an inventory's manifest read)."""
 
-    input_fs: Any
-    input_root: str
-    input_uri: str
+    fs: Any
+    root: str
+    uri: str
+    list: InputList | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run, built once by :func:`check_run` and handed whole to every step after it.
+
+    The output's ``snapshot`` is read once the run holds the output's lease
+    (:func:`pipeline.run.read_output`): the model check, the diff and every commit use it.
+    ``weights`` are loaded by :func:`pipeline.run.prepare_run`; ``num_gpus`` and
+    ``started_ray`` are settled by :func:`placed` once Ray is up. Nothing downstream derives
+    any of them again from the config.
+    """
+
+    config: EmbedConfig
+    run_id: str
+    started: float
+    started_at: str
+    input: Input
     output: Output
+    spec: PreprocessSpec
+    snapshot: Snapshot | None = None  # the output, read once under the run's lease
+    weights: ResolvedWeights | None = None
+    num_gpus: float = 0.0  # per model actor; 0: CPU actors
+    started_ray: bool = False  # this process started the Ray it runs on (fixed size)
+
+    @property
+    def model(self) -> ModelIdentity:
+        """What makes this run's vectors: the loaded weights, and what the actors compute in.
+
+        CPU actors compute fp32, or bf16 where asked for (they refuse it on CPUs without
+        native bf16), and the output says so."""
+        assert self.weights is not None, "prepare_run loads the weights"
+        config = self.config
+        return ModelIdentity(
+            weights=self.weights.name,
+            weights_sha256=self.weights.sha256,
+            normalized=config.normalize,
+            precision=(
+                config.precision if self.num_gpus > 0 or config.precision == "bf16" else "fp32"
+            ),
+        )
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return self.spec.to_metadata()
 
 
-def check_run(config: EmbedConfig) -> Paths:
-    """:func:`check_paths`, then a writable output and a weights file that can be a checkpoint
-    (from its first bytes): what fails in a second, before anything is listed or loaded."""
-    paths = check_paths(config)
-    with storage_errors(paths.output.uri):
-        paths.output.check_writable()
-    sniff_checkpoint(config.weights, storage_options=config.fs_options())
-    return paths
+def check_run(config: EmbedConfig, run_id: str | None = None, *, writes: bool = True) -> Run:
+    """:func:`check_input_output`, then a writable output and a weights file that can be a
+    checkpoint (from its first bytes): what fails in a second, before anything is listed or
+    loaded. The run starts here: its id, clock and preprocessing are fixed now.
+
+    ``writes=False``: a dry run, which writes nothing and loads no weights, so neither is
+    checked."""
+    started, started_at = time.time(), utc_iso()
+    source, output = check_input_output(config)
+    if writes:
+        with storage_errors(output.uri):
+            output.check_writable()
+        sniff_checkpoint(config.weights, storage_options=config.fs_options())
+    return Run(
+        config=config,
+        run_id=run_id or new_run_id(),
+        started=started,
+        started_at=started_at,
+        input=source,
+        output=output,
+        spec=preprocess_spec(config.resize, jpeg_draft=config.jpeg_draft),
+    )
 
 
-def check_paths(config: EmbedConfig) -> Paths:
-    """The input's filesystem, root and URI, and the output; refuses a missing input and an
-    output inside the input."""
+def check_input_output(config: EmbedConfig) -> tuple[Input, Output]:
+    """The input (its ``--input-list`` opened) and the output; refuses a missing input or list
+    and an output inside the input."""
     options = config.fs_options()
     in_fs, in_root = open_fs(config.input, options)
     input_uri = to_uri(in_fs, in_root)
@@ -72,7 +135,28 @@ def check_paths(config: EmbedConfig) -> Paths:
     with storage_errors(input_uri):
         if not in_fs.exists(in_root):
             raise InputError(f"input not found: {input_uri}")
-    return Paths(in_fs, in_root, input_uri, output)
+    listed = InputList.open(config.input_list, input_uri, options) if config.input_list else None
+    return Input(in_fs, in_root, input_uri, listed), output
+
+
+def placed(run: Run) -> Run:
+    """The run on the Ray it will use: GPUs per model actor resolved, and refused in one line
+    where its model actors cannot run there (:func:`check_decode_device`,
+    :func:`check_cpu_actors_fit`)."""
+    import ray
+
+    config = run.config
+    num_gpus = resolve_num_gpus(config)
+    started = started_local_ray()
+    check_decode_device(config, num_gpus)
+    check_cpu_actors_fit(config, num_gpus, ray.cluster_resources().get("CPU", 0.0), started)
+    if num_gpus == 0 and config.calls_per_actor > 1:
+        logger.warning(
+            "--calls-per-actor %d on CPU model actors: that many forward passes share the "
+            "node's cores at once (one already uses them all)",
+            config.calls_per_actor,
+        )
+    return dataclasses.replace(run, num_gpus=num_gpus, started_ray=started)
 
 
 def check_decode_device(config: EmbedConfig, num_gpus: float) -> None:
@@ -112,6 +196,24 @@ def check_cpu_actors_fit(config: EmbedConfig, num_gpus: float, cpus: float, fixe
             f"less (e.g. {fits}, and --model-threads cores/actors)"
         )
     logger.warning("%s now: the run waits until the cluster grows", what)
+
+
+def diff_base(run: Run) -> tuple[Manifest | None, bool]:
+    """What the run's listing is diffed against, once the table's model is checked: the
+    snapshot's manifest (an incremental run), a killed ``--full`` run's pending files of the
+    same model (``True``: this one resumes them), or nothing (embed everything)."""
+    assert run.snapshot is not None, "the run reads its output first"
+    manifest, config = run.snapshot.manifest, run.config
+    if manifest is None:
+        return None, False
+    if not config.full or config.limit is not None:  # adds to the table: same model only
+        check_same_model(
+            manifest, run.model, run.preprocessing, run.output.uri, limited_full=config.full
+        )
+    if not config.full:
+        return manifest, False
+    resume = manifest.pending is not None and manifest.pending.matches(run.model, run.preprocessing)
+    return (manifest if resume else None), resume
 
 
 def model_difference(config: EmbedConfig, snapshot: Snapshot, output: Output) -> str | None:

@@ -72,6 +72,15 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(run)
+    subs = [
+        make(commands) for make in (_status_parser, _query_parser, _export_parser, _compact_parser)
+    ]
+    for sub in subs:
+        add_config_arguments(sub, "endpoint_url", "storage_options")
+    return parser, run
+
+
+def _status_parser(commands: Any) -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status",
         help="print the committed runs of an output as a table",
@@ -83,6 +92,10 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         action="store_true",
         help="print the runs as JSON (counts, failures by type, timings; no file lists)",
     )
+    return status
+
+
+def _query_parser(commands: Any) -> argparse.ArgumentParser:
     query = commands.add_parser(
         "query",
         help="embed one image as OUTPUT was made and print its nearest neighbours",
@@ -101,6 +114,10 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "sha256 differs from the recorded one are refused",
     )
     query.add_argument("--seed", type=int, help="seed of --weights random (default: recorded)")
+    return query
+
+
+def _export_parser(commands: Any) -> argparse.ArgumentParser:
     export = commands.add_parser(
         "export",
         help="stream OUTPUT's embeddings into a FAISS index or a LanceDB table",
@@ -121,6 +138,10 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     export.add_argument(
         "--batch-size", type=int, default=4096, metavar="N", help="rows per streamed batch"
     )
+    return export
+
+
+def _compact_parser(commands: Any) -> argparse.ArgumentParser:
     compact = commands.add_parser(
         "compact",
         help="rewrite OUTPUT's current table into fresh files, dropping superseded rows",
@@ -138,9 +159,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="rows per compacted file (default %(default)s)",
     )
     compact.add_argument("--address", metavar="ADDR", help="Ray cluster to run on")
-    for sub in (status, query, export, compact):
-        add_config_arguments(sub, "endpoint_url", "storage_options")
-    return parser, run
+    return compact
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:

@@ -348,20 +348,16 @@ class EmbedConfig:
             raise ConfigError("--input is empty: give a folder or an s3:// prefix")
         if not self.output:
             raise ConfigError("--output is empty: give a folder or an s3:// prefix")
-        if self.resize not in RESIZE_MODES:
-            raise ConfigError(f"--resize {self.resize!r}: choose one of {', '.join(RESIZE_MODES)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"
-            )
-        if self.decode_device not in DECODE_DEVICES:
-            raise ConfigError(
-                f"--decode-device {self.decode_device!r}: choose one of {', '.join(DECODE_DEVICES)}"
-            )
-        if self.compile not in COMPILE_MODES:
-            raise ConfigError(
-                f"--compile {self.compile!r}: choose one of {', '.join(COMPILE_MODES)}"
-            )
+        for name, choices in (
+            ("resize", RESIZE_MODES),
+            ("precision", PRECISIONS),
+            ("decode_device", DECODE_DEVICES),
+            ("compile", COMPILE_MODES),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                flag = name.replace("_", "-")
+                raise ConfigError(f"--{flag} {value!r}: choose one of {', '.join(choices)}")
         if self.batch_size is not None and (
             not isinstance(self.batch_size, int) or self.batch_size < 1
         ):

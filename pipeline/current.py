@@ -1,5 +1,6 @@
 """Which committed rows are current: per URI, its latest row in commit order, unless the
-image was deleted since. The readers, the diff and the compaction all ask this module.
+image was deleted since. The readers, the diff and the compaction all ask this module; the
+diff asks through :class:`CommittedImages`, the current keys indexed once per run.
 
 Rows are found by key without sorting strings: each key is hashed to 64 bits once
 (:func:`hash_keys`) and looked up in a sorted array of hashes (:class:`KeyIndex`); a hash
@@ -8,11 +9,27 @@ match is always checked against the key itself.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+# Failed images are retried only when the failure may be transient.
+RETRIED_ERROR_TYPES = frozenset({"unreadable"})
+
+# The committed columns the diff needs, per table.
+EMBEDDINGS_KEY_COLUMNS = ["uri", "file_size", "source_version"]
+ERRORS_KEY_COLUMNS = ["uri", "file_size", "source_version", "error_type", "error_message"]
+_KEY_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("file_size", pa.int64()), ("source_version", pa.string())]
+)
+NO_EMBEDDINGS = _KEY_SCHEMA.empty_table()
+NO_ERRORS = pa.schema(
+    [*_KEY_SCHEMA, pa.field("error_type", pa.string()), pa.field("error_message", pa.string())]
+).empty_table()
 
 
 class KeyIndex:
@@ -257,3 +274,112 @@ def take_rows(values: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
     inverse = np.empty_like(by_chunk)
     inverse[by_chunk] = np.arange(len(by_chunk))
     return gathered.take(pa.array(inverse, pa.int64()))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkDiff:
+    new: pa.Table
+    unchanged: int
+    known_failed_rows: np.ndarray  # rows of CommittedImages.errors
+
+
+class CommittedImages:
+    """The committed images a run need not embed again, indexed once per run.
+
+    Embedded images and images that failed for a lasting reason (everything but
+    ``RETRIED_ERROR_TYPES``) are known; a listed image whose key is among them is skipped.
+    Every current URI is indexed too, so that a complete listing can tell which are gone.
+    Each listed image costs two hashes and two binary searches (:class:`KeyIndex`), whatever
+    the size of the committed table, and the tables are indexed where they lie (no copy).
+
+    Args:
+        embeddings: Committed rows with ``EMBEDDINGS_KEY_COLUMNS``.
+        errors: Committed rows with ``ERRORS_KEY_COLUMNS``.
+        current: The rows of each that are current (:func:`resolve_rows`); default: all.
+        refused: Runs whose failures no verdict has accepted (``Manifest.refused``).
+
+    Example:
+        >>> known = CommittedImages(embeddings, errors)  # doctest: +SKIP
+        >>> known.diff(listing_chunk).new  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        embeddings: pa.Table,
+        errors: pa.Table,
+        current: tuple[np.ndarray, np.ndarray] | None = None,
+        *,
+        refused: Sequence[str] = (),
+    ) -> None:
+        self.errors = errors
+        # Error rows of runs whose verdict refused them (their failures count again).
+        self.refused = (
+            pc.is_in(errors["run_id"], pa.array(list(refused), errors["run_id"].type))
+            .to_numpy(zero_copy_only=False)
+            .astype(bool)
+            if refused and "run_id" in errors.column_names and errors.num_rows
+            else np.zeros(errors.num_rows, dtype=bool)
+        )
+        self.n_embedded = embeddings.num_rows
+        emb_rows, err_rows = current or (np.arange(embeddings.num_rows), np.arange(errors.num_rows))
+        # Both tables end to end (embedded rows first), as they lie: large_string, because
+        # past some 19 million URIs a string column's offsets overflow.
+        keys = pa.concat_tables(
+            [_key_columns(t, EMBEDDINGS_KEY_COLUMNS) for t in (embeddings, errors)]
+        )
+        lasting = pc.invert(pc.is_in(errors["error_type"], pa.array(sorted(RETRIED_ERROR_TYPES))))
+        lasting_rows = err_rows[lasting.to_numpy(zero_copy_only=False)[err_rows]]
+        # Embedded images and lasting failures by their whole key; every image by its URI.
+        self.keys = KeyIndex(
+            keys,
+            EMBEDDINGS_KEY_COLUMNS,
+            rows=np.concatenate([emb_rows, self.n_embedded + lasting_rows]),
+        )
+        self.current_rows = np.concatenate([emb_rows, self.n_embedded + err_rows]).astype(np.int64)
+        self.current = KeyIndex(keys, ["uri"], rows=self.current_rows)
+        self.seen = np.zeros(keys.num_rows, dtype=bool)
+
+    @classmethod
+    def empty(cls) -> CommittedImages:
+        return cls(NO_EMBEDDINGS, NO_ERRORS)
+
+    def diff(self, chunk: pa.Table) -> ChunkDiff:
+        """Split a listing chunk into new or changed rows, unchanged ones and known failures;
+        mark the current URIs it holds as seen."""
+        if chunk.num_rows == 0:
+            return ChunkDiff(chunk, 0, np.zeros(0, np.int64))
+        seen = self.current.find(chunk)
+        self.seen[seen[seen >= 0]] = True
+        found = self.keys.find(chunk)
+        matched = found[found >= 0]
+        return ChunkDiff(
+            new=chunk.filter(pa.array(found < 0)),
+            unchanged=int((matched < self.n_embedded).sum()),
+            known_failed_rows=matched[matched >= self.n_embedded] - self.n_embedded,
+        )
+
+    def unseen(self) -> pa.Array:
+        """Current URIs no chunk held: gone from the input, if the listing was complete."""
+        gone = self.current_rows[~self.seen[self.current_rows]]
+        return take_rows(self.current.table["uri"], np.sort(gone))
+
+    def failure_columns(self, rows: np.ndarray) -> list[Sequence[Any]]:
+        """``error_type``, ``uri`` and ``error_message`` of these rows of the errors table (for
+        :func:`pipeline.failures.failures_by_type`)."""
+        return [
+            take_rows(self.errors[column], rows).to_numpy(zero_copy_only=False)
+            if column in self.errors.column_names
+            else [""] * len(rows)
+            for column in ("error_type", "uri", "error_message")
+        ]
+
+
+_KEY_TYPES = {
+    "uri": pa.large_string(),
+    "file_size": pa.int64(),
+    "source_version": pa.large_string(),
+}
+
+
+def _key_columns(table: pa.Table, columns: Sequence[str]) -> pa.Table:
+    return pa.table({c: table[c].cast(_KEY_TYPES[c]) for c in columns})

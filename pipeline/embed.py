@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import json
 import os
 import threading
 from collections.abc import Iterator, Mapping
@@ -25,6 +27,70 @@ if TYPE_CHECKING:
     from pipeline.preprocessing import PreprocessSpec
 
 EMBEDDING_DIM = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelIdentity:
+    """What made a table's vectors; the manifest and every Parquet file record the same one.
+
+    Example:
+        >>> ModelIdentity(weights="random:seed=0", weights_sha256="ab" * 32,
+        ...               normalized=False, precision="fp32").to_parquet_metadata()["model"]
+        'resnet50'
+    """
+
+    weights: str
+    weights_sha256: str
+    normalized: bool
+    precision: Precision
+    name: str = "resnet50"
+    embedding_dim: int = EMBEDDING_DIM
+    embedding_dtype: str = "float32"
+
+    # What makes two tables' vectors comparable (precision alone does not change the model).
+    COMPARED = ("weights_sha256", "normalized", "embedding_dim")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "embedding_dim": self.embedding_dim,
+            "embedding_dtype": self.embedding_dtype,
+            "normalized": self.normalized,
+            "precision": self.precision,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelIdentity:
+        return cls(
+            name=str(data.get("name", "resnet50")),
+            weights=str(data["weights"]),
+            weights_sha256=str(data["weights_sha256"]),
+            embedding_dim=int(data.get("embedding_dim", EMBEDDING_DIM)),
+            embedding_dtype=str(data.get("embedding_dtype", "float32")),
+            normalized=bool(data.get("normalized", False)),
+            precision=data.get("precision", "fp32"),
+        )
+
+    def to_parquet_metadata(self) -> dict[str, str]:
+        """Parquet key-value metadata (strings only)."""
+        return {
+            "model": self.name,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "embedding_dim": str(self.embedding_dim),
+            "embedding_dtype": self.embedding_dtype,
+            "normalized": json.dumps(self.normalized),
+            "precision": self.precision,
+        }
+
+    def first_difference(self, other: ModelIdentity) -> tuple[str, Any, Any] | None:
+        """``(key, ours, theirs)`` for the first compared key that differs, else ``None``."""
+        for key in self.COMPARED:
+            if getattr(self, key) != getattr(other, key):
+                return key, getattr(self, key), getattr(other, key)
+        return None
 
 
 # The environment of a CPU model actor's process (glibc reads it at start): one malloc arena.
@@ -68,6 +134,46 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     libc.mallopt(m_mmap_threshold, ctypes.c_int(1 << 30))
     libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
+
+
+def check_cpu_precision(precision: Precision) -> None:
+    """Refuse, on a CPU actor, a precision it cannot compute in. The precision is decided once,
+    in the driver, and written into the output's metadata: computing in another one here would
+    make the files lie."""
+    if precision == "fp32":
+        return
+    if precision != "bf16":
+        raise ConfigError(
+            f"--precision {precision} needs a CUDA device, and torch sees none on this "
+            "actor's node: use --precision bf16 (on CPUs with AVX512-BF16 or AMX) or fp32"
+        )
+    if not cpu_has_bf16():
+        raise ConfigError(
+            "--precision bf16 on CPU needs AVX512-BF16 or AMX-BF16, and this actor's CPU "
+            "has neither (see the flags in /proc/cpuinfo): use --precision fp32"
+        )
+
+
+def build_model(state_dict: Mapping[str, Any], device: torch.device) -> torch.nn.Module:
+    """ResNet50 with ``fc`` = identity and these weights, in eval mode, channels_last, on
+    ``device``."""
+    import torch
+    from torchvision.models import resnet50
+
+    # Built on the meta device: no time spent on a random init the weights overwrite.
+    with torch.device("meta"):
+        model = resnet50(weights=None)
+    model.fc = torch.nn.Identity()
+    weights = {
+        # numpy arrays come zero-copy, read-only, from Ray's object store: copy them.
+        key: torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
+        for key, value in state_dict.items()
+        if not key.startswith("fc.")
+    }
+    # strict: every other key is there (checked upstream); assign: no meta tensor remains.
+    model.load_state_dict(weights, strict=True, assign=True)
+    # channels_last lets cuDNN (and oneDNN on CPU) pick their fastest convolution kernels.
+    return model.eval().to(device, memory_format=torch.channels_last)
 
 
 class ResNet50Embedder:
@@ -123,7 +229,6 @@ class ResNet50Embedder:
         concurrent_calls: int = 1,
     ) -> None:
         import torch
-        from torchvision.models import resnet50
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if decode_spec is not None and device is None and self.device.type != "cuda":
@@ -141,37 +246,12 @@ class ResNet50Embedder:
             num_threads = len(os.sched_getaffinity(0))
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        if self.device.type == "cpu" and precision != "fp32":
-            # The precision is decided once, in the driver, and written into the output's
-            # metadata: computing in another one here would make the files lie.
-            if precision != "bf16":
-                raise ConfigError(
-                    f"--precision {precision} needs a CUDA device, and torch sees none on this "
-                    "actor's node: use --precision bf16 (on CPUs with AVX512-BF16 or AMX) or fp32"
-                )
-            if not cpu_has_bf16():
-                raise ConfigError(
-                    "--precision bf16 on CPU needs AVX512-BF16 or AMX-BF16, and this actor's CPU "
-                    "has neither (see the flags in /proc/cpuinfo): use --precision fp32"
-                )
+        if self.device.type == "cpu":
+            check_cpu_precision(precision)
+            keep_freed_memory()
         self.precision: Precision = precision
         self.normalize = normalize
-        if self.device.type == "cpu":
-            keep_freed_memory()
-        # Built on the meta device: no time spent on a random init the weights overwrite.
-        with torch.device("meta"):
-            model = resnet50(weights=None)
-        model.fc = torch.nn.Identity()
-        weights = {
-            # numpy arrays come zero-copy, read-only, from Ray's object store: copy them.
-            key: torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
-            for key, value in state_dict.items()
-            if not key.startswith("fc.")
-        }
-        # strict: every other key is there (checked upstream); assign: no meta tensor remains.
-        model.load_state_dict(weights, strict=True, assign=True)
-        # channels_last lets cuDNN (and oneDNN on CPU) pick their fastest convolution kernels.
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.model: Any = build_model(state_dict, self.device)
         if self.device.type == "cuda":
             # Fixed input shapes: let cuDNN time its algorithms once per shape and keep the best.
             torch.backends.cudnn.benchmark = True

@@ -15,19 +15,28 @@ written, so the commit reads them then.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from ray.data.block import Block, BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.config import PipelineError
-from pipeline.incremental import NewImages
+from pipeline.incremental import NewImages, list_work
 from pipeline.inventory import LIST_SCHEMA, InputList, ListFile
 from pipeline.listing import LISTING_SCHEMA, InputError
+
+if TYPE_CHECKING:
+    from pipeline.checks import Run
+    from pipeline.manifest import Manifest
+    from pipeline.sink import RunSink
+
+logger = logging.getLogger(__name__)
 
 # Chunks (of ``LISTING_BLOCK_ROWS`` new images) the feed holds before the lister waits.
 FEED_CHUNKS = 64
@@ -103,7 +112,7 @@ class StreamedListing:
 
     Args:
         listing: Lists and diffs the input, calling its ``keep`` argument with each chunk of
-            new images (:func:`pipeline.run.list_work`).
+            new images (:func:`pipeline.incremental.list_work`).
         ahead: New images fed beyond those written (``written``) before the listing waits.
     """
 
@@ -235,3 +244,53 @@ def read_list(listed: InputList) -> Iterator[pa.Table]:
         if isinstance(exc.cause, InputError):
             raise InputError(str(exc.cause)) from None
         raise
+
+
+def start_listing(
+    run: Run, base: Manifest | None, resume: bool, probed: NewImages | None = None
+) -> tuple[NewImages, StreamedListing | None]:
+    """The run's listing: a probe's (``probed``: its chunks go to the object store now), or
+    one started now against ``base`` (:func:`~pipeline.checks.diff_base`) in a driver thread,
+    streaming into the plan: the run starts with its first chunk of new images. A listing
+    that ends without one is settled at once: its books, and no stream. A streamed listing's
+    books are empty until it ends (the sink takes them then)."""
+    import ray
+
+    if probed is not None:
+        listing = dataclasses.replace(probed, refs=[ray.put(chunk) for chunk in probed.refs])
+        return listing, None
+    streamed = StreamedListing(
+        lambda keep: list_work(run, base, keep=keep, pending=resume, read_list=read_list)
+    )
+    if streamed.start():
+        return NewImages.empty(), streamed
+    try:  # nothing new: the books are complete already
+        return streamed.result(), None
+    finally:
+        streamed.cancel()
+
+
+@contextlib.contextmanager
+def feeding(
+    listing: NewImages, streamed: StreamedListing | None, sink: RunSink
+) -> Iterator[tuple[Any, int | Callable[[], int | None]]]:
+    """The plan's source and its total: a probe's chunks, or a listing that goes on while
+    the plan runs, whose own error is the one raised if it fails."""
+    if streamed is None:
+        yield listing.refs, listing.to_embed
+        return
+    sink.listing_done = streamed.result
+    streamed.written = lambda: sink.rows_written
+
+    def total() -> int | None:
+        return streamed.result().to_embed if streamed.done else None
+
+    try:
+        yield streamed.datasource(), total
+    except BaseException:
+        failed = streamed.failed  # before the cancel: then a waiting listing fails too
+        streamed.cancel()
+        if failed:
+            streamed.result()  # the listing's own error is the one raised
+        raise
+    streamed.cancel()  # done: the feed actor goes

@@ -9,38 +9,31 @@ row per URI (:mod:`pipeline.current`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.current import KeyIndex, resolve_rows, take_rows
-from pipeline.listing import ListingCounts, list_images
-from pipeline.manifest import Failures, Manifest, count_failures, failures_by_type
-from pipeline.output import Output, Snapshot
-from pipeline.read import load_table
+from pipeline.current import CommittedImages
+from pipeline.failures import Failures, count_failures, failures_by_type
+from pipeline.listing import IMAGE_EXTENSIONS, InputError, ListingCounts, list_images
+from pipeline.manifest import Manifest
+from pipeline.read import committed_images
 
-# Failed images are retried only when the failure may be transient.
-RETRIED_ERROR_TYPES = frozenset({"unreadable"})
+if TYPE_CHECKING:
+    from pipeline.checks import Run
+    from pipeline.inventory import InputList
+
+logger = logging.getLogger(__name__)
 
 # Listing rows per chunk: the unit of the diff, and of the new images fed to the plan (which
 # re-splits them into decode-sized blocks). Each chunk costs the diff a fixed time besides its
 # rows, which larger chunks spread; past a few thousand rows the gain is small
 # (``bench.scale diff`` measures it).
 LISTING_BLOCK_ROWS = 4096
-
-# The committed columns the diff needs, per table.
-EMBEDDINGS_KEY_COLUMNS = ["uri", "file_size", "source_version"]
-ERRORS_KEY_COLUMNS = ["uri", "file_size", "source_version", "error_type", "error_message"]
-_KEY_SCHEMA = pa.schema(
-    [("uri", pa.string()), ("file_size", pa.int64()), ("source_version", pa.string())]
-)
-NO_EMBEDDINGS = _KEY_SCHEMA.empty_table()
-NO_ERRORS = pa.schema(
-    [*_KEY_SCHEMA, pa.field("error_type", pa.string()), pa.field("error_message", pa.string())]
-).empty_table()
 
 
 @dataclasses.dataclass
@@ -56,6 +49,17 @@ class NewImages:
     # Of ``known_failures``, those of runs whose verdict refused them: they count again.
     unaccepted_failures: dict[str, Failures] = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def empty(cls) -> NewImages:
+        """No images, no books: a streamed listing's until it ends."""
+        return cls(
+            refs=[],
+            counts=ListingCounts(),
+            unchanged=0,
+            known_failures={},
+            deleted=pa.array([], pa.string()),
+        )
+
     @property
     def known_failed(self) -> int:
         return count_failures(self.known_failures)
@@ -63,6 +67,65 @@ class NewImages:
     @property
     def to_embed(self) -> int:
         return self.counts.listed - self.counts.duplicates - self.unchanged - self.known_failed
+
+
+def list_work(
+    run: Run,
+    table: Manifest | None,
+    *,
+    keep: Callable[[pa.Table], Any] | None,
+    max_listed: int | None = None,
+    pending: bool = False,
+    read_list: Callable[[InputList], Iterator[pa.Table]] | None = None,
+) -> NewImages:
+    """List the run's input against the current tables ``table`` lists (``None``: embed
+    everything; ``pending``: against a killed ``--full`` run's pending files, which this one
+    resumes); :func:`list_new_images` says what ``keep`` and ``max_listed`` do.
+
+    An ``--input-list`` is read by ``read_list`` (a run reads it with Ray Data,
+    :func:`pipeline.feed.read_list`), else in this process (a dry run, or a small run's probe,
+    which start no Ray).
+
+    Raises:
+        InputError: the input holds no image.
+    """
+    config, source = run.config, run.input
+    listing = list_new_images(
+        source.fs,
+        source.root,
+        # Only the index is kept: the tables it was built from go before the listing starts.
+        known=(committed_images(run.output, table, pending=pending) if table is not None else None),
+        keep=keep,
+        limit=config.limit,
+        max_listed=max_listed,
+        concurrency=config.list_concurrency,
+        tables=(
+            None
+            if source.list is None
+            else read_list(source.list)
+            if read_list is not None
+            else source.list.tables()
+        ),
+    )
+    counts = listing.counts
+    if counts.listed == 0:
+        raise InputError(
+            f"no images under {source.uri} ({counts.skipped_by_extension} other files "
+            f"skipped; images end in .{', .'.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    # DEBUG: the progress display and the summary say the same.
+    logger.debug(
+        "listed %d images under %s: %d new or changed, %d unchanged, %d known failed, "
+        "%d gone, %d skipped",
+        counts.listed,
+        source.uri,
+        listing.to_embed,
+        listing.unchanged,
+        listing.known_failed,
+        len(listing.deleted),
+        counts.skipped_by_extension,
+    )
+    return listing
 
 
 def list_new_images(
@@ -157,14 +220,16 @@ def diff_listing(
     full_listing = not limited and complete
     deleted = known.unseen() if full_listing else pa.array([], pa.large_string())
     failed = np.concatenate([np.zeros(0, np.int64), *failed_rows])
+    known_columns = known.failure_columns(failed)
+    unaccepted_columns = known.failure_columns(failed[known.refused[failed]])
     return NewImages(
         refs=refs,
         counts=counts,
         unchanged=unchanged,
-        known_failures=known.failures(failed),
+        known_failures=failures_by_type(*known_columns),
         deleted=deleted,
         complete=complete,
-        unaccepted_failures=known.failures(failed[known.refused[failed]]),
+        unaccepted_failures=failures_by_type(*unaccepted_columns),
     )
 
 
@@ -236,143 +301,3 @@ def _contains(seen1: np.ndarray, seen2: np.ndarray, h1: np.ndarray, h2: np.ndarr
             return found
         at = np.full(len(h1), len(seen1), dtype=at.dtype)
         at[again] = place[same1 & ~found[candidates]] + 1
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkDiff:
-    new: pa.Table
-    unchanged: int
-    known_failed_rows: np.ndarray  # rows of CommittedImages.errors
-
-
-class CommittedImages:
-    """The committed images a run need not embed again, indexed once per run.
-
-    Embedded images and images that failed for a lasting reason (everything but
-    ``RETRIED_ERROR_TYPES``) are known; a listed image whose key is among them is skipped.
-    Every current URI is indexed too, so that a complete listing can tell which are gone.
-    Each listed image costs two hashes and two binary searches (:class:`KeyIndex`), whatever
-    the size of the committed table, and the tables are indexed where they lie (no copy).
-
-    Args:
-        embeddings: Committed rows with ``EMBEDDINGS_KEY_COLUMNS``.
-        errors: Committed rows with ``ERRORS_KEY_COLUMNS``.
-        current: The rows of each that are current (:func:`resolve_rows`); default: all.
-        refused: Runs whose failures no verdict has accepted (``Manifest.refused``).
-
-    Example:
-        >>> known = CommittedImages(embeddings, errors)  # doctest: +SKIP
-        >>> known.diff(listing_chunk).new  # doctest: +SKIP
-    """
-
-    def __init__(
-        self,
-        embeddings: pa.Table,
-        errors: pa.Table,
-        current: tuple[np.ndarray, np.ndarray] | None = None,
-        *,
-        refused: Sequence[str] = (),
-    ) -> None:
-        self.errors = errors
-        # Error rows of runs whose verdict refused them (their failures count again).
-        self.refused = (
-            pc.is_in(errors["run_id"], pa.array(list(refused), errors["run_id"].type))
-            .to_numpy(zero_copy_only=False)
-            .astype(bool)
-            if refused and "run_id" in errors.column_names and errors.num_rows
-            else np.zeros(errors.num_rows, dtype=bool)
-        )
-        self.n_embedded = embeddings.num_rows
-        emb_rows, err_rows = current or (np.arange(embeddings.num_rows), np.arange(errors.num_rows))
-        # Both tables end to end (embedded rows first), as they lie: large_string, because
-        # past some 19 million URIs a string column's offsets overflow.
-        keys = pa.concat_tables(
-            [_key_columns(t, EMBEDDINGS_KEY_COLUMNS) for t in (embeddings, errors)]
-        )
-        lasting = pc.invert(pc.is_in(errors["error_type"], pa.array(sorted(RETRIED_ERROR_TYPES))))
-        lasting_rows = err_rows[lasting.to_numpy(zero_copy_only=False)[err_rows]]
-        # Embedded images and lasting failures by their whole key; every image by its URI.
-        self.keys = KeyIndex(
-            keys,
-            EMBEDDINGS_KEY_COLUMNS,
-            rows=np.concatenate([emb_rows, self.n_embedded + lasting_rows]),
-        )
-        self.current_rows = np.concatenate([emb_rows, self.n_embedded + err_rows]).astype(np.int64)
-        self.current = KeyIndex(keys, ["uri"], rows=self.current_rows)
-        self.seen = np.zeros(keys.num_rows, dtype=bool)
-
-    @classmethod
-    def empty(cls) -> CommittedImages:
-        return cls(NO_EMBEDDINGS, NO_ERRORS)
-
-    def diff(self, chunk: pa.Table) -> ChunkDiff:
-        """Split a listing chunk into new or changed rows, unchanged ones and known failures;
-        mark the current URIs it holds as seen."""
-        if chunk.num_rows == 0:
-            return ChunkDiff(chunk, 0, np.zeros(0, np.int64))
-        seen = self.current.find(chunk)
-        self.seen[seen[seen >= 0]] = True
-        found = self.keys.find(chunk)
-        matched = found[found >= 0]
-        return ChunkDiff(
-            new=chunk.filter(pa.array(found < 0)),
-            unchanged=int((matched < self.n_embedded).sum()),
-            known_failed_rows=matched[matched >= self.n_embedded] - self.n_embedded,
-        )
-
-    def unseen(self) -> pa.Array:
-        """Current URIs no chunk held: gone from the input, if the listing was complete."""
-        gone = self.current_rows[~self.seen[self.current_rows]]
-        return take_rows(self.current.table["uri"], np.sort(gone))
-
-    def failures(self, rows: np.ndarray) -> dict[str, Failures]:
-        """Known failures (rows of the errors table) by ``error_type``, with a count and one
-        example URI each."""
-        return failures_by_type(
-            *(
-                take_rows(self.errors[column], rows).to_numpy(zero_copy_only=False)
-                if column in self.errors.column_names
-                else [""] * len(rows)
-                for column in ("error_type", "uri", "error_message")
-            )
-        )
-
-
-_KEY_TYPES = {
-    "uri": pa.large_string(),
-    "file_size": pa.int64(),
-    "source_version": pa.large_string(),
-}
-
-
-def _key_columns(table: pa.Table, columns: Sequence[str]) -> pa.Table:
-    return pa.table({c: table[c].cast(_KEY_TYPES[c]) for c in columns})
-
-
-def committed_images(
-    output: Output, snapshot: Snapshot, *, pending: bool = False
-) -> CommittedImages:
-    """The current images' keys, indexed for a run's diff; the key columns are read once,
-    as ``large_string``, and indexed where they lie (superseded rows are skipped, not
-    copied out).
-
-    Args:
-        snapshot: From :meth:`Output.snapshot`.
-        pending: The pending files of a ``--full`` run instead (one resuming them).
-    """
-    manifest = output.require(snapshot)
-    if pending:
-        assert manifest.pending is not None
-        manifest = Manifest(
-            current=manifest.pending.files,
-            runs=[],
-            sequence={r: n for n, r in enumerate(manifest.pending.runs)},
-        )
-    narrow = ["uri", "run_id"]
-    emb = load_table(
-        output, manifest, "embeddings", [*EMBEDDINGS_KEY_COLUMNS, "run_id"], large=True
-    )
-    err = load_table(output, manifest, "errors", [*ERRORS_KEY_COLUMNS, "run_id"], large=True)
-    gone = load_table(output, manifest, "deletions", narrow, large=True)
-    rows = resolve_rows(emb, err, gone, order=manifest.commit_order())
-    return CommittedImages(emb, err, rows, refused=manifest.refused)

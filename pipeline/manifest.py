@@ -1,10 +1,9 @@
 """What ``_manifest.json`` holds, typed: the model that made the vectors, each run, the files.
 
-``ModelIdentity`` (one source of truth for the model's name, weights, dimension, dtype and the
-precision actually used) -> ``RunRecord`` (one run: counts, times, committed files) ->
-``Manifest`` (the current files per table and the runs). Each has one ``to_json`` and one
-``from_json``; the JSON layout is the one the contract describes. :mod:`pipeline.output`
-reads and writes it.
+``RunRecord`` (one run: its model, counts, times, committed files) -> ``Manifest`` (the
+current files per table and the runs); the model is a :class:`pipeline.embed.ModelIdentity`.
+Each has one ``to_json`` and one ``from_json``; the JSON layout is the one the contract
+describes. :mod:`pipeline.output` reads and writes it.
 """
 
 from __future__ import annotations
@@ -16,8 +15,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
-from pipeline.config import NotRetryableError, Precision
-from pipeline.embed import EMBEDDING_DIM
+from pipeline.config import NotRetryableError
+from pipeline.embed import ModelIdentity
+from pipeline.failures import Failures
 
 MANIFEST_FORMAT = "embed-images/manifest"
 MANIFEST_VERSION = 1
@@ -62,112 +62,6 @@ def check_table_path(path: Any, where: str) -> str:
             f"{', '.join(TABLES)} folders; nothing was read or deleted through it"
         )
     return str(path)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelIdentity:
-    """What made a table's vectors; the manifest and every Parquet file record the same one.
-
-    Example:
-        >>> ModelIdentity(weights="random:seed=0", weights_sha256="ab" * 32,
-        ...               normalized=False, precision="fp32").to_parquet_metadata()["model"]
-        'resnet50'
-    """
-
-    weights: str
-    weights_sha256: str
-    normalized: bool
-    precision: Precision
-    name: str = "resnet50"
-    embedding_dim: int = EMBEDDING_DIM
-    embedding_dtype: str = "float32"
-
-    # What makes two tables' vectors comparable (precision alone does not change the model).
-    COMPARED = ("weights_sha256", "normalized", "embedding_dim")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "weights": self.weights,
-            "weights_sha256": self.weights_sha256,
-            "embedding_dim": self.embedding_dim,
-            "embedding_dtype": self.embedding_dtype,
-            "normalized": self.normalized,
-            "precision": self.precision,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ModelIdentity:
-        return cls(
-            name=str(data.get("name", "resnet50")),
-            weights=str(data["weights"]),
-            weights_sha256=str(data["weights_sha256"]),
-            embedding_dim=int(data.get("embedding_dim", EMBEDDING_DIM)),
-            embedding_dtype=str(data.get("embedding_dtype", "float32")),
-            normalized=bool(data.get("normalized", False)),
-            precision=data.get("precision", "fp32"),
-        )
-
-    def to_parquet_metadata(self) -> dict[str, str]:
-        """Parquet key-value metadata (strings only)."""
-        return {
-            "model": self.name,
-            "weights": self.weights,
-            "weights_sha256": self.weights_sha256,
-            "embedding_dim": str(self.embedding_dim),
-            "embedding_dtype": self.embedding_dtype,
-            "normalized": json.dumps(self.normalized),
-            "precision": self.precision,
-        }
-
-    def first_difference(self, other: ModelIdentity) -> tuple[str, Any, Any] | None:
-        """``(key, ours, theirs)`` for the first compared key that differs, else ``None``."""
-        for key in self.COMPARED:
-            if getattr(self, key) != getattr(other, key):
-                return key, getattr(self, key), getattr(other, key)
-        return None
-
-
-# Failed images of one kind: how many, and one of them to look at.
-Failures = dict[str, Any]  # {"count": int, "example_uri": str, "example_message": str}
-
-
-def failures_by_type(
-    error_types: Sequence[Any], uris: Sequence[Any], messages: Sequence[Any] | None = None
-) -> dict[str, Failures]:
-    """``{error_type: {"count": n, "example_uri": …, "example_message": …}}``, by type.
-
-    Example:
-        >>> failures_by_type(["empty", "truncated", "empty"], ["/a", "/b", "/c"])["empty"]
-        {'count': 2, 'example_uri': '/a', 'example_message': ''}
-    """
-    found: dict[str, Failures] = {}
-    texts = messages if messages is not None else [""] * len(uris)
-    for error_type, uri, message in zip(error_types, uris, texts, strict=True):
-        entry = found.setdefault(
-            str(error_type), {"count": 0, "example_uri": str(uri), "example_message": str(message)}
-        )
-        entry["count"] += 1
-    return dict(sorted(found.items()))
-
-
-def merge_failures(*parts: Mapping[str, Failures]) -> dict[str, Failures]:
-    merged: dict[str, Failures] = {}
-    for part in parts:
-        for error_type, entry in part.items():
-            into = merged.setdefault(error_type, dict(entry) | {"count": 0})
-            into["count"] += int(entry["count"])
-    return dict(sorted(merged.items()))
-
-
-def count_failures(failures: Mapping[str, Failures]) -> int:
-    return sum(int(entry["count"]) for entry in failures.values())
-
-
-def describe_failures(failures: Mapping[str, Failures]) -> str:
-    """``truncated 2, empty 1`` (most first)."""
-    ordered = sorted(failures.items(), key=lambda item: (-item[1]["count"], item[0]))
-    return ", ".join(f"{error_type} {entry['count']}" for error_type, entry in ordered)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -115,7 +115,7 @@ class Output:
                 data = self.fs.cat_file(self.manifest_path)
             except FileNotFoundError:
                 return Snapshot(None, None)
-        return Snapshot(parse_manifest(data, where=to_uri(self.fs, self.manifest_path)), version)
+        return Snapshot(parse_manifest(data, where=f"{self.uri}/{MANIFEST_NAME}"), version)
 
     def require(self, snapshot: Snapshot) -> Manifest:
         if snapshot.manifest is None:

@@ -14,11 +14,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import EmbedConfig, PipelineError
+from pipeline.config import PipelineError
 from pipeline.decode import TRANSIENT_READ_ERROR, decode_batch, fetch_batch
 from pipeline.embed import CPU_ACTOR_ENV, ResNet50Embedder
-from pipeline.manifest import ModelIdentity
-from pipeline.preprocessing import PreprocessSpec
 from pipeline.progress import (
     ProgressDisplay,
     ProgressMode,
@@ -27,10 +25,10 @@ from pipeline.progress import (
     reporting,
 )
 from pipeline.storage import RETRIED_IO_ERRORS
-from pipeline.weights import ResolvedWeights
 from pipeline.write import write_files
 
 if TYPE_CHECKING:
+    from pipeline.checks import Run
     from pipeline.feed import FeedDatasource
     from pipeline.sink import RunSink
 
@@ -48,30 +46,23 @@ TASK_BLOCKS_AHEAD = 64
 
 
 def run_plan(
+    run: Run,
     source: list[Any] | FeedDatasource,
     sink: RunSink,
     *,
     total: int | Callable[[], int | None],
-    config: EmbedConfig,
-    spec: PreprocessSpec,
-    weights: ResolvedWeights,
-    model: ModelIdentity,
-    num_gpus: float,
     embedder: type[ResNet50Embedder] = ResNet50Embedder,
     progress: ProgressMode = "none",
 ) -> None:
     """Decode, embed and write the listed images into ``sink``, which commits at the end.
 
     Args:
+        run: The run, placed on Ray (:func:`pipeline.checks.placed`): its knobs, resize spec,
+            weights (shipped to each model actor), model identity and GPUs per actor.
         source: Listing chunks (Arrow tables) in the object store, or a datasource that
             yields them while the input is still being listed (:mod:`pipeline.feed`).
         sink: The run's writes and commit.
         total: Images to embed, or what returns it once known (for the progress display).
-        config: The run's knobs.
-        spec: The resize spec (decode) and normalization (model).
-        weights: The checked weights, shipped to each model actor.
-        model: The model's identity; its ``precision`` is what the actors compute in.
-        num_gpus: GPUs per model actor (0: CPU actors).
         embedder: The model stage's class (a subclass may wrap it, e.g. to inject faults).
         progress: How to show the images done while it runs (see :mod:`pipeline.progress`).
 
@@ -80,89 +71,11 @@ def run_plan(
     """
     import ray
 
-    context = ray.data.DataContext.get_current()
-    for message in RETRIED_IO_ERRORS:
-        if message not in context.retried_io_errors:
-            context.retried_io_errors.append(message)
-    # Our stages do their own I/O inside map tasks, where Ray Data retries only the user
-    # errors listed here. Retrying is safe: decode is pure, and a retried writer's files get
-    # new names and are never committed.
-    context.retried_map_errors = [*RETRIED_IO_ERRORS, TRANSIENT_READ_ERROR]
-    context.max_map_retries = MAX_MAP_RETRIES
+    retry_io_errors(ray.data.DataContext.get_current())
     counter = counter_actor() if progress != "none" else None
-    batch_size = config.model_batch_size(num_gpus)
-    model_kwargs: dict[str, Any] = {
-        "state_dict": weights.as_numpy(),
-        "mean": spec.mean,
-        "std": spec.std,
-        "precision": model.precision,
-        "normalize": model.normalized,
-        "num_threads": config.model_threads,
-        "compile": config.compiles(num_gpus),
-        "batch_hint": batch_size,
-        "concurrent_calls": config.calls_per_actor,
-    }
-    first_stage: Any
-    first_kwargs: dict[str, Any]
-    if config.decode_device == "cuda":
-        # The first stage only reads the files; the model actors decode on their GPU.
-        first_stage, first_kwargs = fetch_batch, {"storage_options": config.fs_options()}
-        model_kwargs |= {"decode_spec": spec, "max_image_pixels": config.max_image_pixels}
-    else:
-        first_stage, first_kwargs = (
-            decode_batch,
-            {
-                "spec": spec,
-                "storage_options": config.fs_options(),
-                "max_image_pixels": config.max_image_pixels,
-            },
-        )
     if counter is not None:
-        embedder, model_kwargs = reporting(embedder), model_kwargs | {"progress": counter}
-    listing = (
-        # Ray's annotations reject keyword-only UDFs and plain ObjectRef lists: hence the ignores.
-        ray.data.from_arrow_refs(source)  # type: ignore[arg-type]
-        if isinstance(source, list)
-        # The feed's read tasks only wait on the driver: they reserve no CPU. One block per
-        # read task asked for: else Ray Data splits each task's whole output, after it ends.
-        else ray.data.read_datasource(source, override_num_blocks=source.readers, num_cpus=0)
-    )
-    size_blocks(listing.context)
-    dataset = (
-        listing
-        # Listing chunks are large (few refs in the driver); split them into decode-sized
-        # blocks so decode tasks run in parallel and images stream through the model stage
-        # instead of moving in listing-chunk steps.
-        .repartition(target_num_rows_per_block=config.decode_batch_size)
-        .map_batches(
-            first_stage,  # type: ignore[arg-type]
-            batch_size=config.decode_batch_size,
-            batch_format="numpy",
-            fn_kwargs=first_kwargs,
-            num_cpus=config.decode_cpus,
-            # A memory reservation bounds concurrent decodes by RAM, and, being a remote arg
-            # the model stage lacks, it also stops Ray from fusing decode into the model actor,
-            # where it would run serially with the forward passes.
-            memory=config.decode_memory,
-        )
-        .map_batches(
-            embedder,
-            batch_size=batch_size,
-            batch_format="numpy",
-            fn_constructor_kwargs=model_kwargs,
-            compute=_actor_pool(config.concurrency, config.calls_per_actor),
-            **model_remote_args(num_gpus, config.model_cpus),
-        )
-    )
-    results = dataset.map_batches(
-        write_files,  # type: ignore[arg-type]
-        # One writer task per --rows-per-file rows, one file each; never more rows than
-        # --commit-every, or a checkpoint would wait for a file larger than it.
-        batch_size=min(config.rows_per_file, config.commit_every),
-        batch_format="numpy",
-        fn_kwargs=sink.writer_kwargs(),
-        num_cpus=config.write_cpus,
-    )
+        embedder = reporting(embedder)
+    results = plan_dataset(run, source, sink, embedder, counter)
     sink.start()
     sink.executing_since = time.time()
     try:
@@ -182,6 +95,109 @@ def run_plan(
         # A stage failed beyond Ray's retries (e.g. the output store is down): the staging
         # files are not committed; the next run discards them.
         raise PipelineError(f"the pipeline failed, {sink.kept()}: {_root_cause(exc)}") from None
+
+
+def retry_io_errors(context: Any) -> None:
+    """Ray Data retries our stages' transient I/O errors.
+
+    Our stages do their own I/O inside map tasks, where Ray Data retries only the user errors
+    listed here. Retrying is safe: decode is pure, and a retried writer's files get new names
+    and are never committed.
+    """
+    for message in RETRIED_IO_ERRORS:
+        if message not in context.retried_io_errors:
+            context.retried_io_errors.append(message)
+    context.retried_map_errors = [*RETRIED_IO_ERRORS, TRANSIENT_READ_ERROR]
+    context.max_map_retries = MAX_MAP_RETRIES
+
+
+def plan_dataset(
+    run: Run,
+    source: list[Any] | FeedDatasource,
+    sink: RunSink,
+    embedder: type[ResNet50Embedder],
+    counter: Any | None,
+) -> Any:
+    """The lazy dataset from the listing to the writers' results (one JSON text per file
+    written, :func:`pipeline.write.write_files`); nothing runs until it is iterated."""
+    import ray
+
+    config = run.config
+    first_stage, first_kwargs, model_kwargs = stage_arguments(run)
+    if counter is not None:
+        model_kwargs |= {"progress": counter}
+    listing = (
+        # Ray's annotations reject keyword-only UDFs and plain ObjectRef lists: hence the ignores.
+        ray.data.from_arrow_refs(source)  # type: ignore[arg-type]
+        if isinstance(source, list)
+        # The feed's read tasks only wait on the driver: they reserve no CPU. One block per
+        # read task asked for: else Ray Data splits each task's whole output, after it ends.
+        else ray.data.read_datasource(source, override_num_blocks=source.readers, num_cpus=0)
+    )
+    size_blocks(listing.context)
+    return (
+        listing
+        # Listing chunks are large (few refs in the driver); split them into decode-sized
+        # blocks so decode tasks run in parallel and images stream through the model stage
+        # instead of moving in listing-chunk steps.
+        .repartition(target_num_rows_per_block=config.decode_batch_size)
+        .map_batches(
+            first_stage,
+            batch_size=config.decode_batch_size,
+            batch_format="numpy",
+            fn_kwargs=first_kwargs,
+            num_cpus=config.decode_cpus,
+            # A memory reservation bounds concurrent decodes by RAM, and, being a remote arg
+            # the model stage lacks, it also stops Ray from fusing decode into the model actor,
+            # where it would run serially with the forward passes.
+            memory=config.decode_memory,
+        )
+        .map_batches(
+            embedder,
+            batch_size=model_kwargs["batch_hint"],
+            batch_format="numpy",
+            fn_constructor_kwargs=model_kwargs,
+            compute=_actor_pool(config.concurrency, config.calls_per_actor),
+            **model_remote_args(run.num_gpus, config.model_cpus),
+        )
+        .map_batches(
+            write_files,  # type: ignore[arg-type]
+            # One writer task per --rows-per-file rows, one file each; never more rows than
+            # --commit-every, or a checkpoint would wait for a file larger than it.
+            batch_size=min(config.rows_per_file, config.commit_every),
+            batch_format="numpy",
+            fn_kwargs=sink.writer_kwargs(),
+            num_cpus=config.write_cpus,
+        )
+    )
+
+
+def stage_arguments(run: Run) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The first stage (decode on CPU tasks, or only read where the model actors decode on
+    their GPU), its keyword arguments, and the model actors' constructor arguments."""
+    config, spec, model = run.config, run.spec, run.model
+    assert run.weights is not None
+    model_kwargs: dict[str, Any] = {
+        "state_dict": run.weights.as_numpy(),
+        "mean": spec.mean,
+        "std": spec.std,
+        "precision": model.precision,
+        "normalize": model.normalized,
+        "num_threads": config.model_threads,
+        "compile": config.compiles(run.num_gpus),
+        "batch_hint": config.model_batch_size(run.num_gpus),
+        "concurrent_calls": config.calls_per_actor,
+    }
+    if config.decode_device == "cuda":
+        # The first stage only reads the files; the model actors decode on their GPU.
+        model_kwargs |= {"decode_spec": spec, "max_image_pixels": config.max_image_pixels}
+        return fetch_batch, {"storage_options": config.fs_options()}, model_kwargs
+    decode_kwargs = {
+        "spec": spec,
+        "storage_options": config.fs_options(),
+        "max_image_pixels": config.max_image_pixels,
+    }
+    return decode_batch, decode_kwargs, model_kwargs
 
 
 def size_blocks(context: Any) -> None:

@@ -13,7 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from pipeline.current import KeyIndex, resolve_current, resolve_rows
+from pipeline.current import (
+    EMBEDDINGS_KEY_COLUMNS,
+    ERRORS_KEY_COLUMNS,
+    CommittedImages,
+    KeyIndex,
+    resolve_current,
+    resolve_rows,
+)
 from pipeline.manifest import Manifest
 from pipeline.output import Output, Snapshot
 from pipeline.storage import is_local, join
@@ -83,6 +90,35 @@ def iter_current(
         kept = batch.filter(pa.array(index.find(pa.Table.from_batches([batch])) >= 0))
         if kept.num_rows:
             yield kept.select(list(columns))
+
+
+def committed_images(
+    output: Output, manifest: Manifest, *, pending: bool = False
+) -> CommittedImages:
+    """The current images' keys, indexed for a run's diff; the key columns are read once,
+    as ``large_string``, and indexed where they lie (superseded rows are skipped, not
+    copied out).
+
+    Args:
+        manifest: The output's, as read once (:meth:`Output.snapshot`).
+        pending: The pending files of a ``--full`` run instead (one resuming them).
+    """
+    if pending:
+        assert manifest.pending is not None
+        manifest = Manifest(
+            current=manifest.pending.files,
+            runs=[],
+            sequence={r: n for n, r in enumerate(manifest.pending.runs)},
+        )
+    emb = load_table(
+        output, manifest, "embeddings", [*EMBEDDINGS_KEY_COLUMNS, "run_id"], large=True
+    )
+    err = load_table(output, manifest, "errors", [*ERRORS_KEY_COLUMNS, "run_id"], large=True)
+    gone = load_table(output, manifest, "deletions", ["uri", "run_id"], large=True)
+    order = manifest.commit_order()
+    return CommittedImages(
+        emb, err, resolve_rows(emb, err, gone, order=order), refused=manifest.refused
+    )
 
 
 def load_table(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -12,10 +13,16 @@ from html import escape
 from typing import TYPE_CHECKING, Any, TextIO
 
 from pipeline.config import PROG
-from pipeline.manifest import Failures, Manifest, RunRecord
+from pipeline.failures import Failures
+from pipeline.manifest import Manifest, RunRecord
+from pipeline.storage import mask_options, one_line
 
 if TYPE_CHECKING:
+    from pipeline.checks import Run
     from pipeline.incremental import NewImages
+    from pipeline.sink import RunSink
+
+logger = logging.getLogger(__name__)
 
 STATUS_COLUMNS = (
     "run",
@@ -176,6 +183,23 @@ def throughput_samples(
     return samples
 
 
+def write_run_report(run: Run, sink: RunSink, timings: dict[str, float]) -> None:
+    """``OUTPUT/_reports/RUN_ID.json`` and ``.html``; a report that cannot be written is a
+    warning, never a failed run (the run has committed by then)."""
+    assert sink.record is not None
+    report = run_report(
+        sink.record,
+        output=run.output.uri,
+        config=config_for_report(run.config),
+        timings=timings | sink.timings,
+        throughput=throughput_samples(sink.written, sink.timings.get("execution", 0.0)),
+    )
+    try:
+        run.output.write_report(sink.record.run_id, report, report_html(report))
+    except OSError as exc:
+        logger.warning("run report not written: %s", one_line(exc))
+
+
 def run_report(
     run: RunRecord,
     *,
@@ -213,10 +237,6 @@ def run_report(
 def config_for_report(config: Any) -> dict[str, Any]:
     """The run's ``EmbedConfig`` as JSON: credentials in ``storage_options`` masked, URLs
     without user info or query string (:func:`pipeline.storage.mask_options`)."""
-    import dataclasses
-
-    from pipeline.storage import mask_options
-
     values = dataclasses.asdict(config)
     masked: dict[str, Any] = mask_options(values)
     masked["storage_options"] = mask_options(values.get("storage_options") or {}, "")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pipeline.checks import Paths, check_run
+from pipeline.checks import Run, check_run
 from pipeline.config import (
     EXIT_BAD_DATA,
     EXIT_FAILED,
@@ -25,9 +25,9 @@ from pipeline.config import (
     NotRetryableError,
     PipelineError,
 )
-from pipeline.manifest import RunRecord, new_run_id
+from pipeline.manifest import RunRecord
 from pipeline.progress import ProgressMode
-from pipeline.run import PreparedRun, commit_without_work, execute_run, prepare_run, probe_run
+from pipeline.run import commit_without_work, execute_run, prepare_run, probe_run, read_output
 from pipeline.storage import one_line
 
 if TYPE_CHECKING:
@@ -36,36 +36,29 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def prepare_and_start_ray(
-    config: EmbedConfig,
-    address: str | None,
-    *,
-    paths: Paths | None = None,
-    run_id: str | None = None,
-    verbose: bool = False,
-) -> PreparedRun:
+def prepare_and_start_ray(run: Run, address: str | None, *, verbose: bool = False) -> Run:
     """``prepare_run`` and ``start_ray``, overlapped where that is safe and worth it.
 
-    Bad input or output, and a weights file that is missing or not a checkpoint at all, fail
-    first, in a second, before Ray starts. Starting a local Ray takes seconds, so the weights
-    (torch import, checks) load meanwhile, once Ray is imported, and a checkpoint that is not
-    a ResNet50 fails once both are done. Joining a running cluster takes a fraction of a
-    second and, in a submitted job, may swap the working directory under a thread importing
-    torch: there the weights load first, then the driver joins.
+    Bad input or output, and a weights file that is missing or not a checkpoint at all, have
+    failed already (:func:`~pipeline.checks.check_run`), in a second, before Ray starts.
+    Starting a local Ray takes seconds, so the weights (torch import, checks) load meanwhile,
+    once Ray is imported, and a checkpoint that is not a ResNet50 fails once both are done.
+    Joining a running cluster takes a fraction of a second and, in a submitted job, may swap
+    the working directory under a thread importing torch: there the weights load first, then
+    the driver joins.
     """
 
     def start() -> None:
-        start_ray(address, object_store_memory=config.object_store_memory, verbose=verbose)
+        start_ray(address, object_store_memory=run.config.object_store_memory, verbose=verbose)
 
     if joins_running_ray(address):
-        prepared = prepare_run(config, paths=paths, run_id=run_id)
+        run = prepare_run(run)
         start()
-        return prepared
+        return run
     # Ray's and Ray Data's imports come first: beside the weights' torch import they would
     # share the GIL, and they lie on the way to ray.init, the longer of the two paths.
-    paths = paths or check_run(config)  # what fails in a second still fails first
     quiet_ray(verbose)
-    return prepare_run(config, paths=paths, run_id=run_id, meanwhile=start)
+    return prepare_run(run, meanwhile=start)
 
 
 def joins_running_ray(address: str | None) -> bool:
@@ -203,14 +196,9 @@ def embed_images(
             f"unknown option {unknown[0]!r}: options are EmbedConfig's fields "
             f"({', '.join(sorted(fields - {'input', 'output'}))})"
         )
-    config = EmbedConfig(input=input, output=output, **options)
-    paths = check_run(config)
-    run_id = new_run_id()
-    with paths.output.lease(run_id):
-        prepared = prepare_and_start_ray(
-            config, address, paths=paths, run_id=run_id, verbose=verbose
-        )
-        return execute_run(prepared)
+    run = check_run(EmbedConfig(input=input, output=output, **options))
+    with run.output.lease(run.run_id):
+        return execute_run(prepare_and_start_ray(run, address, verbose=verbose))
 
 
 class Stopped(BaseException):
@@ -234,21 +222,21 @@ def catch_stop_signals() -> None:
         signal.signal(signum, _stop)
 
 
-def stopped_run(stop: Stopped, prepared: PreparedRun) -> int:
+def stopped_run(stop: Stopped, run: Run) -> int:
     """Leave Ray and the output clean after a stop signal, say so in one line on stderr, and
     return the exit status."""
     import ray
 
     # A local Ray goes with its driver; a cluster cancels the tasks of a driver that leaves.
     ray.shutdown()
-    output, run_id = prepared.output, prepared.run_id
+    output, run_id = run.output, run.run_id
     manifest = output.snapshot().manifest
     if manifest is not None and run_id in manifest.committed_run_ids():
         what = f"run {run_id} had already committed"
     else:
         output.discard_staging(run_id)
         what = f"nothing of run {run_id} was committed (earlier runs are intact)"
-    seconds = time.time() - prepared.started
+    seconds = time.time() - run.started
     print(
         f"{PROG}: stopped by {stop} after {seconds:.0f} s: {what}; run the same command "
         "again to embed what is left",
@@ -277,34 +265,25 @@ def run_and_report(
     from pipeline.logs import native_stderr_filtered
     from pipeline.report import print_summary
 
-    paths = check_run(config)  # once: the probe and the run share it
-    run_id = run_id or new_run_id()
+    run = check_run(config, run_id)  # once: the probe and the run share it
     # Held from here to the end: a second run into this output is refused before it
     # lists anything, and whatever way this one ends, its staging goes.
-    with paths.output.lease(run_id):
-        probe = probe_run(config, paths, snapshot=snapshot)
-        if probe is not None and probe.listing.to_embed == 0:
-            record = commit_without_work(config, probe, run_id=run_id)
-            output = probe.output
+    with run.output.lease(run.run_id):
+        run = read_output(run, snapshot)
+        probe = probe_run(run)
+        if probe is not None and probe.to_embed == 0:
+            record = commit_without_work(run, probe)
         else:
             if progress == "auto":  # decided here: stderr is a pipe to the filter below
                 progress = "bar" if sys.stderr.isatty() else "log"
             with native_stderr_filtered(enabled=not verbose):
-                prepared = prepare_and_start_ray(
-                    config, address, paths=paths, run_id=run_id, verbose=verbose
-                )
+                run = prepare_and_start_ray(run, address, verbose=verbose)
                 catch_stop_signals()  # again: ray.init installs a SIGTERM handler of its own
                 try:
-                    record = execute_run(
-                        prepared,
-                        snapshot=probe.snapshot if probe else snapshot,
-                        listing=probe.listing if probe else None,
-                        progress=progress,
-                    )
+                    record = execute_run(run, listing=probe, progress=progress)
                 except Stopped as stop:
-                    return stopped_run(stop, prepared)
-            output = prepared.output
-    print_summary(record, output.uri, report=output.report_uri(record.run_id))
+                    return stopped_run(stop, run)
+    print_summary(record, run.output.uri, report=run.output.report_uri(record.run_id))
     return 0
 
 

@@ -20,27 +20,27 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.commit import commit_run
 from pipeline.config import EmbedConfig, PipelineError
+from pipeline.embed import ModelIdentity
+from pipeline.failures import Failures, count_failures, describe_failures, merge_failures
 from pipeline.incremental import NewImages
 from pipeline.manifest import (
     CHECKPOINTED,
     COMMITTED,
     ERROR_RATE_EXCEEDED,
-    Failures,
-    ModelIdentity,
     RunCounts,
     RunRecord,
     RunStatus,
-    count_failures,
-    describe_failures,
-    merge_failures,
     utc_iso,
 )
-from pipeline.output import Output, Snapshot
+from pipeline.output import Output
 from pipeline.write import Staged, file_metadata
+
+if TYPE_CHECKING:
+    from pipeline.checks import Run
 
 
 def error_rate_verdict(
@@ -93,19 +93,22 @@ class RunBooks:
     """What the driver knows of a run before it executes, and settles at its commits.
 
     ``listing`` holds the books on every listed image (unchanged, known failed, gone); its
-    chunks' references stay in the driver with it.
+    chunks' references stay in the driver with it. ``model`` and ``preprocessing`` are the
+    run's, or the table's for a run that adds no vector.
     """
 
-    run_id: str
-    input_uri: str
-    output: Output
-    snapshot: Snapshot
+    run: Run
     model: ModelIdentity
     preprocessing: Mapping[str, Any]
     listing: NewImages
-    config: EmbedConfig
-    started: float
-    started_at: str
+
+    @property
+    def config(self) -> EmbedConfig:
+        return self.run.config
+
+    @property
+    def output(self) -> Output:
+        return self.run.output
 
     @property
     def replace(self) -> bool:
@@ -161,15 +164,15 @@ class RunBooks:
         from pipeline import __version__
 
         now = time.time()
-        wall = now - self.started
+        wall = now - self.run.started
         embedding = now - executing_since if executing_since else 0.0
         listing = self.listing
         return RunRecord(
-            run_id=self.run_id,
+            run_id=self.run.run_id,
             status=status,
-            input=self.input_uri,
+            input=self.run.input.uri,
             full=self.config.full,
-            started_at=self.started_at,
+            started_at=self.run.started_at,
             finished_at=utc_iso(),
             wall_seconds=round(wall, 3),
             images_per_second=round(embedded / wall if wall > 0 else 0.0, 3),
@@ -207,7 +210,8 @@ class RunSink:
 
     def __init__(self, books: RunBooks) -> None:
         self.books = books
-        self.snapshot = books.snapshot  # the version the next commit must find
+        assert books.run.snapshot is not None
+        self.snapshot = books.run.snapshot  # the version the next commit must find
         self.record: RunRecord | None = None
         # A listing that streams while the run executes: its books, once it is done.
         self.listing_done: Callable[[], NewImages] | None = None
@@ -227,10 +231,10 @@ class RunSink:
         """:func:`write_files`'s keyword arguments."""
         books = self.books
         return {
-            "staging_uri": books.output.staging_uri(books.run_id),
+            "staging_uri": books.output.staging_uri(books.run.run_id),
             "storage_options": books.output.storage_options,
             "metadata": file_metadata(
-                model=books.model, preprocessing=books.preprocessing, run_id=books.run_id
+                model=books.model, preprocessing=books.preprocessing, run_id=books.run.run_id
             ),
         }
 
@@ -284,7 +288,7 @@ class RunSink:
             # Every new image must come out exactly once, embedded or failed; anything else
             # is a bug or a fault we must not commit.
             raise PipelineError(
-                f"run {books.run_id} produced {embedded} embeddings + {failed} errors for "
+                f"run {books.run.run_id} produced {embedded} embeddings + {failed} errors for "
                 f"{books.to_embed} images to embed; {self.kept()}"
             )
         # The verdict is the run's, on its totals: checkpoints commit whatever was written.

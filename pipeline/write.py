@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.embed import EMBEDDING_DIM
-from pipeline.manifest import Failures, ModelIdentity, failures_by_type
+from pipeline.embed import EMBEDDING_DIM, ModelIdentity
+from pipeline.failures import Failures, failures_by_type
 from pipeline.storage import join, make_parent, open_fs
 
 EMBEDDINGS_SCHEMA = pa.schema(

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -194,7 +195,7 @@ def stage_rows(
 ) -> dict[str, list[str]]:
     """Stage one embeddings file of ``uris`` for ``run_id`` (zero vectors, random:seed=0
     weights), as a writer task does; returns what ``Output.commit`` takes as ``staged``."""
-    from pipeline.manifest import ModelIdentity
+    from pipeline.embed import ModelIdentity
     from pipeline.output import Output
     from pipeline.write import file_metadata, write_batch
 
@@ -253,6 +254,16 @@ def doc_examples() -> dict[str, str]:
             assert name not in found, f"two examples named {name}"
             found[name] = code
     return found
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+def run_args(input: Any, output: Any, *extra: Any, weights: Any = "random") -> list[str]:
+    """``embed-images run`` arguments: ``--input``, ``--output``, ``--weights`` (seeded random
+    weights unless told), then ``extra``, each as a string."""
+    args = ["run", "--input", str(input), "--output", str(output), "--weights", str(weights)]
+    return args + [str(e) for e in extra]
 
 
 # ----------------------------------------------------------------------------- processes
@@ -329,3 +340,53 @@ def kill_stalled_driver(
             os.killpg(driver.pid, signal.SIGKILL)  # its local Ray too
         except ProcessLookupError:
             pass
+
+
+def zero_byte_images(folder: Path, n: int) -> None:
+    """``n`` empty ``.jpg`` files: an ``empty`` error row each, fast (nothing to decode)."""
+    folder.mkdir(parents=True)
+    for i in range(n):
+        (folder / f"{i:05d}.jpg").write_bytes(b"")  # an `empty` error row each: no decode
+
+
+# ----------------------------------------------------------------------------- near duplicates
+
+GROUPS = 4
+
+
+def near_duplicate_photos(root: Path) -> dict[str, int]:
+    """Four distinct pictures, each with a re-encoded copy and a rescaled copy."""
+    from bench.corpus import photo_like
+
+    root.mkdir(parents=True)
+    group_of = {}
+    for g in range(GROUPS):
+        image = photo_like((320, 240), seed=1000 + g)
+        copies = {
+            f"g{g}-original.png": (image, "PNG", {}),
+            f"g{g}-reencoded.jpg": (image, "JPEG", {"quality": 40}),
+            f"g{g}-rescaled.jpg": (
+                image.resize((200, 150), Image.Resampling.BILINEAR),
+                "JPEG",
+                {"quality": 90},
+            ),
+        }
+        for name, (picture, fmt, options) in copies.items():
+            buffer = io.BytesIO()
+            picture.save(buffer, format=fmt, **options)
+            (root / name).write_bytes(buffer.getvalue())
+            group_of[str(root / name)] = g
+    return group_of
+
+
+@pytest.fixture(scope="session")
+def near_duplicates(tmp_path_factory, ray_session) -> tuple[Path, dict[str, int]]:  # type: ignore[no-untyped-def]
+    """An output of :func:`near_duplicate_photos`, normalized, and each photo's group."""
+    from pipeline.cli import main
+
+    base = tmp_path_factory.mktemp("search")
+    groups = near_duplicate_photos(base / "photos")
+    output = base / "out"
+    args = run_args(base / "photos", output)
+    assert main([*args, "--normalize", "--batch-size", "6"]) == 0
+    return output, groups

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import command_lines
+from conftest import command_lines, run_args
 
 from pipeline.logs import drop_lines
 
@@ -76,13 +76,7 @@ def test_bad_command_lines_exit_2_with_one_line(args: list[str], message: str) -
 
 def test_missing_input_fails_fast_with_one_line(tmp_path: Path) -> None:
     result = run(
-        "run",
-        "--input",
-        str(tmp_path / "nope"),
-        "--output",
-        str(tmp_path / "out"),
-        "--weights",
-        "random",
+        *run_args(tmp_path / "nope", tmp_path / "out"),
     )
     assert result.returncode == 2  # no retry can help
     assert (
@@ -96,13 +90,7 @@ def test_missing_input_fails_fast_with_one_line(tmp_path: Path) -> None:
 def test_output_inside_input_is_refused(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     result = run(
-        "run",
-        "--input",
-        str(tmp_path / "in"),
-        "--output",
-        str(tmp_path / "in" / "out"),
-        "--weights",
-        "random",
+        *run_args(tmp_path / "in", tmp_path / "in" / "out"),
     )
     assert result.returncode == 2 and "is inside input" in result.stderr
 
@@ -113,13 +101,7 @@ def test_bad_weights_file_fails_before_ray_with_one_line(tmp_path: Path) -> None
     (tmp_path / "in").mkdir()
     (tmp_path / "w.pth").write_bytes(b"junk")
     result = run(
-        "run",
-        "--input",
-        str(tmp_path / "in"),
-        "--output",
-        str(tmp_path / "out"),
-        "--weights",
-        str(tmp_path / "w.pth"),
+        *run_args(tmp_path / "in", tmp_path / "out", weights=tmp_path / "w.pth"),
     )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -137,15 +119,7 @@ def test_cpu_actors_that_take_every_cpu_are_refused_not_left_waiting(
     (tmp_path / "in" / "a.jpg").write_bytes(make_image((40, 30), seed=0))
     cpus = os.cpu_count() or 1
     result = run(
-        "run",
-        "--input",
-        str(tmp_path / "in"),
-        "--output",
-        str(tmp_path / "out"),
-        "--weights",
-        "random",
-        "--concurrency",
-        str(cpus),
+        *run_args(tmp_path / "in", tmp_path / "out", "--concurrency", cpus),
     )
     assert result.returncode == 2  # a bad option value: no retry can help
     last = result.stderr.strip().splitlines()[-1]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
-from conftest import command_lines, kill_stalled_driver
+from conftest import command_lines, kill_stalled_driver, run_args
 from ray import cloudpickle
 
 from pipeline.cli import main
@@ -113,7 +113,7 @@ def test_crash_between_moving_files_and_the_manifest(
 
     # Retention 0: the moved, never-committed files go at once (by default after an hour;
     # until then readers through the manifest see each image once, the plain read may not).
-    args = ["run", "--input", str(photos), "--output", str(output), "--weights", "random"]
+    args = run_args(photos, output)
     assert main([*args, "--cleanup-retention", "0"]) == 0
     _check_each_once(output, photos, names)
 

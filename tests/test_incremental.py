@@ -9,9 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
+from conftest import run_args
 
 from pipeline.cli import main
-from pipeline.incremental import CommittedImages
+from pipeline.current import CommittedImages
+from pipeline.failures import failures_by_type
 from pipeline.manifest import MANIFEST_FORMAT, Manifest
 from pipeline.read import read_embeddings, read_manifest
 
@@ -38,7 +40,9 @@ def test_unchanged_images_are_skipped_and_transient_errors_retried() -> None:
     # a unchanged; b changed (version); c failed for good; d failed transiently: retried.
     assert diff.new["uri"].to_pylist() == ["b", "d"]
     assert diff.unchanged == 1
-    known = CommittedImages(embeddings, errors).failures(diff.known_failed_rows)
+    known = failures_by_type(
+        *CommittedImages(embeddings, errors).failure_columns(diff.known_failed_rows)
+    )
     assert known == {"truncated": {"count": 1, "example_uri": "c", "example_message": ""}}
 
 
@@ -66,17 +70,7 @@ def test_runs_embed_only_what_is_new_and_each_image_stays_once(
     photos, output = tmp_path / "photos", tmp_path / "out"
     for i in range(4):
         _write(photos, f"img{i}.jpg", make_image, seed=i)
-    args = [
-        "run",
-        "--input",
-        str(photos),
-        "--output",
-        str(output),
-        "--weights",
-        "random",
-        "--batch-size",
-        "4",
-    ]
+    args = run_args(photos, output, "--batch-size", "4")
     assert main(args) == 0
     first = _embedded(output)
     assert len(first) == 4
@@ -149,7 +143,7 @@ def test_other_weights_into_the_same_output_are_refused(
 ) -> None:  # type: ignore[no-untyped-def]
     photos, output = tmp_path / "photos", tmp_path / "out"
     _write(photos, "a.jpg", make_image, seed=1)
-    base = ["run", "--input", str(photos), "--output", str(output), "--weights", "random"]
+    base = run_args(photos, output)
     assert main(base) == 0
     assert main([*base, "--seed", "1"]) == 2  # no retry can help: exit 2 (issue 23, case 14)
     assert "pass --full to replace them" in capsys.readouterr().err
@@ -161,7 +155,7 @@ def test_error_rate_above_the_limit_commits_only_errors(
 ) -> None:  # type: ignore[no-untyped-def]
     root, _ = corpus  # 3 of 13 images are bad: 23%
     output = tmp_path / "out"
-    args = ["run", "--input", str(root), "--output", str(output), "--weights", "random"]
+    args = run_args(root, output)
     status = main([*args, "--max-error-rate", "0.1", "--batch-size", "4"])
     assert status == 3
     err = capsys.readouterr().err.strip().splitlines()
@@ -251,7 +245,7 @@ def test_a_dry_run_diffs_without_ray_or_weights_and_writes_nothing(
     photos, output = tmp_path / "photos", tmp_path / "out"
     for i in range(3):
         _write(photos, f"img{i}.jpg", make_image, seed=i)
-    base = ["run", "--input", str(photos), "--output", str(output), "--weights", "random"]
+    base = run_args(photos, output)
     assert main(base) == 0
     _write(photos, "new.jpg", make_image, seed=9)
     os.remove(photos / "img2.jpg")

@@ -18,13 +18,14 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-from conftest import kill_stalled_driver, stage_rows
+from conftest import kill_stalled_driver, run_args, stage_rows
 
 from bench.overhead import Identity
 from pipeline.cli import main
 from pipeline.commit import commit_run
 from pipeline.config import EmbedConfig
-from pipeline.manifest import ModelIdentity, RunCounts, RunRecord
+from pipeline.embed import ModelIdentity
+from pipeline.manifest import RunCounts, RunRecord
 from pipeline.output import Output
 from pipeline.read import read_embeddings, read_manifest
 from pipeline.run import execute_run, prepare_run
@@ -174,10 +175,7 @@ def test_case_02_a_full_run_with_other_weights_is_current_all_at_once_and_resume
     errors = read_embeddings(output, table="errors")
     assert errors.num_rows == 12 and errors["uri"].unique().to_pylist() == errors["uri"].to_pylist()
     # --full --limit adds to the table without replacing it: other weights are refused.
-    status = main(
-        ["run", "--input", str(photos), "--output", output, "--weights", "random"]
-        + ["--seed", "2", "--full", "--limit", "3"]
-    )
+    status = main(run_args(photos, output) + ["--seed", "2", "--full", "--limit", "3"])
     assert status == 2
 
 
@@ -284,8 +282,7 @@ def test_case_04_no_canary_credential_reaches_the_output_or_the_console(
     }
     try:
         status = main(
-            ["run", "--input", str(photos), "--output", str(output), "--weights", url]
-            + ["--storage-options", json.dumps(secrets), "-v"]
+            run_args(photos, output, weights=url) + ["--storage-options", json.dumps(secrets), "-v"]
         )
     finally:
         server.shutdown()
@@ -340,9 +337,7 @@ def test_case_05_a_manifest_path_outside_the_tables_is_refused_before_anything(
     (tmp_path / "out" / "_manifest.json").write_text(json.dumps(manifest))
     photos = tmp_path / "photos"
     _write(photos, "a.jpg", b"")
-    status = main(
-        ["run", "--input", str(photos), "--output", output, "--weights", "random"] + ["--full"]
-    )
+    status = main(run_args(photos, output) + ["--full"])
     assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a file under its embeddings" in err[0], err
@@ -389,7 +384,7 @@ def test_case_07_a_name_that_is_not_utf8_is_an_error_row(
     _write(photos, "good.jpg", make_image((24, 20)))
     with open(os.path.join(os.fsencode(photos), b"caf\xe9.jpg"), "wb") as f:
         f.write(make_image((24, 20), seed=1))
-    args = ["run", "--input", str(photos), "--output", str(output), "--weights", "random"]
+    args = run_args(photos, output)
     args += ["--max-error-rate", "1"]
     assert main([*args, "--dry-run"]) == 0
     assert main(args) == 0
@@ -446,7 +441,7 @@ def test_case_09_a_bad_manifest_is_one_line_and_exit_2(tmp_path, content, says, 
     _write(photos, "a.jpg", b"")
     for args in (
         ["status", str(out)],
-        ["run", "--input", str(photos), "--output", str(out), "--weights", "random"],
+        run_args(photos, out),
     ):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -585,7 +580,7 @@ def test_case_15_failures_an_earlier_run_accepted_never_count_again(
         _write(photos, f"g{i:02d}.jpg", make_image((16, 12), seed=i))
     for i in range(3):
         _write(photos, f"bad{i}.jpg", b"not an image")
-    args = ["run", "--input", str(photos), "--output", output, "--weights", "random"]
+    args = run_args(photos, output)
     assert main(args) == 0  # 3 of 30: 10 %, within the default limit
     assert main([*args, "--dry-run"]) == 0
     assert "would exit 3" not in capsys.readouterr().out
@@ -630,9 +625,7 @@ def test_case_17_a_second_run_is_refused_before_any_work_and_leaves_nothing(
     out = Output(output, options)
     endpoint = ["--endpoint-url", options["endpoint_url"]] if options else []
     with out.lease("20261205T010101Z-abcdef"):
-        status = main(
-            ["run", "--input", str(photos), "--output", output, "--weights", "random"] + endpoint
-        )
+        status = main(run_args(photos, output) + endpoint)
         assert status == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "run 20261205T010101Z-abcdef" in err[0], "\n".join(err)

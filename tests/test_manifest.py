@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from pipeline.manifest import Manifest, ModelIdentity, RunCounts, RunRecord
+from pipeline.embed import ModelIdentity
+from pipeline.manifest import Manifest, RunCounts, RunRecord
 from pipeline.write import file_metadata
 
 MODEL = ModelIdentity(

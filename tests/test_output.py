@@ -7,10 +7,11 @@ import threading
 
 import pyarrow.dataset as pads
 import pytest
-from conftest import stage_rows
+from conftest import run_args, stage_rows
 
 from pipeline.commit import commit_run, write_manifest
-from pipeline.manifest import ModelIdentity, RunCounts, RunRecord
+from pipeline.embed import ModelIdentity
+from pipeline.manifest import RunCounts, RunRecord
 from pipeline.output import ConcurrentCommitError, Output
 from pipeline.read import read_embeddings, read_manifest
 
@@ -163,7 +164,7 @@ def test_a_run_reads_the_manifest_once(tmp_path, make_image, ray_session, monkey
         return counted_open(self, path, mode, *args, **kwargs)
 
     monkeypatch.setattr(LocalFileSystem, "_open", counting_open)
-    args = ["run", "--input", str(photos), "--output", str(output), "--weights", "random"]
+    args = run_args(photos, output)
     assert main(args) == 0  # a new output: two attempts, which find no manifest
     assert len(reads) == 2, reads
     (photos / "p3.jpg").write_bytes(make_image((50, 30), seed=3))

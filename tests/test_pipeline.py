@@ -15,6 +15,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import run_args
 from PIL import Image, ImageOps
 
 from pipeline.cli import main
@@ -131,18 +132,7 @@ def test_local_folder_to_local_output(
 ) -> None:  # type: ignore[no-untyped-def]
     root, files = corpus
     output = tmp_path / "out"
-    status = main(
-        [
-            "run",
-            "--input",
-            str(root),
-            "--output",
-            str(output),
-            "--weights",
-            str(random_checkpoint),
-            *FAST,
-        ]
-    )
+    status = main(run_args(root, output, *FAST, weights=random_checkpoint))
     assert status == 0
     summary = capsys.readouterr().out
     assert "embedded   10" in summary and "failed     3" in summary
@@ -182,20 +172,7 @@ def test_s3_to_s3(corpus, s3_bucket, s3_endpoint, ray_session) -> None:  # type:
     s3, bucket = s3_bucket
     s3.put(str(root) + "/", f"{bucket}/photos/", recursive=True)
     output = f"s3://{bucket}/embeddings/resnet50"
-    status = main(
-        [
-            "run",
-            "--input",
-            f"s3://{bucket}/photos/",
-            "--output",
-            output,
-            "--weights",
-            "random",
-            "--endpoint-url",
-            s3_endpoint,
-            *FAST,
-        ]
-    )
+    status = main(run_args(f"s3://{bucket}/photos/", output, "--endpoint-url", s3_endpoint, *FAST))
     assert status == 0
     weights = load_weights("random", seed=0)
     s3.invalidate_cache()
@@ -216,21 +193,7 @@ def test_limit_and_resize_mode_are_recorded(corpus, tmp_path, ray_session) -> No
     root, _ = corpus
     output = tmp_path / "out"
     status = main(
-        [
-            "run",
-            "--input",
-            str(root),
-            "--output",
-            str(output),
-            "--weights",
-            "random",
-            "--resize",
-            "letterbox",
-            "--limit",
-            "2",
-            "--normalize",
-            *FAST,
-        ]
+        run_args(root, output, "--resize", "letterbox", "--limit", "2", "--normalize", *FAST)
     )
     assert status == 0
     manifest = read_manifest(str(output))
@@ -299,7 +262,7 @@ def test_decoding_on_the_model_device_gives_the_cpu_paths_rows(
 ) -> None:  # type: ignore[no-untyped-def]
     """``--decode-device cuda`` with the actors' device forced to this machine's CPU: the
     fetch stage, the actor's decode and the sink give the rows the CPU path gives."""
-    from pipeline import run as run_module
+    from pipeline import checks
     from pipeline.embed import ResNet50Embedder
 
     class OnThisCpu(ResNet50Embedder):
@@ -307,7 +270,7 @@ def test_decoding_on_the_model_device_gives_the_cpu_paths_rows(
             assert kwargs["decode_spec"] is not None  # the plan sends bytes
             super().__init__(**kwargs, device="cpu")
 
-    monkeypatch.setattr(run_module, "check_decode_device", lambda config, num_gpus: None)
+    monkeypatch.setattr(checks, "check_decode_device", lambda config, num_gpus: None)
     _run_on_corpus(corpus, tmp_path / "cpu", batch_size=4)
     run = _run_on_corpus(corpus, tmp_path / "dev", OnThisCpu, batch_size=4, decode_device="cuda")
     assert run.counts.embedded == 10 and run.counts.failed == 3

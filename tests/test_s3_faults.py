@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import run_args
 
 from pipeline.cli import main
 from pipeline.read import read_embeddings, read_manifest
@@ -155,18 +156,9 @@ def _upload(s3, bucket: str, make_image, n: int) -> list[str]:  # type: ignore[n
 def _run_through(proxy: FaultyProxy, bucket: str, *extra: str) -> int:
     """`embed-images run` from s3://BUCKET/photos/ to s3://BUCKET/out through the proxy."""
     return main(
-        [
-            "run",
-            "--input",
-            f"s3://{bucket}/photos/",
-            "--output",
-            f"s3://{bucket}/out",
-            "--weights",
-            "random",
-            "--endpoint-url",
-            proxy.url,
-            *extra,
-        ]
+        run_args(
+            f"s3://{bucket}/photos/", f"s3://{bucket}/out", "--endpoint-url", proxy.url, *extra
+        )
     )
 
 

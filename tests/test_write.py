@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.manifest import ModelIdentity
+from pipeline.embed import ModelIdentity
 from pipeline.write import EMBEDDINGS_SCHEMA, ERRORS_SCHEMA, file_metadata, write_batch
 
 METADATA = file_metadata(
