@@ -244,64 +244,139 @@ def config_for_report(config: Any) -> dict[str, Any]:
 
 
 def report_html(report: Mapping[str, Any]) -> str:
-    """One self-contained page (no scripts, no fetches): the counts, the failures, the stage
-    timings and an SVG chart of images/s over the run."""
+    """One self-contained page (no scripts, no fetches): what made the vectors, the images
+    written over time, the stages, the counts, and this run's failures apart from the known
+    ones earlier runs recorded."""
     run = report["run"]
-    counts = run["counts"]
-    failures = {**run.get("known_failures", {}), **run.get("failures", {})}
-    rows = "".join(
-        f"<tr><td>{escape(k)}</td><td>{escape(str(v))}</td></tr>" for k, v in counts.items()
-    )
-    failure_rows = (
-        "".join(
-            f"<tr><td>{escape(kind)}</td><td>{f['count']}</td><td>{escape(f['example_uri'])}</td>"
-            f"<td>{escape(f.get('example_message', ''))}</td></tr>"
-            for kind, f in sorted(failures.items(), key=lambda item: -item[1]["count"])
-        )
-        or "<tr><td colspan=4>none</td></tr>"
-    )
-    stages = "".join(
-        f"<tr><td>{escape(k)}</td><td>{v:.1f} s</td></tr>"
-        for k, v in report["stage_seconds"].items()
-    )
+    rows = "".join(f"<tr><td>{escape(k)}</td><td>{v:,}</td></tr>" for k, v in run["counts"].items())
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>embed-images run {escape(run["run_id"])}</title>
 <style>body{{font:14px sans-serif;margin:2em;max-width:60em}}
 td,th{{padding:2px 10px;text-align:left}}table{{border-collapse:collapse}}
-tr:nth-child(even){{background:#f3f3f3}}</style></head>
+tr:nth-child(even){{background:#f3f3f3}}.warn{{color:#b42318;font-weight:bold}}
+svg text{{font:11px sans-serif}}</style></head>
 <body><h1>Run {escape(run["run_id"])}: {escape(run["status"])}</h1>
 <p>{escape(run["input"])} &rarr; {escape(report["output"])}; {run["wall_seconds"]:.1f} s,
 {run["images_per_second"]:.2f} images/s over the wall time,
 {run.get("embedding_images_per_second", 0):.2f} while embedding.</p>
-<h2>Images per second</h2>{_chart(report["throughput"])}
+{_made_with(report)}
+<h2>Images written</h2>{_chart(report["throughput"])}
+<h2>Stages</h2>{_timeline(report["stage_seconds"])}
 <h2>Counts</h2><table>{rows}</table>
-<h2>Failures by type</h2><table><tr><th>type</th><th>images</th><th>example</th>
-<th>message</th></tr>{failure_rows}</table>
-<h2>Stages</h2><table>{stages}</table>
+<h2>This run's failures</h2>{_failure_table(run.get("failures", {}))}
+<h2>Known failures</h2><p>Images earlier runs failed on for a lasting reason, unchanged since:
+not read again.</p>{_failure_table(run.get("known_failures", {}))}
 </body></html>
 """
 
 
-def _chart(samples: Sequence[Mapping[str, float]], width: int = 640, height: int = 200) -> str:
-    """A line of images/s over the run's seconds, as inline SVG."""
+def _made_with(report: Mapping[str, Any]) -> str:
+    """What made the vectors: model, weights (random ones flagged), precision, device,
+    preprocessing and version."""
+    run, config = report["run"], report.get("config", {})
+    model = run.get("model") or {}
+    weights = str(model.get("weights", config.get("weights", "?")))
+    flag = (
+        ' <span class="warn">seeded random weights: these vectors are for testing, not for '
+        "search</span>"
+        if weights.startswith("random")
+        else ""
+    )
+    sha = str(model.get("weights_sha256", ""))
+    items = {
+        "model": f"{model.get('name', 'resnet50')}, {model.get('embedding_dim', '?')}-d "
+        f"{model.get('embedding_dtype', '')}"
+        + (", L2-normalized" if model.get("normalized") else ""),
+        "weights": f"{escape(weights)} (sha256 {escape(sha[:12])}…){flag}",
+        "precision": model.get("precision", "?"),
+        "decode": config.get("decode_device", "?"),
+        "resize": (run.get("preprocessing") or {}).get("mode", "?"),
+        "embed-images": report.get("versions", {}).get("embed-images", "?"),
+    }
+    cells = "".join(
+        f"<tr><th>{name}</th><td>{value if name == 'weights' else escape(str(value))}</td></tr>"
+        for name, value in items.items()
+    )
+    return f"<h2>Made with</h2><table>{cells}</table>"
+
+
+def _failure_table(failures: Mapping[str, Failures]) -> str:
+    if not failures:
+        return "<p>none</p>"
+    rows = "".join(
+        f"<tr><td>{escape(kind)}</td><td>{f['count']:,}</td><td>{escape(f['example_uri'])}</td>"
+        f"<td>{escape(f.get('example_message', ''))}</td></tr>"
+        for kind, f in sorted(failures.items(), key=lambda item: -item[1]["count"])
+    )
+    return (
+        "<table><tr><th>type</th><th>images</th><th>example</th><th>message</th></tr>"
+        f"{rows}</table>"
+    )
+
+
+def _ticks(top: float, n: int = 4) -> list[float]:
+    """About ``n`` round tick values from 0 to at least ``top``."""
+    raw = max(top, 1e-9) / n
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 2.5, 5, 10) if m * step >= raw)
+    return [i * step for i in range(math.ceil(top / step - 1e-9) + 1)]
+
+
+def _chart(samples: Sequence[Mapping[str, float]], width: int = 640, height: int = 220) -> str:
+    """Images written so far over the seconds of the execution, with labelled axes, as inline
+    SVG (the slope is the rate)."""
     if not samples:
         return "<p>no images were written</p>"
-    top = max(s["images_per_second"] for s in samples) or 1.0
-    end = max(s["t"] for s in samples) or 1.0
+    points = [(0.0, 0)]
+    for sample in samples:
+        points.append((sample["t"], points[-1][1] + int(sample["images"])))
+    xs, ys = _ticks(points[-1][0]), _ticks(points[-1][1])
+    left, right, top, bottom = 60, width - 20, 10, height - 40
 
-    def xy(t: float, rate: float) -> str:
-        return f"{40 + (width - 50) * t / end:.1f},{height - 20 - (height - 30) * rate / top:.1f}"
+    def x(t: float) -> float:
+        return left + (right - left) * t / xs[-1]
 
-    points = " ".join(xy(s["t"], s["images_per_second"]) for s in samples)
-    axis = height - 20
+    def y(images: float) -> float:
+        return bottom - (bottom - top) * images / ys[-1]
+
+    grid = "".join(
+        f'<line x1="{left}" y1="{y(v):.1f}" x2="{right}" y2="{y(v):.1f}" stroke="#e5e5e5"/>'
+        f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:,.0f}</text>'
+        for v in ys
+    ) + "".join(
+        f'<text x="{x(v):.1f}" y="{bottom + 16}" text-anchor="middle">{v:g}</text>' for v in xs
+    )
+    line = " ".join(f"{x(t):.1f},{y(n):.1f}" for t, n in points)
     return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
-        f'<line x1="40" y1="{axis}" x2="{width - 10}" y2="{axis}" stroke="#888"/>'
-        f'<line x1="40" y1="10" x2="40" y2="{axis}" stroke="#888"/>'
-        f'<text x="0" y="14" font-size="11">{top:.1f}</text>'
-        f'<text x="{width - 60}" y="{height - 4}" font-size="11">{end:.0f} s</text>'
-        f'<polyline fill="none" stroke="#1f6feb" stroke-width="2" points="40,{axis} {points}"/>'
-        "</svg>"
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">{grid}'
+        f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="#888"/>'
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{bottom}" stroke="#888"/>'
+        f'<polyline fill="none" stroke="#1f6feb" stroke-width="2" points="{line}"/>'
+        f'<text x="{(left + right) / 2}" y="{height - 6}" text-anchor="middle">'
+        "seconds since the execution started</text>"
+        f'<text transform="translate(14,{(top + bottom) / 2}) rotate(-90)" '
+        'text-anchor="middle">images written</text></svg>'
+    )
+
+
+def _timeline(stages: Mapping[str, float], width: int = 640) -> str:
+    """The run's stages one after another, as a bar of their seconds, with a legend."""
+    total = sum(stages.values())
+    if total <= 0:
+        return "<p>no stage took measurable time</p>"
+    colours = ("#8da0cb", "#66c2a5", "#1f6feb", "#fc8d62", "#e78ac3")
+    bars, legend, at = [], [], 0.0
+    for i, (name, seconds) in enumerate(stages.items()):
+        colour, w = colours[i % len(colours)], (width - 2) * seconds / total
+        bars.append(
+            f'<rect x="{1 + at:.1f}" y="1" width="{max(w, 0.5):.1f}" height="22" '
+            f'fill="{colour}"><title>{escape(name)}: {seconds:.1f} s</title></rect>'
+        )
+        legend.append(f'<span style="color:{colour}">&#9632;</span> {escape(name)} {seconds:.1f} s')
+        at += w
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="24">{"".join(bars)}'
+        f"</svg><p>{' &nbsp; '.join(legend)}</p>"
     )
 
 
