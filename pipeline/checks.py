@@ -216,13 +216,13 @@ def diff_base(run: Run) -> tuple[Manifest | None, bool]:
     return (manifest if resume else None), resume
 
 
-def model_difference(config: EmbedConfig, snapshot: Snapshot, output: Output) -> str | None:
-    """Why the table's model differs from the one ``config`` names, as far as is known
-    without loading the weights (their name stands for their sha256)."""
-    manifest = snapshot.manifest
+def model_difference(run: Run) -> str | None:
+    """Why the table's model differs from the one the run names, as far as is known without
+    loading the weights (their name stands for their sha256)."""
+    assert run.snapshot is not None, "the run reads its output first"
+    manifest, config, output = run.snapshot.manifest, run.config, run.output
     if manifest is None or manifest.model is None:
         return None
-    preprocessing = preprocess_spec(config.resize, jpeg_draft=config.jpeg_draft).to_metadata()
     model = dataclasses.replace(
         manifest.model, weights=weights_name(config), normalized=config.normalize
     )
@@ -233,7 +233,7 @@ def model_difference(config: EmbedConfig, snapshot: Snapshot, output: Output) ->
             "(--full replaces the table)"
         )
     try:
-        check_same_model(manifest, model, preprocessing, output.uri)
+        check_same_model(manifest, model, run.preprocessing, output.uri)
     except PipelineError as exc:
         return str(exc)
     return None

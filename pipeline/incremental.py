@@ -19,13 +19,13 @@ import pyarrow.compute as pc
 
 from pipeline.current import CommittedImages
 from pipeline.failures import Failures, count_failures, failures_by_type
+from pipeline.inventory import InputList
 from pipeline.listing import IMAGE_EXTENSIONS, InputError, ListingCounts, list_images
 from pipeline.manifest import Manifest
 from pipeline.read import committed_images
 
 if TYPE_CHECKING:
     from pipeline.checks import Run
-    from pipeline.inventory import InputList
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +76,15 @@ def list_work(
     keep: Callable[[pa.Table], Any] | None,
     max_listed: int | None = None,
     pending: bool = False,
-    read_list: Callable[[InputList], Iterator[pa.Table]] | None = None,
+    read_list: Callable[[InputList], Iterator[pa.Table]] = InputList.tables,
 ) -> NewImages:
     """List the run's input against the current tables ``table`` lists (``None``: embed
     everything; ``pending``: against a killed ``--full`` run's pending files, which this one
     resumes); :func:`list_new_images` says what ``keep`` and ``max_listed`` do.
 
-    An ``--input-list`` is read by ``read_list`` (a run reads it with Ray Data,
-    :func:`pipeline.feed.read_list`), else in this process (a dry run, or a small run's probe,
-    which start no Ray).
+    An ``--input-list`` is read by ``read_list``: in this process by default (a dry run, or a
+    small run's probe, which start no Ray); a run reads it with Ray Data
+    (:func:`pipeline.feed.read_list`).
 
     Raises:
         InputError: the input holds no image.
@@ -99,13 +99,7 @@ def list_work(
         limit=config.limit,
         max_listed=max_listed,
         concurrency=config.list_concurrency,
-        tables=(
-            None
-            if source.list is None
-            else read_list(source.list)
-            if read_list is not None
-            else source.list.tables()
-        ),
+        tables=None if source.list is None else read_list(source.list),
     )
     counts = listing.counts
     if counts.listed == 0:

@@ -91,7 +91,6 @@ def execute_run(
     Raises:
         PipelineError: nothing is committed, or only ``errors/`` (``ErrorRateExceededError``).
     """
-
     from pipeline.feed import feeding, start_listing
     from pipeline.plan import run_plan
     from pipeline.sink import RunBooks, RunSink
@@ -126,14 +125,12 @@ def dry_run(config: EmbedConfig) -> DryRun:
     or random source, or the file's path: a file is not hashed), normalization and the
     preprocessing; a real run compares the weights' sha256 instead of their name.
     """
-    run = check_run(config, writes=False)
-    snapshot = run.output.snapshot()
-    manifest = snapshot.manifest
+    run = read_output(check_run(config, writes=False))
+    assert run.snapshot is not None
+    manifest = run.snapshot.manifest
     incremental = manifest is not None and not config.full
     limited_full = manifest is not None and config.full and config.limit is not None
-    refusal = (
-        model_difference(config, snapshot, run.output) if incremental or limited_full else None
-    )
+    refusal = model_difference(run) if incremental or limited_full else None
     listing = list_work(run, manifest if incremental else None, keep=None)
     if refusal is None:
         from pipeline.sink import error_rate_verdict
@@ -189,7 +186,7 @@ def probe_run(run: Run, *, max_listed: int = PROBE_LISTED) -> NewImages | None:
     # Only a run with nothing to embed is decided here; one with work checks the model with
     # its weights loaded (and the import of torchvision overlaps Ray's start there).
     if listing.to_embed == 0 and incremental:
-        if model_difference(config, snapshot, run.output) is not None:
+        if model_difference(run) is not None:
             return None
     return listing
 
