@@ -501,7 +501,7 @@ def device_decode(b: Bench) -> None:
 
 
 def _e2e_images(b: Bench) -> int:
-    return (4096 if b.quick else 16384) if b.cuda else 64
+    return (4096 if b.quick else 16384) if b.cuda else (32 if b.quick else 64)
 
 
 def gpu_decode_path(b: Bench, threads: int, pipelined: bool, compiled: bool) -> tuple[float, float]:

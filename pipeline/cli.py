@@ -47,7 +47,8 @@ exit status:
        inside input, another model in the output, a bad manifest
   3    too many bad images (--max-error-rate: this run's failures and those earlier
        runs were refused for count; failures an earlier run accepted do not)
-  130  stopped by Ctrl-C, 143 by SIGTERM (nothing of this run committed; a rerun resumes)
+  130  stopped by Ctrl-C; 143 by SIGTERM, after a drain that commits what is written
+       (--drain-seconds); either way a rerun resumes
 """
 
 

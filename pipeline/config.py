@@ -196,6 +196,15 @@ class EmbedConfig:
         group=IO,
         metavar="SECONDS",
     )
+    drain_seconds: float = option(
+        25.0,
+        help="on SIGTERM, stop feeding images and commit what the writers finish within this "
+        "many seconds as a checkpoint, then exit 143; 0: stop at once (default %(default)s)",
+        group=IO,
+        metavar="SECONDS",
+        details="Under Kubernetes keep it below the pod's termination grace period (30 s by "
+        "default), so that the commit ends before the SIGKILL. A second signal stops at once.",
+    )
     list_concurrency: int = option(
         16,
         help="LIST requests in flight at once on an object store: the input prefix is split "
@@ -358,11 +367,10 @@ class EmbedConfig:
             if value not in choices:
                 flag = name.replace("_", "-")
                 raise ConfigError(f"--{flag} {value!r}: choose one of {', '.join(choices)}")
-        if self.batch_size is not None and (
-            not isinstance(self.batch_size, int) or self.batch_size < 1
-        ):
-            raise ConfigError(f"--batch-size {self.batch_size!r}: must be an integer >= 1")
-        for name in (
+        for name in (  # integers >= 1; the optional ones may be None
+            "batch_size",
+            "limit",
+            "model_threads",
             "decode_batch_size",
             "decode_memory",
             "rows_per_file",
@@ -372,16 +380,13 @@ class EmbedConfig:
             "max_image_pixels",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r}: must be an integer >= 1")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit {self.limit}: must be >= 1")
-        if not self.cleanup_retention >= 0:
-            raise ConfigError(f"--cleanup-retention {self.cleanup_retention}: must be >= 0")
+        for name in ("cleanup_retention", "drain_seconds"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ConfigError(f"--max-error-rate {self.max_error_rate}: must be between 0 and 1")
-        if self.model_threads is not None and self.model_threads < 1:
-            raise ConfigError(f"--model-threads {self.model_threads}: must be >= 1")
         for name in ("decode_cpus", "write_cpus", "model_cpus", "commit_interval"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be > 0")
@@ -392,13 +397,12 @@ class EmbedConfig:
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ConfigError(f"--num-gpus {self.num_gpus}: must be >= 0")
         _check_concurrency(self.concurrency)
-        if self.weights_sha256 is not None and not re.fullmatch(
-            r"[0-9a-f]{64}", self.weights_sha256
-        ):
+        sha256 = self.weights_sha256
+        if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
             raise ConfigError(
                 "--weights-sha256 must be the full 64-hex-digit sha256 (lower case) of the file"
             )
-        if self.weights_sha256 is not None and self.weights == "random":
+        if sha256 is not None and self.weights == "random":
             raise ConfigError("--weights-sha256 applies to a weights file or imagenet, not random")
 
     def model_batch_size(self, num_gpus: float) -> int:
@@ -435,16 +439,12 @@ def parse_concurrency(text: str) -> int | tuple[int, int]:
         >>> parse_concurrency("1,4")
         (1, 4)
     """
-    parts = text.split(",")
     try:
-        numbers = [int(p) for p in parts]
+        numbers = [int(p) for p in text.split(",")]
     except ValueError:
         raise ConfigError(f"--concurrency {text!r}: give N or MIN,MAX (integers)") from None
-    if len(numbers) == 1:
-        value: int | tuple[int, int] = numbers[0]
-    elif len(numbers) == 2:
-        value = (numbers[0], numbers[1])
-    else:
+    if len(numbers) not in (1, 2):
         raise ConfigError(f"--concurrency {text!r}: give N or MIN,MAX")
+    value = numbers[0] if len(numbers) == 1 else (numbers[0], numbers[1])
     _check_concurrency(value)
     return value

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 # Chunks (of ``LISTING_BLOCK_ROWS`` new images) the feed holds before the lister waits.
 FEED_CHUNKS = 64
-# Read tasks draining the feed: one hands on a chunk in about a millisecond, faster than
+# Read tasks emptying the feed: one hands on a chunk in about a millisecond, faster than
 # the listing finds them; each more would hold a block of its own before handing it on.
 FEED_READERS = 1
 # New images the listing may feed beyond those written: a bound on the listing rows held in
@@ -69,6 +69,15 @@ class Feed:
         for _ in range(readers):
             await self.queue.put(error)
 
+    async def stop(self, readers: int) -> int:
+        """End the feed now: the chunks not yet read are dropped; their rows."""
+        dropped = 0
+        while not self.queue.empty():
+            chunk = self.queue.get_nowait()
+            dropped += chunk.num_rows if isinstance(chunk, pa.Table) else 0
+        await self.close(readers)
+        return dropped
+
 
 class _UnsizedDatasource(Datasource):
     """A datasource whose blocks' rows and bytes are known only as its read tasks make them."""
@@ -92,10 +101,10 @@ class FeedDatasource(_UnsizedDatasource):
         self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
     ) -> list[ReadTask]:
         feed = self.feed
-        return self._read_tasks([lambda: drain(feed)] * self.readers, LISTING_SCHEMA)
+        return self._read_tasks([lambda: read_feed(feed)] * self.readers, LISTING_SCHEMA)
 
 
-def drain(feed: Any) -> Iterator[Block]:
+def read_feed(feed: Any) -> Iterator[Block]:
     import ray
 
     while True:
@@ -113,22 +122,24 @@ class StreamedListing:
     Args:
         listing: Lists and diffs the input, calling its ``keep`` argument with each chunk of
             new images (:func:`pipeline.incremental.list_work`).
-        ahead: New images fed beyond those written (``written``) before the listing waits.
+        ahead: New images fed beyond those written (``written``) before the listing waits
+            (default ``LISTING_AHEAD``).
     """
 
     def __init__(
         self,
         listing: Callable[[Callable[[pa.Table], None]], NewImages],
-        ahead: int = LISTING_AHEAD,
+        ahead: int | None = None,
     ) -> None:
         import ray
 
         self.feed: Any = ray.remote(num_cpus=0, max_restarts=0)(Feed).remote(FEED_CHUNKS)
         self.readers = FEED_READERS
         self.queued = 0  # new images handed to the feed so far
-        self.ahead = ahead
+        self.ahead = LISTING_AHEAD if ahead is None else ahead
         self.written: Callable[[], int] = lambda: 0  # images written so far (the run's sink)
         self._cancelled = threading.Event()
+        self._stopped = threading.Event()  # the feed was ended early (a drain)
         self._listing = listing
         self._first = threading.Event()  # a chunk was fed, or the listing ended
         self._result: NewImages | None = None
@@ -149,7 +160,8 @@ class StreamedListing:
     @property
     def failed(self) -> bool:
         """Whether the listing ended on an error of its own (not on :meth:`cancel`)."""
-        return self.done and self._error is not None and not self._cancelled.is_set()
+        stopped = self._cancelled.is_set() or self._stopped.is_set()
+        return self.done and self._error is not None and not stopped
 
     def datasource(self) -> FeedDatasource:
         return FeedDatasource(self.feed, self.readers)
@@ -171,10 +183,23 @@ class StreamedListing:
         ray.kill(self.feed)
         self._thread.join(timeout=30)
 
+    def stop_feeding(self) -> None:
+        """End the feed now (a drain): the read tasks end once they take what is in flight,
+        the chunks queued are dropped, and the listing stops (its result raises)."""
+        import ray
+
+        self._stopped.set()
+        try:
+            ray.get(self.feed.stop.remote(self.readers))
+        except ray.exceptions.RayError:
+            pass  # cancelled: the feed is gone
+
     def _keep(self, chunk: pa.Table) -> None:
         import ray
 
-        while self.queued - self.written() >= self.ahead:
+        while self.queued - self.written() >= self.ahead or self._stopped.is_set():
+            if self._stopped.is_set():
+                raise PipelineError("listing stopped: the run is draining")
             if self._cancelled.wait(0.1):
                 raise PipelineError("listing cancelled")
         ray.get(self.feed.put.remote(chunk))
@@ -192,6 +217,8 @@ class StreamedListing:
         finally:
             self._first.set()
             try:
+                # A stopped feed has ended already: no error for its readers.
+                error = None if self._stopped.is_set() else error
                 ray.get(self.feed.close.remote(self.readers, error))
             except ray.exceptions.RayError:
                 pass  # cancelled: the feed is gone
@@ -285,6 +312,7 @@ def feeding(
     def total() -> int | None:
         return streamed.result().to_embed if streamed.done else None
 
+    sink.stop_feeding = streamed.stop_feeding
     try:
         yield streamed.datasource(), total
     except BaseException:

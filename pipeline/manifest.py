@@ -235,6 +235,10 @@ class Manifest:
             _run_of(path) for path in self.listed_paths() if "/run_id=" in path
         }
 
+    def record(self, run_id: str) -> RunRecord | None:
+        """The run's record in the log (as its last commit wrote it), if it is there."""
+        return next((run for run in self.runs if run.run_id == run_id), None)
+
     def commit_order(self) -> list[str]:
         """The run ids of the current files, first committed first."""
         runs = {_run_of(path) for path in self.listed_paths() if "/run_id=" in path}

@@ -26,6 +26,7 @@ from pipeline.manifest import RunRecord
 from pipeline.output import Snapshot
 from pipeline.progress import ProgressMode
 from pipeline.report import DryRun, write_run_report
+from pipeline.stop import Drain, Stopped
 from pipeline.weights import load_weights
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def execute_run(
     listing: NewImages | None = None,
     embedder: type[ResNet50Embedder] = ResNet50Embedder,
     progress: ProgressMode = "none",
+    drain: Drain | None = None,
 ) -> RunRecord:
     """List, embed, write and commit a prepared run on the running Ray.
 
@@ -84,6 +86,8 @@ def execute_run(
             (default: list it now, streaming into the plan).
         embedder: The model stage's class (a subclass may wrap it, e.g. to inject faults).
         progress: Show the images done while it runs: ``auto``, ``bar``, ``log`` or ``none``.
+        drain: Set by a SIGTERM's handler (:mod:`pipeline.stop`): the run then stops feeding
+            and keeps what its writers finish as checkpoints before it stops.
 
     Returns:
         The committed run's record.
@@ -104,13 +108,17 @@ def execute_run(
     books = RunBooks(run, run.model, run.preprocessing, listing)
     if streamed is None:
         books.refuse_known_failures()  # streamed: known only at the end, checked then
-    sink = RunSink(books)
+    sink = RunSink(books, drain)
     try:
         if streamed is None and not books.listing.refs:
             sink.run_without_tasks()
         else:
-            with feeding(books.listing, streamed, sink) as (source, total):
+            with feeding(books.listing, streamed, sink) as (source, total), sink.watching_drain():
                 run_plan(run, source, sink, total=total, embedder=embedder, progress=progress)
+    except Stopped as stop:
+        if stop.drained:  # the drain's time is up: what came in since the last commit too
+            sink.checkpoint_rest()
+        raise
     finally:
         if sink.record is not None:  # committed, or only its errors were (exit 3)
             write_run_report(run, sink, timings)

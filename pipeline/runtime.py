@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from pipeline.config import (
 from pipeline.manifest import RunRecord
 from pipeline.progress import ProgressMode
 from pipeline.run import commit_without_work, execute_run, prepare_run, probe_run, read_output
+from pipeline.stop import Drain, Stopped, catch_stop_signals, end_drain
 from pipeline.storage import one_line
 
 if TYPE_CHECKING:
@@ -201,27 +201,6 @@ def embed_images(
         return execute_run(prepare_and_start_ray(run, address, verbose=verbose))
 
 
-class Stopped(BaseException):
-    """Ctrl-C or SIGTERM: a ``BaseException``, so that no ``except Exception`` swallows it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-    @property
-    def exit_status(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
-
-def _stop(signum: int, frame: Any) -> None:
-    raise Stopped(signum)
-
-
-def catch_stop_signals() -> None:
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _stop)
-
-
 def stopped_run(stop: Stopped, run: Run) -> int:
     """Leave Ray and the output clean after a stop signal, say so in one line on stderr, and
     return the exit status."""
@@ -231,15 +210,21 @@ def stopped_run(stop: Stopped, run: Run) -> int:
     ray.shutdown()
     output, run_id = run.output, run.run_id
     manifest = output.snapshot().manifest
-    if manifest is not None and run_id in manifest.committed_run_ids():
+    record = manifest.record(run_id) if manifest is not None else None
+    # Committed files have left staging (on S3 they are copies): what is there is scratch.
+    output.discard_staging(run_id)
+    if record is None:
+        what = f"nothing of run {run_id} was committed (earlier runs are intact)"
+    elif record.committed:
         what = f"run {run_id} had already committed"
     else:
-        output.discard_staging(run_id)
-        what = f"nothing of run {run_id} was committed (earlier runs are intact)"
+        kept = record.counts.embedded + record.counts.failed
+        what = f"run {run_id} kept {kept} images in {record.checkpoints + 1} checkpoints"
     seconds = time.time() - run.started
+    drained = f" and a drain of {run.config.drain_seconds:g} s" if stop.drained else ""
     print(
-        f"{PROG}: stopped by {stop} after {seconds:.0f} s: {what}; run the same command "
-        "again to embed what is left",
+        f"{PROG}: stopped by {stop} after {seconds:.0f} s{drained}: {what}; run the same "
+        "command again to embed what is left",
         file=sys.stderr,
     )
     return stop.exit_status
@@ -278,9 +263,14 @@ def run_and_report(
                 progress = "bar" if sys.stderr.isatty() else "log"
             with native_stderr_filtered(enabled=not verbose):
                 run = prepare_and_start_ray(run, address, verbose=verbose)
-                catch_stop_signals()  # again: ray.init installs a SIGTERM handler of its own
+                # Again: ray.init installs a SIGTERM handler of its own. SIGTERM now drains.
+                drain = Drain(config.drain_seconds)
+                catch_stop_signals(drain)
                 try:
-                    record = execute_run(run, listing=probe, progress=progress)
+                    try:
+                        record = execute_run(run, listing=probe, progress=progress, drain=drain)
+                    finally:
+                        end_drain(drain)  # before the stop's clean-up, which it would cut
                 except Stopped as stop:
                     return stopped_run(stop, run)
     print_summary(record, run.output.uri, report=run.output.report_uri(record.run_id))

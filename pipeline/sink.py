@@ -4,7 +4,9 @@
     write_files      (tasks)  :mod:`pipeline.write`: files into OUTPUT/_staging/RUN_ID/
     consume          (driver) each writer task's files as it finishes; every ``--commit-every``
                               images (or ``--commit-interval`` seconds) a checkpoint commit;
-                              at the end: every image once? error rate? the last commit
+                              at the end: every image once? error rate? the last commit;
+                              on SIGTERM (:mod:`pipeline.stop`) a checkpoint per task
+                              finished in the drain, then a stop
 
 Writer tasks are map tasks to Ray Data, so they are retried on the errors named in
 ``DataContext.retried_map_errors``, like the decode tasks. A retried task's files get new
@@ -16,10 +18,14 @@ run's diff finds those images committed and embeds only the rest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pipeline.commit import commit_run
@@ -37,10 +43,13 @@ from pipeline.manifest import (
     utc_iso,
 )
 from pipeline.output import Output
+from pipeline.stop import Drain, Stopped
 from pipeline.write import Staged, file_metadata
 
 if TYPE_CHECKING:
     from pipeline.checks import Run
+
+logger = logging.getLogger(__name__)
 
 
 def error_rate_verdict(
@@ -208,8 +217,13 @@ class RunSink:
             write with: the staging URI, storage options and file metadata).
     """
 
-    def __init__(self, books: RunBooks) -> None:
+    def __init__(self, books: RunBooks, drain: Drain | None = None) -> None:
         self.books = books
+        self.drain = drain or Drain(0)  # set by a SIGTERM's handler while the run executes
+        # Ends a streamed listing's feed early (a drain); None: the listing is in the driver.
+        self.stop_feeding: Callable[[], None] | None = None
+        # The driver's loop and the drain's thread both commit: one at a time.
+        self.lock = threading.RLock()
         assert books.run.snapshot is not None
         self.snapshot = books.run.snapshot  # the version the next commit must find
         self.record: RunRecord | None = None
@@ -251,30 +265,94 @@ class RunSink:
             ErrorRateExceededError: too many images failed; only errors are committed.
         """
         started = self.executing_since or time.time()
-        config = self.books.config
         for text in staged:
-            returned: Staged = json.loads(text)
-            self.pending.append(returned)
-            rows = sum(n for _, _, n in returned["files"])
-            self.written.append((returned["finished_at"] - started, rows))
-            self.rows_written += rows
-            pending_rows = sum(n for part in self.pending for _, _, n in part["files"])
-            if pending_rows >= config.commit_every or (
-                pending_rows and time.time() - self.last_commit >= config.commit_interval
-            ):
-                self.commit(final=False)
+            with self.lock:
+                self._take(json.loads(text), started)
         settling = time.time()
         self.timings["execution"] = settling - started
         self.written.sort()
         try:
+            if self.drain.draining and not self.all_written():
+                self.checkpoint_rest()  # the feed was cut short: a checkpoint, then stop
+                raise Stopped(signal.SIGTERM, drained=True)
             if self.listing_done is not None:  # every block is written: the listing is done
                 self.books = dataclasses.replace(self.books, listing=self.listing_done())
             return self.commit(final=True)
         finally:
             self.timings["commit"] = time.time() - settling
 
+    def _take(self, returned: Staged, started: float) -> None:
+        """One writer task's files: staged, and committed when a checkpoint is due."""
+        config = self.books.config
+        self.pending.append(returned)
+        rows = sum(n for _, _, n in returned["files"])
+        self.written.append((returned["finished_at"] - started, rows))
+        self.rows_written += rows
+        pending_rows = sum(n for part in self.pending for _, _, n in part["files"])
+        due = time.time() - self.last_commit >= config.commit_interval
+        # Draining: each task's files are kept as they come.
+        if pending_rows >= config.commit_every or (pending_rows and (due or self.drain.draining)):
+            self.commit(final=False)
+
+    @contextlib.contextmanager
+    def watching_drain(self) -> Iterator[None]:
+        """While the plan runs: once a SIGTERM asks for a drain, end the feed and commit what
+        is written, at once, in a thread (the handler only sets a flag, and the driver's loop
+        may be waiting for the next writer)."""
+        finished = threading.Event()
+
+        def watch() -> None:
+            self.drain.requested.wait()
+            if finished.is_set():
+                return
+            if self.stop_feeding is not None:
+                self.stop_feeding()
+            try:
+                self.checkpoint_rest()
+            except Exception as exc:  # the driver's next commit meets it again
+                logger.warning("the drain's checkpoint failed: %s", exc)
+
+        watcher = threading.Thread(target=watch, name="drain", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            finished.set()
+            self.drain.requested.set()  # the watcher ends, or finishes its commit first
+            watcher.join()
+
+    def all_written(self) -> bool:
+        """Whether every image of the run was written (a drain may have ended the feed)."""
+        listing = self.books.listing
+        if self.listing_done is not None:
+            try:
+                listing = self.listing_done()
+            except Exception:  # stopped (the drain) or failed: not all of it was fed
+                return False
+        return self.rows_written == listing.to_embed
+
+    def checkpoint_rest(self) -> None:
+        """What is written but not committed, as a checkpoint (a drain)."""
+        with self.lock:
+            if self.pending:
+                self.commit(final=False)
+
     def commit(self, *, final: bool) -> RunRecord:
-        """Commit what is staged since the last commit: a checkpoint, or the run's last."""
+        """Commit what is staged since the last commit: a checkpoint, or the run's last. A
+        stop signal during it waits for its end (:class:`pipeline.stop.Drain`)."""
+        # A stop in the main thread waits for its commit; the drain's thread commits while
+        # the main thread may stop: that one then waits on the lock.
+        main = threading.current_thread() is threading.main_thread()
+        with self.lock:
+            self.drain.committing = main
+            try:
+                return self._commit(final=final)
+            finally:
+                self.drain.committing = False
+                if main:
+                    self.drain.stop_after_commit()
+
+    def _commit(self, *, final: bool) -> RunRecord:
         books = self.books
         files: dict[str, list[str]] = {"embeddings": [], "errors": []}
         rows = dict(self.committed_rows)

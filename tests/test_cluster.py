@@ -37,9 +37,10 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, str]]:
-    """A head (2 CPUs, no GPU) and a worker node (0 CPUs, 1 declared GPU), token auth on."""
+    """A head (2 CPUs, no GPU) and a worker node (0 CPUs, 1 declared GPU), token auth on;
+    one for this module's jobs, as a real cluster takes many."""
     port, dashboard, client, agent_head, agent_worker = _free_ports(5)
     # Short paths: Ray's socket paths are limited. Each node gets its own temp dir, as on
     # separate machines: two raylets sharing one would share runtime_resources/, and the GPU
@@ -161,6 +162,7 @@ def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
         (photos / f"p{i}.jpg").write_bytes(make_image((50 + i, 40), seed=i))
     env = dict(os.environ) | cluster
     env.pop("RAY_ADDRESS", None)
+    submission = f"placement-{num_gpus}-{actors}"
     submit = subprocess.run(
         [
             str(BIN / "ray"),
@@ -168,6 +170,8 @@ def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
             "submit",
             "--address",
             cluster["dashboard"],
+            "--submission-id",
+            submission,
             "--working-dir",
             str(ROOT),
             "--",
@@ -198,15 +202,18 @@ def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
     # The job's log is spared Ray core's line about Ray Data's actor constructor arguments.
     assert "constructor arguments in the object store" not in submit.stdout + submit.stderr
 
-    code = (
+    code = (  # this job's actors and tasks: the cluster ran others before it
+        "from ray.job_submission import JobSubmissionClient\n"
         "from ray.util.state import list_actors, list_nodes, list_tasks\n"
+        f"job = JobSubmissionClient('ADDR').get_job_info('{submission}').job_id\n"
         "nodes = {n.node_id: ('gpu' if n.resources_total.get('GPU') else 'cpu')\n"
         "         for n in list_nodes(address='ADDR')}\n"
         "for a in list_actors(address='ADDR', limit=1000, detail=True):\n"
-        "    if 'ResNet50Embedder' in a.class_name:\n"
+        "    if 'ResNet50Embedder' in a.class_name and a.job_id == job:\n"
         "        print('model', nodes.get(a.node_id), a.required_resources.get('GPU'))\n"
         "for t in list_tasks(address='ADDR', limit=10000):\n"
-        "    if t.name in ('MapBatches(decode_batch)', 'MapBatches(write_files)'):\n"
+        "    if t.job_id == job and t.name in ('MapBatches(decode_batch)',\n"
+        "                                      'MapBatches(write_files)'):\n"
         "        print(t.name, nodes.get(t.node_id))\n"
     )
     dashboard = int(cluster["dashboard"].rsplit(":", 1)[1])

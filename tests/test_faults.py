@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from conftest import command_lines, kill_stalled_driver, run_args
 from ray import cloudpickle
@@ -173,6 +174,8 @@ def _session_processes(sid: int) -> list[int]:
 def test_a_stop_signal_mid_run_says_one_line_and_leaves_nothing_behind(
     tmp_path, make_image, signum, status
 ) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C stops at once, committing nothing; SIGTERM drains (here for half a second)
+    and keeps what was written (tests/test_drain.py has the drain's cases)."""
     photos, output = tmp_path / "photos", tmp_path / "out"
     _photos(photos, make_image, [f"s{i:02d}.jpg" for i in range(24)])
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -180,7 +183,7 @@ def test_a_stop_signal_mid_run_says_one_line_and_leaves_nothing_behind(
     driver = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", "--input", str(photos), "--output"]
         + [str(output), "--weights", "random", "--batch-size", "2", "--decode-batch-size", "2"]
-        + ["--rows-per-file", "2"],
+        + ["--rows-per-file", "2", "--drain-seconds", "0.5"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -198,15 +201,27 @@ def test_a_stop_signal_mid_run_says_one_line_and_leaves_nothing_behind(
             _, err = driver.communicate()
             pytest.fail(f"the run ended ({driver.returncode}) before it could be stopped: {err}")
         assert _stderr_filters()
+        written = sum(
+            pq.read_metadata(path).num_rows for path in (output / "_staging").glob("*/*/*.parquet")
+        )
         driver.send_signal(signum)
         _, err = driver.communicate(timeout=120)
         assert driver.returncode == status, err[-3000:]
         assert "Traceback" not in err, err[-3000:]
         last = err.strip().splitlines()[-1]
         assert last.startswith(f"embed-images: stopped by {signal.Signals(signum).name} after")
-        assert "nothing of run" in last and "run the same command again" in last, last
+        assert "run the same command again" in last, last
         assert not (output / "_staging").exists()  # this run's staging is gone
-        assert read_manifest(str(output)) is None  # and nothing was committed
+        manifest = read_manifest(str(output))
+        if signum == signal.SIGINT:
+            assert "nothing of run" in last, last
+            assert manifest is None  # nothing was committed
+        else:
+            assert "and a drain of 0.5 s" in last, last
+            assert manifest is not None and manifest.runs[-1].status == "checkpointed"
+            kept = manifest.runs[-1].counts.embedded + manifest.runs[-1].counts.failed
+            assert f"kept {kept} images in" in last, last
+            assert written <= kept < 24  # every image written before the signal is kept
         deadline = time.time() + 30  # Ray's processes leave with their driver
         while _session_processes(driver.pid) and time.time() < deadline:
             time.sleep(0.5)
