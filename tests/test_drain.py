@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -41,18 +42,31 @@ class Slow(Identity):
         return super().__call__(batch)
 
 
-@pytest.fixture(params=["local", "s3"])
-def photos_and_output(request, tmp_path, make_image) -> tuple[str, str, dict[str, str]]:  # type: ignore[no-untyped-def]
-    """``IMAGES`` small photos, and an empty output on local disk or on moto's S3."""
+def small_run(tmp_path: Path, make_image: Any, output: str = "", **knobs: Any) -> EmbedConfig:
+    """``IMAGES`` small photos, and a run of them in batches, tasks and files of two images
+    into ``output`` (default: a local folder)."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(IMAGES):
         (photos / f"d{i:02d}.png").write_bytes(make_image((20 + i, 16), fmt="PNG", seed=i))
+    return EmbedConfig(
+        input=str(photos),
+        output=output or str(tmp_path / "out"),
+        weights="random",
+        batch_size=2,
+        decode_batch_size=2,
+        rows_per_file=2,
+        **knobs,
+    )
+
+
+@pytest.fixture(params=["local", "s3"])
+def output_and_options(request, tmp_path) -> tuple[str, dict[str, str]]:  # type: ignore[no-untyped-def]
+    """An empty output on local disk or on moto's S3."""
     if request.param == "s3":
         _, bucket = request.getfixturevalue("s3_bucket")
-        options = {"endpoint_url": request.getfixturevalue("s3_endpoint")}
-        return str(photos), f"s3://{bucket}/out", options
-    return str(photos), str(tmp_path / "out"), {}
+        return f"s3://{bucket}/out", {"endpoint_url": request.getfixturevalue("s3_endpoint")}
+    return str(tmp_path / "out"), {}
 
 
 @pytest.fixture
@@ -130,7 +144,7 @@ def rerun_finishes_each_once(config: EmbedConfig, options: dict[str, str]) -> No
 
 
 def test_sigterm_stops_the_feed_and_keeps_every_written_image(
-    photos_and_output, ray_session, own_signals, monkeypatch
+    output_and_options, tmp_path, make_image, ray_session, own_signals, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     """The listing (chunks of 8, each its own block) is still going when SIGTERM comes: the
     drain stops it, the images fed are written and committed, the rest are never fed, and
@@ -138,7 +152,7 @@ def test_sigterm_stops_the_feed_and_keeps_every_written_image(
     from pipeline import incremental
     from pipeline.feed import StreamedListing
 
-    photos, output, options = photos_and_output
+    output, options = output_and_options
     real, real_stop = incremental.list_images, StreamedListing.stop_feeding
     stopped = threading.Event()
 
@@ -160,13 +174,10 @@ def test_sigterm_stops_the_feed_and_keeps_every_written_image(
     # Ray Data hands a read task's output on by the block: here a block is a chunk.
     context = ray.data.DataContext.get_current()
     monkeypatch.setattr(context, "target_max_block_size", 256)
-    config = EmbedConfig(
-        input=photos,
-        output=output,
-        weights="random",
-        batch_size=2,
-        decode_batch_size=2,
-        rows_per_file=2,
+    config = small_run(
+        tmp_path,
+        make_image,
+        output,
         drain_seconds=60,
         storage_options=options,
         # While the listing goes on, Ray Data keeps a share of 2 CPUs for its earlier
@@ -198,20 +209,8 @@ def test_a_drain_that_runs_out_of_time_keeps_what_came_in(
 ) -> None:  # type: ignore[no-untyped-def]
     """A listing held in the driver is not cut short: the drain's end (SIGALRM) stops the
     run, and what the writers returned by then is committed."""
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(IMAGES):
-        (photos / f"t{i:02d}.png").write_bytes(make_image((20 + i, 16), fmt="PNG", seed=i))
-    output = str(tmp_path / "out")
-    config = EmbedConfig(
-        input=str(photos),
-        output=output,
-        weights="random",
-        batch_size=2,
-        decode_batch_size=2,
-        rows_per_file=2,
-        drain_seconds=1,
-    )
+    config = small_run(tmp_path, make_image, drain_seconds=1)
+    output = config.output
     run = prepare_run(config)
     listing = probe_run(run)
     assert listing is not None  # held in the driver
@@ -224,20 +223,8 @@ def test_a_drain_that_runs_out_of_time_keeps_what_came_in(
 
 
 def test_a_second_sigterm_stops_at_once(tmp_path, make_image, ray_session, own_signals) -> None:  # type: ignore[no-untyped-def]
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(IMAGES):
-        (photos / f"s{i:02d}.png").write_bytes(make_image((20 + i, 16), fmt="PNG", seed=i))
-    output = str(tmp_path / "out")
-    config = EmbedConfig(
-        input=str(photos),
-        output=output,
-        weights="random",
-        batch_size=2,
-        decode_batch_size=2,
-        rows_per_file=2,
-        drain_seconds=60,
-    )
+    config = small_run(tmp_path, make_image, drain_seconds=60)
+    output = config.output
     sent = signal_once_staged(output, {}, signals=2, gap=0.5)
     stop = drained_run(config, Drain(config.drain_seconds))
     assert not stop.drained and stop.exit_status == 143
