@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import fsspec
 import pyarrow.parquet as pq
 
 from bench.corpus import make_corpus
@@ -26,13 +27,18 @@ from bench.results import append, embed_command
 from pipeline.read import read_embeddings, read_manifest
 
 
-def staged_rows(output: Path) -> int:
+def staged_rows(output: str, options: dict[str, str] | None = None) -> int:
+    """Rows in the embeddings and errors files a run's writers have staged so far (a file
+    still being written does not count: it was not written yet)."""
+    fs, root = fsspec.core.url_to_fs(output, **(options or {}))
+    fs.invalidate_cache()
     rows = 0
-    for path in output.glob("_staging/*/*/*.parquet"):
+    for path in fs.glob(f"{root}/_staging/*/*/*.parquet"):
         try:
-            rows += pq.read_metadata(path).num_rows
+            with fs.open(path, "rb") as f:
+                rows += pq.read_metadata(f).num_rows
         except (OSError, ValueError):
-            continue  # being written: not written before the signal
+            continue
     return rows
 
 
@@ -46,12 +52,12 @@ def trial(images: Path, output: Path, delay: float, args: str) -> dict[str, floa
         start_new_session=True,
     )
     started = time.time()
-    while not staged_rows(output) and process.poll() is None:
+    while not staged_rows(str(output)) and process.poll() is None:
         time.sleep(0.1)
     time.sleep(delay)
     if process.poll() is not None:
         return {"delay": delay, "status": f"ended first ({process.returncode})"}
-    written = staged_rows(output)
+    written = staged_rows(str(output))
     signalled = time.time()
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=600)

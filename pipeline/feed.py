@@ -69,14 +69,11 @@ class Feed:
         for _ in range(readers):
             await self.queue.put(error)
 
-    async def stop(self, readers: int) -> int:
-        """End the feed now: the chunks not yet read are dropped; their rows."""
-        dropped = 0
+    async def stop(self, readers: int) -> None:
+        """End the feed now: the chunks not yet read are dropped."""
         while not self.queue.empty():
-            chunk = self.queue.get_nowait()
-            dropped += chunk.num_rows if isinstance(chunk, pa.Table) else 0
+            self.queue.get_nowait()
         await self.close(readers)
-        return dropped
 
 
 class _UnsizedDatasource(Datasource):
@@ -197,11 +194,11 @@ class StreamedListing:
     def _keep(self, chunk: pa.Table) -> None:
         import ray
 
-        while self.queued - self.written() >= self.ahead or self._stopped.is_set():
-            if self._stopped.is_set():
-                raise PipelineError("listing stopped: the run is draining")
+        while not self._stopped.is_set() and self.queued - self.written() >= self.ahead:
             if self._cancelled.wait(0.1):
                 raise PipelineError("listing cancelled")
+        if self._stopped.is_set():
+            raise PipelineError("listing stopped: the run is draining")
         ray.get(self.feed.put.remote(chunk))
         self.queued += chunk.num_rows
         self._first.set()

@@ -26,7 +26,7 @@ from pipeline.manifest import RunRecord
 from pipeline.output import Snapshot
 from pipeline.progress import ProgressMode
 from pipeline.report import DryRun, write_run_report
-from pipeline.stop import Drain, Stopped
+from pipeline.stop import Drain
 from pipeline.weights import load_weights
 
 logger = logging.getLogger(__name__)
@@ -115,10 +115,6 @@ def execute_run(
         else:
             with feeding(books.listing, streamed, sink) as (source, total), sink.watching_drain():
                 run_plan(run, source, sink, total=total, embedder=embedder, progress=progress)
-    except Stopped as stop:
-        if stop.drained:  # the drain's time is up: what came in since the last commit too
-            sink.checkpoint_rest()
-        raise
     finally:
         if sink.record is not None:  # committed, or only its errors were (exit 3)
             write_run_report(run, sink, timings)

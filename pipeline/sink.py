@@ -273,7 +273,7 @@ class RunSink:
         self.written.sort()
         try:
             if self.drain.draining and not self.all_written():
-                self.checkpoint_rest()  # the feed was cut short: a checkpoint, then stop
+                # The feed was cut short: stop (watching_drain commits the rest).
                 raise Stopped(signal.SIGTERM, drained=True)
             if self.listing_done is not None:  # every block is written: the listing is done
                 self.books = dataclasses.replace(self.books, listing=self.listing_done())
@@ -298,7 +298,8 @@ class RunSink:
     def watching_drain(self) -> Iterator[None]:
         """While the plan runs: once a SIGTERM asks for a drain, end the feed and commit what
         is written, at once, in a thread (the handler only sets a flag, and the driver's loop
-        may be waiting for the next writer)."""
+        may be waiting for the next writer); when the drain stops the run, commit what came in
+        since the last commit."""
         finished = threading.Event()
 
         def watch() -> None:
@@ -316,6 +317,10 @@ class RunSink:
         watcher.start()
         try:
             yield
+        except Stopped as stop:
+            if stop.drained:
+                self.checkpoint_rest()
+            raise
         finally:
             finished.set()
             self.drain.requested.set()  # the watcher ends, or finishes its commit first

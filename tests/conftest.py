@@ -182,6 +182,16 @@ def s3_bucket(s3_endpoint: str) -> Iterator[tuple[object, str]]:
 
 # ----------------------------------------------------------------------------- outputs
 
+
+@pytest.fixture(params=["local", "s3"])
+def output_uri(request, tmp_path) -> tuple[str, dict[str, str]]:  # type: ignore[no-untyped-def]
+    """An empty output on local disk, and one on moto's S3."""
+    if request.param == "s3":
+        _, bucket = request.getfixturevalue("s3_bucket")
+        return f"s3://{bucket}/out", {"endpoint_url": request.getfixturevalue("s3_endpoint")}
+    return str(tmp_path / "out"), {}
+
+
 TEST_MODEL_SHA256 = "00" * 32
 
 

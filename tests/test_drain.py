@@ -19,10 +19,10 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from ray import cloudpickle
 
+from bench.drain import staged_rows
 from bench.overhead import Identity
 from pipeline.config import EmbedConfig
 from pipeline.read import read_embeddings, read_manifest
@@ -60,15 +60,6 @@ def small_run(tmp_path: Path, make_image: Any, output: str = "", **knobs: Any) -
     )
 
 
-@pytest.fixture(params=["local", "s3"])
-def output_and_options(request, tmp_path) -> tuple[str, dict[str, str]]:  # type: ignore[no-untyped-def]
-    """An empty output on local disk or on moto's S3."""
-    if request.param == "s3":
-        _, bucket = request.getfixturevalue("s3_bucket")
-        return f"s3://{bucket}/out", {"endpoint_url": request.getfixturevalue("s3_endpoint")}
-    return str(tmp_path / "out"), {}
-
-
 @pytest.fixture
 def own_signals():  # type: ignore[no-untyped-def]
     """The test installs the run's handlers; pytest's and Ray's come back after it."""
@@ -77,20 +68,6 @@ def own_signals():  # type: ignore[no-untyped-def]
     signal.setitimer(signal.ITIMER_REAL, 0)
     for signum, handler in saved.items():
         signal.signal(signum, handler)
-
-
-def staged_rows(output: str, options: dict[str, str]) -> int:
-    """Rows in the embeddings and errors files the writers have staged so far."""
-    fs, root = fsspec.core.url_to_fs(output, **options)
-    fs.invalidate_cache()
-    rows = 0
-    for path in fs.glob(f"{root}/_staging/*/*/*.parquet"):
-        try:
-            with fs.open(path, "rb") as f:
-                rows += pq.read_metadata(f).num_rows
-        except (OSError, ValueError):
-            continue  # still being written: not written before the signal
-    return rows
 
 
 def signal_once_staged(
@@ -144,7 +121,7 @@ def rerun_finishes_each_once(config: EmbedConfig, options: dict[str, str]) -> No
 
 
 def test_sigterm_stops_the_feed_and_keeps_every_written_image(
-    output_and_options, tmp_path, make_image, ray_session, own_signals, monkeypatch
+    output_uri, tmp_path, make_image, ray_session, own_signals, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
     """The listing (chunks of 8, each its own block) is still going when SIGTERM comes: the
     drain stops it, the images fed are written and committed, the rest are never fed, and
@@ -152,7 +129,7 @@ def test_sigterm_stops_the_feed_and_keeps_every_written_image(
     from pipeline import incremental
     from pipeline.feed import StreamedListing
 
-    output, options = output_and_options
+    output, options = output_uri
     real, real_stop = incremental.list_images, StreamedListing.stop_feeding
     stopped = threading.Event()
 

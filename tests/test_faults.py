@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 import pytest
 from conftest import command_lines, kill_stalled_driver, run_args
 from ray import cloudpickle
 
+from bench.drain import staged_rows
 from pipeline.cli import main
 from pipeline.config import EmbedConfig
 from pipeline.embed import ResNet50Embedder
@@ -201,9 +201,7 @@ def test_a_stop_signal_mid_run_says_one_line_and_leaves_nothing_behind(
             _, err = driver.communicate()
             pytest.fail(f"the run ended ({driver.returncode}) before it could be stopped: {err}")
         assert _stderr_filters()
-        written = sum(
-            pq.read_metadata(path).num_rows for path in (output / "_staging").glob("*/*/*.parquet")
-        )
+        written = staged_rows(str(output))
         driver.send_signal(signum)
         _, err = driver.communicate(timeout=120)
         assert driver.returncode == status, err[-3000:]

@@ -53,15 +53,6 @@ def _commit(output: str, run_id: str, uris: list[str], options: Any = None, **kw
     )
 
 
-@pytest.fixture(params=["local", "s3"])
-def output_uri(request, tmp_path) -> tuple[str, dict[str, str]]:  # type: ignore[no-untyped-def]
-    """An empty output on local disk, and one on moto's S3."""
-    if request.param == "s3":
-        _, bucket = request.getfixturevalue("s3_bucket")
-        return f"s3://{bucket}/out", {"endpoint_url": request.getfixturevalue("s3_endpoint")}
-    return str(tmp_path / "out"), {}
-
-
 def _write(folder: Path, name: str, data: bytes) -> None:
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
