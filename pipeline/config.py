@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
+
+from pipeline.values import check_concurrency, parse_byte_size, parse_concurrency, parse_json_object
 
 ResizeMode = Literal["center-crop", "squash", "letterbox"]
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -81,40 +82,6 @@ def option(
 
 
 IO, MODEL, SPEED, CLUSTER = "input and output", "model", "performance", "cluster, storage and logs"
-
-
-def parse_byte_size(text: str) -> int:
-    """``2147483648``, ``2GiB``, ``512MiB``, ``2GB``: a size in bytes.
-
-    Example:
-        >>> parse_byte_size("512MiB")
-        536870912
-    """
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise ValueError(f"{text!r} is not a size: give bytes or e.g. 2GiB")
-    number, unit = float(match.group(1)), (match.group(2) or "").upper().rstrip("B")
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-    scale |= {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    return int(number * scale[unit])
-
-
-def parse_json_object(text: str) -> dict[str, Any]:
-    """A JSON object, as ``--storage-options`` takes it."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc.msg})") from None
-    if not isinstance(value, dict):
-        raise ValueError("must be a JSON object")
-    return value
-
-
-def _concurrency(text: str) -> int | tuple[int, int]:
-    try:
-        return parse_concurrency(text)
-    except ConfigError as exc:
-        raise ValueError(str(exc).removeprefix("--concurrency ")) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +172,15 @@ class EmbedConfig:
         details="Under Kubernetes keep it below the pod's termination grace period (30 s by "
         "default), so that the commit ends before the SIGKILL. A second signal stops at once.",
     )
+    lost_node_wait: float = option(
+        300.0,
+        help="after a Ray node is lost, drain and exit 75 when the model stage finishes no "
+        "batch for this many seconds (default %(default)s)",
+        group=CLUSTER,
+        metavar="SECONDS",
+        details="Ray restarts a lost node's model actors elsewhere when there is room; an "
+        "autoscaler may add a node meanwhile. The drain keeps what was written (--drain-seconds).",
+    )
     list_concurrency: int = option(
         16,
         help="LIST requests in flight at once on an object store: the input prefix is split "
@@ -269,7 +245,7 @@ class EmbedConfig:
         help="model actors: fixed N or autoscaling MIN,MAX (default %(default)s)",
         group=SPEED,
         metavar="N|MIN,MAX",
-        parse=_concurrency,
+        parse=parse_concurrency,
     )
     calls_per_actor: int = option(
         1,
@@ -382,7 +358,7 @@ class EmbedConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r}: must be an integer >= 1")
-        for name in ("cleanup_retention", "drain_seconds"):
+        for name in ("cleanup_retention", "drain_seconds", "lost_node_wait"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         if not 0.0 <= self.max_error_rate <= 1.0:
@@ -396,7 +372,10 @@ class EmbedConfig:
             )
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ConfigError(f"--num-gpus {self.num_gpus}: must be >= 0")
-        _check_concurrency(self.concurrency)
+        try:
+            check_concurrency(self.concurrency)
+        except ValueError as exc:
+            raise ConfigError(f"--concurrency {exc}") from None
         sha256 = self.weights_sha256
         if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
             raise ConfigError(
@@ -421,30 +400,3 @@ class EmbedConfig:
         if self.endpoint_url:
             options["endpoint_url"] = self.endpoint_url
         return options
-
-
-def _check_concurrency(value: int | tuple[int, int]) -> None:
-    if isinstance(value, int):
-        if value < 1:
-            raise ConfigError(f"--concurrency {value}: must be >= 1")
-        return
-    if len(value) != 2 or not 1 <= value[0] <= value[1]:
-        raise ConfigError(f"--concurrency {value}: give N or MIN,MAX with 1 <= MIN <= MAX")
-
-
-def parse_concurrency(text: str) -> int | tuple[int, int]:
-    """Parse ``N`` or ``MIN,MAX`` as given on the command line.
-
-    Example:
-        >>> parse_concurrency("1,4")
-        (1, 4)
-    """
-    try:
-        numbers = [int(p) for p in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--concurrency {text!r}: give N or MIN,MAX (integers)") from None
-    if len(numbers) not in (1, 2):
-        raise ConfigError(f"--concurrency {text!r}: give N or MIN,MAX")
-    value = numbers[0] if len(numbers) == 1 else (numbers[0], numbers[1])
-    _check_concurrency(value)
-    return value

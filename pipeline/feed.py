@@ -30,6 +30,7 @@ from pipeline.config import PipelineError
 from pipeline.incremental import NewImages, list_work
 from pipeline.inventory import LIST_SCHEMA, InputList, ListFile
 from pipeline.listing import LISTING_SCHEMA, InputError
+from pipeline.progress import driver_actor
 
 if TYPE_CHECKING:
     from pipeline.checks import Run
@@ -128,9 +129,7 @@ class StreamedListing:
         listing: Callable[[Callable[[pa.Table], None]], NewImages],
         ahead: int | None = None,
     ) -> None:
-        import ray
-
-        self.feed: Any = ray.remote(num_cpus=0, max_restarts=0)(Feed).remote(FEED_CHUNKS)
+        self.feed: Any = driver_actor(Feed, FEED_CHUNKS)
         self.readers = FEED_READERS
         self.queued = 0  # new images handed to the feed so far
         self.ahead = LISTING_AHEAD if ahead is None else ahead

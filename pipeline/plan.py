@@ -9,6 +9,7 @@ This module uses Ray but never starts it: the entry points start or join a clust
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.config import PipelineError
 from pipeline.decode import TRANSIENT_READ_ERROR, decode_batch, fetch_batch
 from pipeline.embed import CPU_ACTOR_ENV, ResNet50Embedder
+from pipeline.nodes import watching_nodes
 from pipeline.progress import (
     ProgressDisplay,
     ProgressMode,
@@ -72,18 +74,18 @@ def run_plan(
     import ray
 
     retry_io_errors(ray.data.DataContext.get_current())
-    counter = counter_actor() if progress != "none" else None
-    if counter is not None:
-        embedder = reporting(embedder)
+    # The model stage's batches, counted: for the progress display, and as the sign of life
+    # that the watch on lost nodes looks for.
+    counter = counter_actor()
     results = plan_dataset(run, source, sink, embedder, counter)
     sink.start()
     sink.executing_since = time.time()
     try:
         with contextlib.ExitStack() as stack:
-            if counter is not None:
-                stack.enter_context(
-                    ProgressDisplay(lambda: read_counter(counter), total=total, mode=progress)
-                )
+            done = functools.partial(read_counter, counter)
+            if progress != "none":
+                stack.enter_context(ProgressDisplay(done, total=total, mode=progress))
+            stack.enter_context(watching_nodes(sink.drain, done, run.config.lost_node_wait))
             # The writers' results reach the driver as each task finishes: the sink commits
             # a checkpoint every --commit-every images, and the rest at the end.
             sink.consume(
@@ -116,16 +118,16 @@ def plan_dataset(
     source: list[Any] | FeedDatasource,
     sink: RunSink,
     embedder: type[ResNet50Embedder],
-    counter: Any | None,
+    counter: Any,
 ) -> Any:
     """The lazy dataset from the listing to the writers' results (one JSON text per file
-    written, :func:`pipeline.write.write_files`); nothing runs until it is iterated."""
+    written, :func:`pipeline.write.write_files`); nothing runs until it is iterated. The model
+    stage tells ``counter`` of each batch (:func:`pipeline.progress.reporting`)."""
     import ray
 
     config = run.config
     first_stage, first_kwargs, model_kwargs = stage_arguments(run)
-    if counter is not None:
-        model_kwargs |= {"progress": counter}
+    model_kwargs |= {"progress": counter}
     listing = (
         # Ray's annotations reject keyword-only UDFs and plain ObjectRef lists: hence the ignores.
         ray.data.from_arrow_refs(source)  # type: ignore[arg-type]
@@ -153,7 +155,7 @@ def plan_dataset(
             memory=config.decode_memory,
         )
         .map_batches(
-            embedder,
+            reporting(embedder),
             batch_size=model_kwargs["batch_hint"],
             batch_format="numpy",
             fn_constructor_kwargs=model_kwargs,

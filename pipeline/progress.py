@@ -33,11 +33,20 @@ class ProgressCounter:
         return self.embedded, self.failed
 
 
-def counter_actor() -> Any:
+def driver_actor(cls: type, *args: Any) -> Any:
+    """An actor that serves the driver (the progress counter, the listing's feed): on the
+    driver's own node, so that losing a worker node does not lose it, and without a CPU, so
+    that it never waits for one behind the stages."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # No CPU: it must never wait for one behind the stages it counts.
-    return ray.remote(num_cpus=0, max_restarts=0)(ProgressCounter).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor: Any = ray.remote(cls).options(num_cpus=0, max_restarts=0, scheduling_strategy=here)
+    return actor.remote(*args)
+
+
+def counter_actor() -> Any:
+    return driver_actor(ProgressCounter)
 
 
 def read_counter(counter: Any) -> tuple[int, int] | None:

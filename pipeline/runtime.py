@@ -219,14 +219,15 @@ def stopped_run(stop: Stopped, run: Run) -> int:
         what = f"run {run_id} had already committed"
     else:
         kept = record.counts.embedded + record.counts.failed
-        what = f"run {run_id} kept {kept} images in {record.checkpoints + 1} checkpoints"
+        commits = record.checkpoints + 1
+        what = f"run {run_id} kept {kept} images in {commits} checkpoint{'s' * (commits > 1)}"
     seconds = time.time() - run.started
     drained = f" and a drain of {run.config.drain_seconds:g} s" if stop.drained else ""
-    print(
-        f"{PROG}: stopped by {stop} after {seconds:.0f} s{drained}: {what}; run the same "
-        "command again to embed what is left",
-        file=sys.stderr,
-    )
+    if stop.reason is None:
+        line = f"stopped by {stop} after {seconds:.0f} s{drained}: {what}"
+    else:  # a stall (pipeline.nodes)
+        line = f"stopped after {seconds:.0f} s{drained}: {stop.reason}; {what}"
+    print(f"{PROG}: {line}; run the same command again to embed what is left", file=sys.stderr)
     return stop.exit_status
 
 

@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -274,7 +273,7 @@ class RunSink:
         try:
             if self.drain.draining and not self.all_written():
                 # The feed was cut short: stop (watching_drain commits the rest).
-                raise Stopped(signal.SIGTERM, drained=True)
+                raise self.drain.stopped()
             if self.listing_done is not None:  # every block is written: the listing is done
                 self.books = dataclasses.replace(self.books, listing=self.listing_done())
             return self.commit(final=True)

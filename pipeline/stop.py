@@ -6,7 +6,8 @@ checkpoint each) for ``--drain-seconds``, and then stops: whatever was written b
 signal, and what the writers finish in the drain, stays committed; the rest is left to the
 next run. A second signal stops at once. The handlers only set flags and raise: the commits
 happen in the driver's loop (:meth:`pipeline.sink.RunSink.consume`), never inside a handler,
-and a stop that arrives during a commit is raised once the commit is done.
+and a stop that arrives during a commit is raised once the commit is done. A run that stalls
+after losing nodes drains the same way (:mod:`pipeline.nodes`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import threading
 import time
 from typing import Any
 
+# The run stalled after losing nodes, and drained: checkpoints kept; retry once the cluster
+# can hold the model stage again (sysexits' EX_TEMPFAIL).
+EXIT_STALLED = 75
+
 
 class Stopped(BaseException):
     """Ctrl-C or SIGTERM: a ``BaseException``, so that no ``except Exception`` swallows it.
@@ -23,15 +28,19 @@ class Stopped(BaseException):
     Args:
         signum: The signal that asked for the stop.
         drained: Whether the run drained first (the writers' files that came in are kept).
+        reason: Why the run drained, when no signal asked (:mod:`pipeline.nodes`).
     """
 
-    def __init__(self, signum: int, *, drained: bool = False) -> None:
-        super().__init__(signal.Signals(signum).name)
+    def __init__(self, signum: int, *, drained: bool = False, reason: str | None = None) -> None:
+        super().__init__(reason or signal.Signals(signum).name)
         self.signum = signum
         self.drained = drained
+        self.reason = reason
 
     @property
     def exit_status(self) -> int:
+        if self.reason is not None:
+            return EXIT_STALLED
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
@@ -42,13 +51,27 @@ class Drain:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.since: float | None = None  # when SIGTERM asked for the drain
+        self.reason: str | None = None  # why, when no signal asked (a stall)
         self.requested = threading.Event()  # the feed's stopper waits on it
         self.committing = False  # a commit is under way: a stop waits for its end
         self.deferred: Stopped | None = None  # a stop that came during a commit
+        self.handled = False  # catch_stop_signals installed the handlers that end a drain
 
     @property
     def draining(self) -> bool:
         return self.since is not None
+
+    def request(self, reason: str | None = None) -> None:
+        """Drain (a SIGTERM; or ``reason``, from any thread): stop the feed, keep what the
+        writers finish, and stop ``seconds`` from now (the timer's SIGALRM)."""
+        self.reason = reason
+        self.since = time.time()
+        self.requested.set()
+        signal.setitimer(signal.ITIMER_REAL, max(self.seconds, 0.01))
+
+    def stopped(self) -> Stopped:
+        """The stop that ends this drain."""
+        return Stopped(signal.SIGTERM, drained=True, reason=self.reason)
 
     def stop_after_commit(self) -> None:
         """After each commit: raise a stop that waited for it."""
@@ -64,19 +87,17 @@ def _raise(signum: int, frame: Any) -> None:
 def catch_stop_signals(drain: Drain | None = None) -> None:
     """Ctrl-C and SIGTERM raise :class:`Stopped` in the main thread; with ``drain`` (a run
     under way), SIGTERM drains for ``drain.seconds`` first (none: at once)."""
-    if drain is None or drain.seconds <= 0:
+    if drain is None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _raise)
         return
 
     def handle(signum: int, frame: Any) -> None:
-        if signum == signal.SIGTERM and not drain.draining:
-            drain.since = time.time()
-            drain.requested.set()
-            signal.setitimer(signal.ITIMER_REAL, drain.seconds)  # the drain's end: SIGALRM
+        if signum == signal.SIGTERM and not drain.draining and drain.seconds > 0:
+            drain.request()
             return
         ended = signum == signal.SIGALRM  # the drain's time is up
-        stop = Stopped(signal.SIGTERM if ended else signum, drained=ended)
+        stop = drain.stopped() if ended else Stopped(signum)
         if drain.committing:
             drain.deferred = drain.deferred or stop
             return
@@ -84,6 +105,7 @@ def catch_stop_signals(drain: Drain | None = None) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
         signal.signal(signum, handle)
+    drain.handled = True
 
 
 def end_drain(drain: Drain | None) -> None:

@@ -191,7 +191,7 @@ def test_bad_storage_fails_fast_with_one_line(
 
 
 def test_sizes_read_like_ray_users_write_them() -> None:
-    from pipeline.config import parse_byte_size as _byte_size
+    from pipeline.values import parse_byte_size as _byte_size
 
     assert _byte_size("2GiB") == 2 * 2**30
     assert _byte_size("512MiB") == 512 * 2**20

@@ -1,156 +1,50 @@
-"""A real cluster: `ray start --head`, a second node declaring a GPU, `ray job submit`.
+"""A real cluster: `ray start --head`, a second node declaring a GPU, `ray job submit`; and
+nodes lost mid-run.
 
 The model actors must land on the GPU-declaring node (where torch sees no CUDA, they compute on
 CPU, same code), the decode tasks on the CPU head, and the output must be right.
+
+A node's raylet SIGKILLed while its model actor embeds: where the nodes left can take the work,
+Ray retries the lost tasks and restarts the lost actor, and the run ends with each image once
+(the actors that serve the driver live on the driver's node: pipeline.progress.driver_actor).
+Where no node left can hold a model actor, the run drains and stops with exit 75, its
+checkpoints kept (pipeline.nodes); once a node is back, the same command completes it, each
+image once.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from pipeline.read import read_embeddings, read_manifest
+from tests.raycluster import BIN, ROOT, Cluster, children, cmdline, ray_cluster
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+CPU_NODE, GPU_NODE = ["--num-cpus=2", "--num-gpus=0"], ["--num-cpus=0", "--num-gpus=1"]
+# The GCS declares a node dead after this many missed health checks, this far apart (Ray's
+# defaults take about 15 s).
+FAST_DEATH = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
+IMAGES = 32  # for the runs that lose a node
+MODEL_AT_WORK = "ResNet50Embedder)).submit"  # a model actor's title while it embeds a batch
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[dict[str, str]]:
+def cluster() -> Iterator[Cluster]:
     """A head (2 CPUs, no GPU) and a worker node (0 CPUs, 1 declared GPU), token auth on;
     one for this module's jobs, as a real cluster takes many."""
-    port, dashboard, client, agent_head, agent_worker = _free_ports(5)
-    # Short paths: Ray's socket paths are limited. Each node gets its own temp dir, as on
-    # separate machines: two raylets sharing one would share runtime_resources/, and the GPU
-    # node's runtime-env agent, setting up the job's working_dir for the model actor, deletes
-    # and re-extracts the very folder the driver is importing from (Ray unpacks with
-    # overwrite=True), which made the job fail now and then with "No such file or directory".
-    temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    worker_temp = tempfile.mkdtemp(prefix="rw", dir="/tmp")
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env |= {
-        "PATH": f"{BIN}:{env['PATH']}",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        "PYTHONPATH": str(ROOT),
-    }
-    common = ["--block", "--node-ip-address=127.0.0.1"]
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            *common,
-            f"--port={port}",
-            "--num-cpus=2",
-            "--num-gpus=0",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard}",
-            f"--ray-client-server-port={client}",
-            f"--dashboard-agent-listen-port={agent_head}",
-            f"--temp-dir={temp}",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    processes = [head]
-    try:
-        _wait_for(lambda: _job_api_up(dashboard, env), "the head's job API")
-        worker = subprocess.Popen(
-            [
-                str(BIN / "ray"),
-                "start",
-                *common,
-                f"--address=127.0.0.1:{port}",
-                "--num-cpus=0",
-                "--num-gpus=1",
-                f"--dashboard-agent-listen-port={agent_worker}",
-                f"--temp-dir={worker_temp}",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        processes.append(worker)
-        _wait_for(lambda: _gpu_nodes(dashboard, env) == 1, "the GPU node")
-        yield {
-            "dashboard": f"http://127.0.0.1:{dashboard}",
-            **{k: env[k] for k in ("PATH", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")},
-        }
-    finally:
-        for process in reversed(processes):
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait(timeout=30)
-        shutil.rmtree(temp, ignore_errors=True)
-        shutil.rmtree(worker_temp, ignore_errors=True)
+    with ray_cluster(CPU_NODE, GPU_NODE, **FAST_DEATH) as c:
+        yield c
 
 
-def _wait_for(check, what: str, timeout: float = 90) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if check():
-            return
-        time.sleep(1)
-    raise TimeoutError(f"{what} did not come up in {timeout} s")
-
-
-def _state(dashboard: int, env: dict[str, str], code: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-c", code.replace("ADDR", f"http://127.0.0.1:{dashboard}")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return result.stdout.strip()
-
-
-def _job_api_up(dashboard: int, env: dict[str, str]) -> bool:
-    code = "from ray.util.state import list_nodes; print(len(list_nodes(address='ADDR')))"
-    return _state(dashboard, env, code) == "1"
-
-
-def _gpu_nodes(dashboard: int, env: dict[str, str]) -> int:
-    code = (
-        "from ray.util.state import list_nodes\n"
-        "print(sum(1 for n in list_nodes(address='ADDR')\n"
-        "          if n.resources_total.get('GPU') and n.state == 'ALIVE'))"
-    )
-    out = _state(dashboard, env, code)
-    return int(out) if out.isdigit() else 0
-
-
-@pytest.mark.parametrize(("num_gpus", "actors"), [("1", 1), ("0.5", 2)])
+@pytest.mark.parametrize(("num_gpus", "actors"), [("0.5", 2)])
 def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
     cluster, tmp_path, make_image, num_gpus, actors
 ) -> None:  # type: ignore[no-untyped-def]
@@ -160,7 +54,7 @@ def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
     photos.mkdir()
     for i in range(5):
         (photos / f"p{i}.jpg").write_bytes(make_image((50 + i, 40), seed=i))
-    env = dict(os.environ) | cluster
+    env = dict(os.environ) | cluster.env
     env.pop("RAY_ADDRESS", None)
     submission = f"placement-{num_gpus}-{actors}"
     submit = subprocess.run(
@@ -169,7 +63,7 @@ def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
             "job",
             "submit",
             "--address",
-            cluster["dashboard"],
+            cluster.dashboard,
             "--submission-id",
             submission,
             "--working-dir",
@@ -211,19 +105,21 @@ def test_job_submission_places_model_on_gpu_node_and_decode_on_cpu(
         "for a in list_actors(address='ADDR', limit=1000, detail=True):\n"
         "    if 'ResNet50Embedder' in a.class_name and a.job_id == job:\n"
         "        print('model', nodes.get(a.node_id), a.required_resources.get('GPU'))\n"
+        "    if a.class_name == 'ProgressCounter' and a.job_id == job:\n"
+        "        print('counter', nodes.get(a.node_id))\n"
         "for t in list_tasks(address='ADDR', limit=10000):\n"
         "    if t.job_id == job and t.name in ('MapBatches(decode_batch)',\n"
         "                                      'MapBatches(write_files)'):\n"
         "        print(t.name, nodes.get(t.node_id))\n"
     )
-    dashboard = int(cluster["dashboard"].rsplit(":", 1)[1])
-    lines = _state(dashboard, env, code).splitlines()
+    lines = cluster.state(code).splitlines()
     assert lines.count(f"model gpu {float(num_gpus)}") == actors, lines  # one GPU, shared
     placements = set(lines)
     assert placements == {
         f"model gpu {float(num_gpus)}",
         "MapBatches(decode_batch) cpu",
         "MapBatches(write_files) cpu",  # the writer tasks
+        "counter cpu",  # the driver's own actor, on the driver's node, though it needs no CPU
     }, placements
 
     manifest = read_manifest(str(output))
@@ -260,9 +156,9 @@ def test_case_1_kuberays_submitter_runs_the_nightly_rayjob_on_a_token_auth_head(
         entrypoint = entrypoint.replace(url, str(local))
     entrypoint = entrypoint.replace("--weights imagenet", "--weights random")
     rayjob["spec"]["entrypoint"] = entrypoint
-    address, job_id = cluster["dashboard"].removeprefix("http://"), "embed-images-nightly-1"
-    env = submitter_env(rayjob, address, job_id, cluster["RAY_AUTH_TOKEN"])
-    env |= {"PATH": cluster["PATH"], "HOME": str(tmp_path)}
+    address, job_id = cluster.dashboard.removeprefix("http://"), "embed-images-nightly-1"
+    env = submitter_env(rayjob, address, job_id, cluster.env["RAY_AUTH_TOKEN"])
+    env |= {"PATH": cluster.env["PATH"], "HOME": str(tmp_path)}
     done = subprocess.run(
         ["bash", "-ce", submit_command(rayjob, address, job_id)],
         env=env,
@@ -272,7 +168,7 @@ def test_case_1_kuberays_submitter_runs_the_nightly_rayjob_on_a_token_auth_head(
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     status = subprocess.run(
-        [str(BIN / "ray"), "job", "status", "--address", cluster["dashboard"], job_id],
+        [str(BIN / "ray"), "job", "status", "--address", cluster.dashboard, job_id],
         env=env,
         capture_output=True,
         text=True,
@@ -282,3 +178,112 @@ def test_case_1_kuberays_submitter_runs_the_nightly_rayjob_on_a_token_auth_head(
     manifest = read_manifest(str(output))
     assert manifest is not None and manifest.runs[0].run_id.endswith("-nightly")
     assert read_embeddings(str(output)).num_rows == 4
+
+
+def _photos(tmp_path: Path, make_image: Callable[..., bytes]) -> Path:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(IMAGES):
+        (photos / f"n{i:02d}.jpg").write_bytes(make_image((640 + i, 480), seed=i))
+    return photos
+
+
+def _run(photos: Path, output: Path, cluster: Cluster, *extra: str) -> subprocess.Popen[str]:
+    env = os.environ | cluster.env | {"RAY_ADDRESS": cluster.address}
+    return subprocess.Popen(
+        [str(BIN / "embed-images"), "run", "--input", str(photos), "--output", str(output)]
+        + ["--weights", "random", "--batch-size", "4", "--decode-batch-size", "4"]
+        + ["--rows-per-file", "4", "--commit-every", "8", "--progress", "none"]
+        + ["--model-threads", "1", *extra],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _kill_when(
+    cluster: Cluster,
+    node: int,
+    run: subprocess.Popen[str],
+    work: tuple[str, ...],
+    ready: Callable[[], bool] = lambda: True,
+) -> threading.Thread:
+    """In a thread: SIGKILL node ``node``'s raylet as soon as one of its workers runs one of
+    ``work`` (a worker's title says what it runs) and ``ready()`` holds, unless ``run`` ends
+    first; the thread's ``seen`` lists what the node's workers were running."""
+    raylet = cluster.raylet(node)
+
+    def kill() -> None:
+        while run.poll() is None:
+            titles = [cmdline(pid).strip() for pid in children(raylet)]
+            if any(w in t for t in titles for w in work) and ready():
+                killer.seen = [t for t in titles if t != "ray::IDLE"]  # type: ignore[attr-defined]
+                os.kill(raylet, signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.seen = []  # type: ignore[attr-defined]
+    killer.start()
+    return killer
+
+
+def _each_image_once(photos: Path, output: Path) -> None:
+    uris = read_embeddings(str(output))["uri"].to_pylist()
+    assert sorted(uris) == sorted(str(p) for p in photos.iterdir())
+
+
+def test_a_worker_node_lost_mid_run_loses_no_image(cluster, tmp_path, make_image) -> None:  # type: ignore[no-untyped-def]
+    """A CPU node joins, and is killed while it decodes or embeds; the nodes left can take
+    the work: the run ends committed, each image once."""
+    photos, output = _photos(tmp_path, make_image), tmp_path / "out"
+    cluster.add_node(f"--address={cluster.address}", *CPU_NODE)
+    node, alive = len(cluster.nodes) - 1, cluster.alive_nodes()
+    # Two model actors of half a CPU: the head has room for one lost on the CPU node.
+    run = _run(photos, output, cluster, "--concurrency", "2", "--model-cpus", "0.5")
+    killer = _kill_when(cluster, node, run, ("decode_batch", MODEL_AT_WORK))
+    _, err = run.communicate(timeout=400)
+    killer.join()
+    assert killer.seen, "the CPU node never decoded nor embedded"  # type: ignore[attr-defined]
+    assert cluster.alive_nodes() == alive - 1  # the GCS saw the node go
+    assert run.returncode == 0, err[-3000:]
+    _each_image_once(photos, output)
+    manifest = read_manifest(str(output))
+    assert manifest is not None and [r.counts.embedded for r in manifest.runs] == [IMAGES]
+
+
+def test_the_only_model_node_lost_stops_the_run_and_keeps_its_checkpoints(
+    cluster, tmp_path, make_image
+) -> None:  # type: ignore[no-untyped-def]
+    """No node left has a GPU for the model actor Ray would restart, and Ray Data would wait
+    for it forever: the run drains once the model stage has done nothing for
+    --lost-node-wait, keeps what was written and exits 75; a rerun, once a GPU node is back,
+    embeds only the rest."""
+    photos, output = _photos(tmp_path, make_image), tmp_path / "out"
+    knobs = ["--num-gpus", "1", "--lost-node-wait", "3", "--drain-seconds", "2"]
+    run = _run(photos, output, cluster, *knobs)
+    # Once a checkpoint is committed, so that there is something to keep.
+    killer = _kill_when(cluster, 1, run, (MODEL_AT_WORK,), (output / "_manifest.json").exists)
+    _, err = run.communicate(timeout=400)
+    killer.join()
+    assert killer.seen, err[-3000:]  # type: ignore[attr-defined]
+    assert run.returncode == 75, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("embed-images: stopped after "), last
+    assert "lost Ray node " in last and "(--lost-node-wait 3)" in last, last
+    manifest = read_manifest(str(output))
+    assert manifest is not None
+    (first,) = manifest.runs
+    kept = first.counts.embedded
+    assert first.status == "checkpointed" and 8 <= kept < IMAGES, first
+    assert f"kept {kept} images" in last, last
+
+    cluster.add_node(f"--address={cluster.address}", *GPU_NODE)  # the cluster is whole again
+    rerun = _run(photos, output, cluster, "--num-gpus", "1")
+    _, err = rerun.communicate(timeout=400)
+    assert rerun.returncode == 0, err[-3000:]
+    _each_image_once(photos, output)
+    manifest = read_manifest(str(output))
+    assert manifest is not None
+    assert [r.counts.embedded for r in manifest.runs] == [kept, IMAGES - kept]
