@@ -5,8 +5,8 @@
 
 With no ``--address`` and no ``RAY_ADDRESS`` a local Ray starts; otherwise it joins that cluster.
 Exit status 0 only when the run committed; otherwise one line on stderr and a non-zero status:
-1 failed (retry may help), 2 bad command line, 3 too many bad images, 75 a lost node stalled the
-run, 130/143 stopped by a signal.
+1 failed (retry may help), 2 bad command line, 3 too many bad images, 4 the quality gate refused
+the vectors, 75 a lost node stalled the run, 130/143 stopped by a signal.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ exit status:
        inside input, another model in the output, a bad manifest
   3    too many bad images (--max-error-rate: this run's failures and those earlier
        runs were refused for count; failures an earlier run accepted do not)
+  4    the quality gate refused a vector with a NaN or an infinity (--gate): what
+       committed before it stays, all of it finite
   75   a Ray node was lost and the model stage then stalled (--lost-node-wait):
        drained like SIGTERM; a rerun resumes once the cluster can hold the model
   130  stopped by Ctrl-C; 143 by SIGTERM, after a drain that commits what is written

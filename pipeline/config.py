@@ -13,17 +13,20 @@ ResizeMode = Literal["center-crop", "squash", "letterbox"]
 Precision = Literal["fp32", "fp16", "bf16"]
 DecodeDevice = Literal["cpu", "cuda"]
 Compile = Literal["auto", "on", "off"]
+Gate = Literal["on", "off"]
 
 RESIZE_MODES: tuple[str, ...] = ("center-crop", "squash", "letterbox")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 DECODE_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 COMPILE_MODES: tuple[str, ...] = ("auto", "on", "off")
+GATES: tuple[str, ...] = ("on", "off")
 # The command's name, in every line it prints.
 PROG = "embed-images"
 # Exit statuses of every entry point (embed-images, jobs/*).
 EXIT_FAILED = 1  # the run failed and committed nothing; retrying may help
 EXIT_USAGE = 2  # the command line is wrong; retrying will not help
 EXIT_BAD_DATA = 3  # too many images failed (--max-error-rate); errors/ says which
+EXIT_QUALITY_GATE = 4  # the quality gate refused the run's vectors (non-finite values)
 # Images per model forward when --batch-size is not given. A GPU forward pass gains from
 # bigger batches, and 256 keeps a block's memory moderate; a CPU gains nothing past a few
 # dozen (bench/RESULTS.md has both series).
@@ -219,6 +222,14 @@ class EmbedConfig:
         group=MODEL,
     )
     normalize: bool = option(False, help="L2-normalize each embedding", group=MODEL)
+    gate: Gate = option(
+        "on",
+        help="on: a vector with a NaN or an infinity stops the run before it is committed "
+        "(exit 4); off: commit it and count it (default %(default)s)",
+        group=MODEL,
+        details="Each run records its vectors' statistics either way (non-finite and all-zero "
+        "counts, L2 norm percentiles) in its manifest record, summary and report.",
+    )
     batch_size: int | None = option(
         None,
         help=f"images per model forward (default {GPU_BATCH_SIZE} on GPU actors, "
@@ -338,6 +349,7 @@ class EmbedConfig:
             ("precision", PRECISIONS),
             ("decode_device", DECODE_DEVICES),
             ("compile", COMPILE_MODES),
+            ("gate", GATES),
         ):
             value = getattr(self, name)
             if value not in choices:

@@ -109,6 +109,8 @@ class RunRecord:
     known_failures: Mapping[str, Failures] = dataclasses.field(default_factory=dict)
     files: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
     checkpoints: int = 0  # commits of this run before its last
+    # The committed vectors' statistics (pipeline.quality.summary); empty before they existed.
+    quality: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def committed(self) -> bool:
@@ -133,6 +135,7 @@ class RunRecord:
             "preprocessing": dict(self.preprocessing),
             "files": {table: list(paths) for table, paths in self.files.items()},
             "checkpoints": self.checkpoints,
+            "quality": dict(self.quality),
         }
 
     @classmethod
@@ -156,6 +159,7 @@ class RunRecord:
             preprocessing=dict(data.get("preprocessing") or {}),
             files={t: list(p) for t, p in (data.get("files") or {}).items()},
             checkpoints=int(data.get("checkpoints", 0)),
+            quality=dict(data.get("quality") or {}),
         )
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from pipeline.config import PROG
 from pipeline.failures import Failures
 from pipeline.manifest import Manifest, RunRecord
+from pipeline.quality import describe
 from pipeline.storage import mask_options, one_line
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ def print_summary(
         rows += _by_type(run.known_failures)
     rows += [
         ("deleted", f"{counts.deleted} (gone from the input)"),
+        *([("vectors", describe(run.quality))] if describe(run.quality) else []),
         ("wall time", f"{run.wall_seconds:.1f} s"),
         (
             "images/s",
@@ -263,6 +265,7 @@ svg text{{font:11px sans-serif}}</style></head>
 <h2>Images written</h2>{_chart(report["throughput"])}
 <h2>Stages</h2>{_timeline(report["stage_seconds"])}
 <h2>Counts</h2><table>{rows}</table>
+<h2>Vectors</h2><p>{escape(describe(run.get("quality") or {}) or "none written")}</p>
 <h2>This run's failures</h2>{_failure_table(run.get("failures", {}))}
 <h2>Known failures</h2><p>Images earlier runs failed on for a lasting reason, unchanged since:
 not read again.</p>{_failure_table(run.get("known_failures", {}))}

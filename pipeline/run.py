@@ -93,7 +93,9 @@ def execute_run(
         The committed run's record.
 
     Raises:
-        PipelineError: nothing is committed, or only ``errors/`` (``ErrorRateExceededError``).
+        PipelineError: nothing is committed, or only ``errors/`` (``ErrorRateExceededError``);
+            ``QualityGateError``: a vector with a NaN or an infinity came back, nothing more
+            is committed.
     """
     from pipeline.feed import feeding, start_listing
     from pipeline.plan import run_plan

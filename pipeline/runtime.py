@@ -17,6 +17,7 @@ from pipeline.checks import Run, check_run
 from pipeline.config import (
     EXIT_BAD_DATA,
     EXIT_FAILED,
+    EXIT_QUALITY_GATE,
     EXIT_USAGE,
     PROG,
     ConfigError,
@@ -181,7 +182,8 @@ def embed_images(
 
     Raises:
         PipelineError: what the command would print as its one line (``ConfigError`` for a
-            bad or unknown option, ``ErrorRateExceededError`` for too many bad images).
+            bad or unknown option, ``ErrorRateExceededError`` for too many bad images,
+            ``QualityGateError`` for a vector with a NaN or an infinity).
 
     Example:
         >>> from pipeline import embed_images
@@ -280,11 +282,13 @@ def run_and_report(
 
 def report_failure(exc: PipelineError, *, prog: str = PROG) -> int:
     """Print the one line a failed command owes its user; return the exit status."""
-    from pipeline.sink import ErrorRateExceededError
+    from pipeline.sink import ErrorRateExceededError, QualityGateError
 
     print(f"{prog}: error: {exc}", file=sys.stderr)
     if isinstance(exc, ErrorRateExceededError):
         return EXIT_BAD_DATA
+    if isinstance(exc, QualityGateError):
+        return EXIT_QUALITY_GATE
     return EXIT_USAGE if isinstance(exc, NotRetryableError) else EXIT_FAILED
 
 

@@ -42,6 +42,7 @@ from pipeline.manifest import (
     utc_iso,
 )
 from pipeline.output import Output
+from pipeline.quality import gate_refusal, merge_quality, summary
 from pipeline.stop import Drain, Stopped
 from pipeline.write import Staged, file_metadata
 
@@ -82,6 +83,10 @@ def error_rate_verdict(
         f"{failed} of {attempted} images failed ({rate:.1%}: {kinds}{earlier_text}), above "
         f"--max-error-rate {max_error_rate:.1%}"
     )
+
+
+class QualityGateError(PipelineError):
+    """The gate refused vectors a writer returned (:mod:`pipeline.quality`)."""
 
 
 class ErrorRateExceededError(PipelineError):
@@ -167,6 +172,7 @@ class RunBooks:
         executing_since: float | None,
         checkpoints: int,
         final: bool,
+        quality: Mapping[str, Any] | None = None,
     ) -> RunRecord:
         """The run's record as of a commit (``final``: its last)."""
         from pipeline import __version__
@@ -201,6 +207,7 @@ class RunBooks:
             model=self.model,
             preprocessing=self.preprocessing,
             checkpoints=checkpoints,
+            quality=dict(quality or {}),
         )
 
 
@@ -237,6 +244,7 @@ class RunSink:
         self.checkpoints = 0
         self.committed_rows = {"embeddings": 0, "errors": 0}
         self.failures: dict[str, Failures] = {}
+        self.quality = merge_quality([])  # of the vectors committed so far
         self.pending: list[Staged] = []
         self.last_commit = time.time()
 
@@ -283,6 +291,10 @@ class RunSink:
     def _take(self, returned: Staged, started: float) -> None:
         """One writer task's files: staged, and committed when a checkpoint is due."""
         config = self.books.config
+        refusal = gate_refusal(returned["quality"]) if config.gate == "on" else None
+        if refusal:
+            kept = self.kept() if self.checkpoints else "nothing committed"
+            raise QualityGateError(f"quality gate: {refusal}: {kept}; --gate off commits them")
         self.pending.append(returned)
         rows = sum(n for _, _, n in returned["files"])
         self.written.append((returned["finished_at"] - started, rows))
@@ -365,6 +377,7 @@ class RunSink:
                 files[table].append(path)
                 rows[table] += count
         failures = merge_failures(self.failures, *(part["failures"] for part in self.pending))
+        quality = merge_quality([self.quality, *(part["quality"] for part in self.pending)])
         embedded, failed = rows["embeddings"], rows["errors"]
         if final and embedded + failed != books.to_embed:
             # Every new image must come out exactly once, embedded or failed; anything else
@@ -386,6 +399,7 @@ class RunSink:
             executing_since=self.executing_since,
             checkpoints=self.checkpoints,
             final=final,
+            quality=summary(self.quality if too_many else quality),
         )
         if too_many is not None:
             # The errors are worth keeping (they say what to fix); the embeddings are not.
@@ -414,6 +428,7 @@ class RunSink:
             verdict=(True, books.complete) if final else None,
         )
         self.committed_rows, self.failures, self.pending = rows, failures, []
+        self.quality = quality
         self.last_commit = time.time()
         if not final:
             self.checkpoints += 1

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.embed import EMBEDDING_DIM, ModelIdentity
 from pipeline.failures import Failures, failures_by_type
+from pipeline.quality import Quality, batch_quality
 from pipeline.storage import join, make_parent, open_fs
 
 EMBEDDINGS_SCHEMA = pa.schema(
@@ -153,6 +154,7 @@ class Staged(TypedDict):
     # (table, path relative to the run's staging folder, rows) per file written.
     files: list[tuple[str, str, int]]
     failures: dict[str, Failures]
+    quality: Quality  # the statistics of the vectors written
     finished_at: float  # when the task's files were written: the run report's throughput
 
 
@@ -179,6 +181,7 @@ def write_files(
         "failures": failures_by_type(
             batch["error_type"][failed], batch["uri"][failed], batch["error_message"][failed]
         ),
+        "quality": batch_quality(batch["embedding"][~failed], batch["uri"][~failed]),
         "finished_at": time.time(),
     }
     return {"staged": np.asarray([json.dumps(staged)], dtype=object)}

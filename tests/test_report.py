@@ -31,6 +31,7 @@ def _report(weights: str = "random:seed=0") -> dict[str, Any]:
         known_failures={
             "not_an_image": {"count": 2, "example_uri": "/in/old.txt.jpg", "example_message": ""}
         },
+        quality={"vectors": 25, "non_finite": 0, "zero": 1, "norm": {"p1": 1, "p50": 1, "p99": 1}},
     )
     written = [(1.0, 8), (2.5, 8), (4.0, 8), (6.0, 4)]
     return run_report(
@@ -50,6 +51,12 @@ def test_the_report_says_what_made_the_vectors_and_flags_random_weights() -> Non
     assert "seeded random weights" in made
     imagenet = report_html(_report(weights="imagenet:IMAGENET1K_V2"))
     assert "IMAGENET1K_V2" in imagenet and "seeded random weights" not in imagenet
+
+
+def test_the_report_gives_the_vectors_statistics() -> None:
+    page = report_html(_report())
+    vectors = page[page.index("<h2>Vectors</h2>") : page.index("<h2>This run's failures")]
+    assert "0 non-finite, 1 all-zero of 25; L2 norm p1 / p50 / p99 1 / 1 / 1" in vectors
 
 
 def test_this_runs_failures_are_apart_from_the_known_ones() -> None:
