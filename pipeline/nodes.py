@@ -33,15 +33,16 @@ def alive_nodes() -> dict[str, str]:
 def watching_nodes(
     drain: Drain,
     batches: Callable[[], Any],
-    wait: float,
     *,
     nodes: Callable[[], dict[str, str]] = alive_nodes,
     every: float = WATCH_EVERY,
 ) -> Iterator[None]:
     """While the plan runs: log each node lost; after a loss, drain when ``batches()`` (what
-    the model stage has done, any value that changes as it works) stays the same for ``wait``
-    seconds. Without the drain's handlers (a library caller's process) it only logs."""
+    the model stage has done, any value that changes as it works) stays the same for
+    ``drain.lost_node_wait`` seconds. Without the drain's handlers (a library caller's
+    process) it only logs."""
     finished = threading.Event()
+    wait = drain.lost_node_wait
 
     def watch() -> None:
         alive, lost = nodes(), dict[str, str]()

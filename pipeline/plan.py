@@ -85,7 +85,7 @@ def run_plan(
             done = functools.partial(read_counter, counter)
             if progress != "none":
                 stack.enter_context(ProgressDisplay(done, total=total, mode=progress))
-            stack.enter_context(watching_nodes(sink.drain, done, run.config.lost_node_wait))
+            stack.enter_context(watching_nodes(sink.drain, done))
             # The writers' results reach the driver as each task finishes: the sink commits
             # a checkpoint every --commit-every images, and the rest at the end.
             sink.consume(

@@ -267,7 +267,7 @@ def run_and_report(
             with native_stderr_filtered(enabled=not verbose):
                 run = prepare_and_start_ray(run, address, verbose=verbose)
                 # Again: ray.init installs a SIGTERM handler of its own. SIGTERM now drains.
-                drain = Drain(config.drain_seconds)
+                drain = Drain(config.drain_seconds, config.lost_node_wait)
                 catch_stop_signals(drain)
                 try:
                     try:

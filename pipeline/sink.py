@@ -42,7 +42,7 @@ from pipeline.manifest import (
     utc_iso,
 )
 from pipeline.output import Output
-from pipeline.quality import gate_refusal, merge_quality, summary
+from pipeline.quality import merge_quality, summary
 from pipeline.stop import Drain, Stopped
 from pipeline.write import Staged, file_metadata
 
@@ -291,10 +291,11 @@ class RunSink:
     def _take(self, returned: Staged, started: float) -> None:
         """One writer task's files: staged, and committed when a checkpoint is due."""
         config = self.books.config
-        refusal = gate_refusal(returned["quality"]) if config.gate == "on" else None
-        if refusal:
+        if returned["refusal"] and config.gate == "on":
             kept = self.kept() if self.checkpoints else "nothing committed"
-            raise QualityGateError(f"quality gate: {refusal}: {kept}; --gate off commits them")
+            raise QualityGateError(
+                f"quality gate: {returned['refusal']}: {kept}; --gate off commits them"
+            )
         self.pending.append(returned)
         rows = sum(n for _, _, n in returned["files"])
         self.written.append((returned["finished_at"] - started, rows))

@@ -48,8 +48,10 @@ class Drain:
     """What the handlers and the driver's loop share while a run drains (set in a handler,
     read by the loop and by the thread that stops the feed)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, lost_node_wait: float = 300.0) -> None:
         self.seconds = seconds
+        # After a lost node, drain when the model stage does nothing this long (pipeline.nodes).
+        self.lost_node_wait = lost_node_wait
         self.since: float | None = None  # when SIGTERM asked for the drain
         self.reason: str | None = None  # why, when no signal asked (a stall)
         self.requested = threading.Event()  # the feed's stopper waits on it

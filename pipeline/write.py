@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.embed import EMBEDDING_DIM, ModelIdentity
 from pipeline.failures import Failures, failures_by_type
-from pipeline.quality import Quality, batch_quality
+from pipeline.quality import Quality, batch_quality, gate_refusal
 from pipeline.storage import join, make_parent, open_fs
 
 EMBEDDINGS_SCHEMA = pa.schema(
@@ -155,6 +155,7 @@ class Staged(TypedDict):
     files: list[tuple[str, str, int]]
     failures: dict[str, Failures]
     quality: Quality  # the statistics of the vectors written
+    refusal: str  # why the quality gate refuses them; "" if it does not
     finished_at: float  # when the task's files were written: the run report's throughput
 
 
@@ -173,6 +174,7 @@ def write_files(
     out = write_batch(
         batch, staging_uri=staging_uri, storage_options=storage_options, metadata=metadata
     )
+    quality = batch_quality(batch["embedding"][~failed], batch["uri"][~failed])
     staged: Staged = {
         "files": [
             (str(t), str(p), int(n))
@@ -181,7 +183,8 @@ def write_files(
         "failures": failures_by_type(
             batch["error_type"][failed], batch["uri"][failed], batch["error_message"][failed]
         ),
-        "quality": batch_quality(batch["embedding"][~failed], batch["uri"][~failed]),
+        "quality": quality,
+        "refusal": gate_refusal(quality) or "",
         "finished_at": time.time(),
     }
     return {"staged": np.asarray([json.dumps(staged)], dtype=object)}

@@ -12,8 +12,8 @@ from pipeline.stop import Drain
 class Recorded(Drain):
     """A drain whose request is only written down (no timer, no signal)."""
 
-    def __init__(self, handled: bool = True) -> None:
-        super().__init__(25)
+    def __init__(self, wait: float, handled: bool = True) -> None:
+        super().__init__(25, lost_node_wait=wait)
         self.handled = handled
         self.reasons: list[str | None] = []
 
@@ -23,15 +23,15 @@ class Recorded(Drain):
 
 
 def test_no_node_lost_no_drain_however_long_the_model_stage_takes() -> None:
-    drain, nodes = Recorded(), {"a": "10.0.0.1", "b": "10.0.0.2"}
-    with watching_nodes(drain, lambda: 0, 0.1, nodes=lambda: nodes, every=0.02):
+    drain, nodes = Recorded(0.1), {"a": "10.0.0.1", "b": "10.0.0.2"}
+    with watching_nodes(drain, lambda: 0, nodes=lambda: nodes, every=0.02):
         time.sleep(0.5)
     assert drain.reasons == []
 
 
 def test_a_stall_after_a_lost_node_drains_once_with_the_node_named() -> None:
-    drain, cluster = Recorded(), [{"a": "10.0.0.1", "b": "10.0.0.2"}]
-    with watching_nodes(drain, lambda: 0, 0.3, nodes=lambda: cluster[0], every=0.02):
+    drain, cluster = Recorded(0.3), [{"a": "10.0.0.1", "b": "10.0.0.2"}]
+    with watching_nodes(drain, lambda: 0, nodes=lambda: cluster[0], every=0.02):
         time.sleep(0.1)
         cluster[0] = {"a": "10.0.0.1"}
         time.sleep(0.2)
@@ -43,8 +43,8 @@ def test_a_stall_after_a_lost_node_drains_once_with_the_node_named() -> None:
 
 
 def test_batches_after_a_lost_node_keep_the_run_going() -> None:
-    drain, cluster, batches = Recorded(), [{"a": "10.0.0.1", "b": "10.0.0.2"}], [0]
-    with watching_nodes(drain, lambda: batches[0], 0.3, nodes=lambda: cluster[0], every=0.02):
+    drain, cluster, batches = Recorded(0.3), [{"a": "10.0.0.1", "b": "10.0.0.2"}], [0]
+    with watching_nodes(drain, lambda: batches[0], nodes=lambda: cluster[0], every=0.02):
         cluster[0] = {"a": "10.0.0.1"}
         for _ in range(8):  # a batch every 0.1 s: the restarted actor works
             time.sleep(0.1)
@@ -55,8 +55,8 @@ def test_batches_after_a_lost_node_keep_the_run_going() -> None:
 def test_without_the_drains_handlers_it_only_logs(caplog) -> None:  # type: ignore[no-untyped-def]
     """A library caller's process (no handler would end the drain): the loss is logged, the
     run left to Ray."""
-    drain, cluster = Recorded(handled=False), [{"a": "10.0.0.1", "b": "10.0.0.2"}]
-    with watching_nodes(drain, lambda: 0, 0.1, nodes=lambda: cluster[0], every=0.02):
+    drain, cluster = Recorded(0.1, handled=False), [{"a": "10.0.0.1", "b": "10.0.0.2"}]
+    with watching_nodes(drain, lambda: 0, nodes=lambda: cluster[0], every=0.02):
         cluster[0] = {"a": "10.0.0.1"}
         time.sleep(0.4)
     assert drain.reasons == []
