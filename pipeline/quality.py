@@ -36,14 +36,14 @@ class Quality(TypedDict):
     worst_values: int
 
 
-def batch_quality(embeddings: np.ndarray, uris: Sequence[Any]) -> Quality:
+def batch_quality(embeddings: np.ndarray, uris: Sequence[Any] | np.ndarray) -> Quality:
     """The statistics of one batch's vectors (rows of ``embeddings``, named by ``uris``)."""
     vectors = np.asarray(embeddings, dtype=np.float32)
-    bad = ~np.isfinite(vectors)
-    bad_per_row = bad.sum(axis=1)
-    finite = bad_per_row == 0
-    kept = vectors[finite]
-    norms = np.sqrt(np.einsum("ij,ij->i", kept, kept, dtype=np.float64))
+    # One pass: a row's squared norm, summed in float64 (no float32 value overflows it), is
+    # finite exactly when every value of the row is.
+    squares = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+    finite = np.isfinite(squares)
+    norms = np.sqrt(squares[finite])
     bins = np.clip(
         np.floor((np.log10(np.maximum(norms, 1e-30)) - LOWEST) * BINS_PER_DECADE),
         0,
@@ -51,10 +51,12 @@ def batch_quality(embeddings: np.ndarray, uris: Sequence[Any]) -> Quality:
     ).astype(np.int64)
     keys, counts = np.unique(bins, return_counts=True)
     worst, worst_values = "", 0
-    if (~finite).any():
+    if not finite.all():
+        rows = np.flatnonzero(~finite)
+        bad_per_row = (~np.isfinite(vectors[rows])).sum(axis=1)
         i = int(np.argmax(bad_per_row))
         worst_values = int(bad_per_row[i])
-        worst = f"{uris[i]}: {worst_values} of {vectors.shape[1]} values NaN or infinite"
+        worst = f"{uris[rows[i]]}: {worst_values} of {vectors.shape[1]} values NaN or infinite"
     return {
         "vectors": len(vectors),
         "non_finite": int((~finite).sum()),
