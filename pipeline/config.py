@@ -27,6 +27,9 @@ EXIT_FAILED = 1  # the run failed and committed nothing; retrying may help
 EXIT_USAGE = 2  # the command line is wrong; retrying will not help
 EXIT_BAD_DATA = 3  # too many images failed (--max-error-rate); errors/ says which
 EXIT_QUALITY_GATE = 4  # the quality gate refused the run's vectors (non-finite values)
+# Nodes were lost and the model stage stalled: drained, checkpoints kept; retry once the
+# cluster can hold the model stage again (sysexits' EX_TEMPFAIL).
+EXIT_STALLED = 75
 # Images per model forward when --batch-size is not given. A GPU forward pass gains from
 # bigger batches, and 256 keeps a block's memory moderate; a CPU gains nothing past a few
 # dozen (bench/RESULTS.md has both series).

@@ -62,8 +62,9 @@ def watching_nodes(
                     node[:8],
                 )
             alive, lost = now, lost | gone
-            if batches() != done or gone:
-                done, since = batches(), time.time()
+            latest = batches()
+            if latest != done or gone:
+                done, since = latest, time.time()
             stalled = time.time() - since
             if lost and stalled >= wait and drain.handled and not drain.draining:
                 where = ", ".join(sorted(set(lost.values())))

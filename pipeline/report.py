@@ -56,9 +56,10 @@ def print_summary(
     if counts.known_failed:
         rows.append(("known bad", f"{counts.known_failed} (failed in earlier runs, not retried)"))
         rows += _by_type(run.known_failures)
+    vectors = describe(run.quality)
     rows += [
         ("deleted", f"{counts.deleted} (gone from the input)"),
-        *([("vectors", describe(run.quality))] if describe(run.quality) else []),
+        *([("vectors", vectors)] if vectors else []),
         ("wall time", f"{run.wall_seconds:.1f} s"),
         (
             "images/s",

@@ -12,14 +12,13 @@ after losing nodes drains the same way (:mod:`pipeline.nodes`).
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
 from typing import Any
 
-# The run stalled after losing nodes, and drained: checkpoints kept; retry once the cluster
-# can hold the model stage again (sysexits' EX_TEMPFAIL).
-EXIT_STALLED = 75
+from pipeline.config import EXIT_STALLED
 
 
 class Stopped(BaseException):
@@ -48,9 +47,10 @@ class Drain:
     """What the handlers and the driver's loop share while a run drains (set in a handler,
     read by the loop and by the thread that stops the feed)."""
 
-    def __init__(self, seconds: float, lost_node_wait: float = 300.0) -> None:
+    def __init__(self, seconds: float, lost_node_wait: float = math.inf) -> None:
         self.seconds = seconds
-        # After a lost node, drain when the model stage does nothing this long (pipeline.nodes).
+        # After a lost node, drain when the model stage does nothing this long
+        # (pipeline.nodes; --lost-node-wait, given by the entry points; default: never).
         self.lost_node_wait = lost_node_wait
         self.since: float | None = None  # when SIGTERM asked for the drain
         self.reason: str | None = None  # why, when no signal asked (a stall)

@@ -6,7 +6,6 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.raycluster import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,12 +128,6 @@ def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ----------------------------------------------------------------------------- S3
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def aws_credentials() -> Iterator[None]:
     """Fake credentials for the whole session, set before Ray starts so its workers get them.
@@ -162,7 +157,7 @@ def s3_endpoint(aws_credentials: None) -> Iterator[str]:
 
     # The server's own request lines (werkzeug, INFO) are not the command's output.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    port = _free_port()
+    (port,) = free_ports(1)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"

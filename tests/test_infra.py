@@ -19,7 +19,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +39,7 @@ from tests.kuberay import (
     submitter_env,
     walk,
 )
+from tests.raycluster import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -509,12 +509,6 @@ def test_case_6_launcher_roles_hold_what_the_launcher_and_runs_need(launcher_con
     assert {passing["Resource"].rsplit("/", 1)[1]} == worker_profiles  # role named as profile
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_case_6_head_start_command_starts_with_the_file_mounts_in_place(
     launcher_config, tmp_path
@@ -541,7 +535,7 @@ def test_case_6_head_start_command_starts_with_the_file_mounts_in_place(
             key, value = words[1].split("=", 1)
             env[key] = value
     (start,) = [c for c in launcher_config["head_start_ray_commands"] if c.startswith("ray start")]
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_ports(2)
     temp = Path(f"/tmp/rh{os.getpid()}")
     extra = [
         f"--port={port}",
