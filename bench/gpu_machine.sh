@@ -2,7 +2,7 @@
 # The prepared check for a GPU machine that has no Ray (the stage code alone, as bench/gpu.py
 # says): the CUDA tests of the stage code, then the GPU bench. Everything lands in $OUT
 # (default ./gpu-out): tests.txt, bench.txt and gpu.md, the block to append to
-# bench/RESULTS.md. Each part has its own time limit, so a hang in one still leaves the other's
+# bench/RESULTS.md, and probe.md, the probe's spread on the GPU (bench/probe.py). Each part has its own time limit, so a hang in one still leaves the other's
 # output.
 #
 #     OUT=/some/folder bash bench/gpu_machine.sh [BENCH_BUDGET_SECONDS]   # default 300
@@ -19,4 +19,8 @@ echo "exit status $?" >> "$OUT/tests.txt"
 timeout $((BUDGET + 90)) python3 -u -m bench.gpu --budget "$BUDGET" --results "$OUT/gpu.md" \
     > "$OUT/bench.txt" 2>&1
 echo "exit status $?" >> "$OUT/bench.txt"
-tail -n 3 "$OUT/tests.txt" "$OUT/bench.txt"
+# The probe's spread on this GPU, per precision (bench/probe.py): about a minute.
+timeout 240 python3 -u -m bench.probe --images 64 --device cuda --precisions fp32,fp16,bf16 \
+    --results "$OUT/probe.md" > "$OUT/probe.txt" 2>&1
+echo "exit status $?" >> "$OUT/probe.txt"
+tail -n 3 "$OUT/tests.txt" "$OUT/bench.txt" "$OUT/probe.txt"

@@ -9,6 +9,7 @@
     python -m bench.scale first-chunk --keys 10000000
     python -m bench.scale first-batch --keys 10000000
     python -m bench.scale input-list --keys 10000000
+    python -m bench.scale reuse-index --rows 10000000
 
 No model and no image is involved: each part measures the driver's own work.
 
@@ -31,6 +32,10 @@ No model and no image is involved: each part measures the driver's own work.
 - ``input-list``: an ``--input-list`` of ``--keys`` URIs (Parquet with sizes and versions, and
   plain text) read into the run's listing chunks (``LISTING_BLOCK_ROWS``), in the driver (as a
   dry run does) and by Ray Data (as a run does): wall time, and the driver's CPU per key.
+- ``reuse-index``: a table of ``--rows`` rows in files of 4,096 (only the columns the index
+  reads: ``content_sha256``, a single-part ``etag:`` version, ``file_size``); then, in a fresh
+  process, :func:`pipeline.reuse.content_index` over it, as a run builds it before its plan:
+  wall time, peak RSS, the index's bytes, and the time of 4,096 lookups.
 """
 
 from __future__ import annotations
@@ -652,6 +657,84 @@ def bench_first_batch(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def bench_reuse_index(args: argparse.Namespace) -> list[str]:
+    from pipeline.reuse import CONTENT_TYPE
+
+    rows_per_file = 4096
+    with tempfile.TemporaryDirectory(prefix="scale-reuse-") as tmp:
+        started = time.perf_counter()
+        rng = np.random.default_rng(0)
+        files = []
+        for k, start in enumerate(range(0, args.rows, rows_per_file)):
+            n = min(rows_per_file, args.rows - start)
+            digests = rng.bytes(32 * n)
+            md5 = rng.bytes(16 * n).hex()
+            table = pa.table(
+                {
+                    "content_sha256": pa.FixedSizeBinaryArray.from_buffers(
+                        CONTENT_TYPE, n, [None, pa.py_buffer(digests)]
+                    ),
+                    "source_version": [f"etag:{md5[32 * i : 32 * i + 32]}" for i in range(n)],
+                    "file_size": np.full(n, 50_000, np.int64),
+                }
+            )
+            path = f"embeddings/run_id=r/part-{k:05d}.parquet"
+            (Path(tmp) / path).parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, Path(tmp) / path, compression="zstd")
+            files.append(path)
+        print(f"table written in {time.perf_counter() - started:.0f} s", flush=True)
+        (Path(tmp) / "files.json").write_text(json.dumps(files))
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.scale", "_reuse_index_child", tmp],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["indexed"] == args.rows == figures["etags"], figures
+    return [
+        f"`python -m bench.scale reuse-index --rows {args.rows}` ({len(files):,} files of "
+        f"{rows_per_file:,} rows, local disk)",
+        "",
+        f"- index built in {figures['seconds']:.1f} s ({figures['seconds'] / args.rows * 1e6:.2f} "
+        f"us a row); driver peak RSS {figures['peak_rss'] / 2**30:.2f} GiB; the index "
+        f"{figures['bytes'] / 2**20:.0f} MiB ({figures['bytes'] / args.rows:.0f} bytes a row)",
+        f"- 4,096 lookups by sha256: {figures['find_ms']:.1f} ms; by ETag: "
+        f"{figures['find_etags_ms']:.1f} ms",
+    ]
+
+
+def reuse_index_child(root: str) -> dict[str, Any]:
+    """In a fresh process: the content index of the table under ``root``, and lookups."""
+    from pipeline.reuse import content_index
+
+    files = json.loads((Path(root) / "files.json").read_text())
+    started = time.perf_counter()
+    index = content_index(root, files)
+    seconds = time.perf_counter() - started
+    size = sum(a.nbytes for a in (index.keys, index.file, index.row, index.etags, index.etag_at))
+    # Digests the table holds (the index keeps their first 16 bytes), spread over it.
+    step = max(1, len(index) // 4096)
+    digests = [index.keys[i].tobytes() + bytes(16) for i in range(0, len(index), step)][:4096]
+    t = time.perf_counter()
+    found = index.find(digests)
+    find_ms = (time.perf_counter() - t) * 1e3
+    assert (found >= 0).all()
+    versions = ["etag:" + bytes(16).hex()] * 4096
+    t = time.perf_counter()
+    index.find_etags(versions, [50_000] * 4096)
+    find_etags_ms = (time.perf_counter() - t) * 1e3
+    return {
+        "indexed": len(index),
+        "etags": len(index.etags),
+        "seconds": seconds,
+        "bytes": size,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "find_ms": find_ms,
+        "find_etags_ms": find_etags_ms,
+    }
+
+
 # Each part of the bench: (its block's title in RESULTS.md, the bench).
 PARTS: dict[str, tuple[str, Callable[[argparse.Namespace], list[str]]]] = {
     "diff": ("incremental diff", bench_diff),
@@ -663,6 +746,7 @@ PARTS: dict[str, tuple[str, Callable[[argparse.Namespace], list[str]]]] = {
     "first-batch": ("time to the first batch at the model stage", bench_first_batch),
     "input-list": ("reading an --input-list", bench_input_list),
     "first-chunk": ("time to the first block of listing rows", bench_first_chunk),
+    "reuse-index": ("the index of reuse by content", bench_reuse_index),
 }
 
 
@@ -670,6 +754,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_first_batch_child":
         first_batch_child(int(argv[1]), int(argv[2]), float(argv[3]), argv[4])
+        return
+    if argv and argv[0] == "_reuse_index_child":
+        print(json.dumps(reuse_index_child(argv[1])))
         return
     if argv and argv[0] == "_diff_child":
         print(json.dumps(diff_child(argv[1], int(argv[2]), float(argv[3]))))
@@ -707,6 +794,8 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("first-batch", parents=[big_store])
     input_list = sub.add_parser("input-list")
     input_list.add_argument("--keys", type=int, default=10_000_000)
+    reuse_index = sub.add_parser("reuse-index")
+    reuse_index.add_argument("--rows", type=int, default=10_000_000)
     args = parser.parse_args(argv)
     part = "listing-moto" if args.part == "listing" and args.moto else args.part
     title, bench = PARTS[part]

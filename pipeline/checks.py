@@ -60,6 +60,10 @@ class Run:
     weights: ResolvedWeights | None = None
     num_gpus: float = 0.0  # per model actor; 0: CPU actors
     started_ray: bool = False  # this process started the Ray it runs on (fixed size)
+    # The table's ContentIndex in the object store (pipeline.reuse); None: no reuse.
+    content: Any = None
+    # Stored rows the run re-embeds and compares before it commits (pipeline.probe).
+    probes: tuple[Any, ...] = ()
 
     @property
     def model(self) -> ModelIdentity:

@@ -79,7 +79,14 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     add_run_arguments(run)
     subs = [
-        make(commands) for make in (_status_parser, _query_parser, _export_parser, _compact_parser)
+        make(commands)
+        for make in (
+            _status_parser,
+            _query_parser,
+            _export_parser,
+            _compact_parser,
+            _duplicates_parser,
+        )
     ]
     for sub in subs:
         add_config_arguments(sub, "endpoint_url", "storage_options")
@@ -166,6 +173,27 @@ def _compact_parser(commands: Any) -> argparse.ArgumentParser:
     )
     compact.add_argument("--address", metavar="ADDR", help="Ray cluster to run on")
     return compact
+
+
+def _duplicates_parser(commands: Any) -> argparse.ArgumentParser:
+    duplicates = commands.add_parser(
+        "duplicates",
+        help="print the groups of OUTPUT's current images that share their bytes",
+        description="Print, one JSON line per group, the current images of OUTPUT whose bytes "
+        "are the same (by content_sha256); with --near, also the groups whose vectors' cosine "
+        "similarity is at least THRESHOLD (FAISS; largest groups first).",
+    )
+    duplicates.add_argument("output", metavar="OUTPUT", help="an embed-images --output")
+    duplicates.add_argument(
+        "--near",
+        type=float,
+        metavar="THRESHOLD",
+        help="also group near-duplicates: cosine similarity >= THRESHOLD, in (0, 1]",
+    )
+    duplicates.add_argument(
+        "--to", metavar="FILE", help="write the JSON lines to FILE (default: standard output)"
+    )
+    return duplicates
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -271,12 +299,36 @@ def compact_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def duplicates_command(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.duplicates import exact_groups, near_groups
+
+    if args.near is not None and not 0 < args.near <= 1:
+        raise ConfigError(f"--near {args.near}: a cosine similarity in (0, 1], such as 0.95")
+    options = _options(args)
+    groups = [*exact_groups(args.output, storage_options=options)]
+    exact = len(groups)
+    if args.near is not None:
+        groups += near_groups(args.output, args.near, storage_options=options)
+    lines = "".join(json.dumps(group) + "\n" for group in groups)
+    if args.to:
+        with open(args.to, "w", encoding="utf-8") as out:
+            out.write(lines)
+    else:
+        sys.stdout.write(lines)
+    near = f"; groups of near-duplicates: {len(groups) - exact}" if args.near is not None else ""
+    print(f"{PROG}: groups of identical images: {exact}{near}", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {
     "run": run_command,
     "status": status_command,
     "compact": compact_command,
     "query": query_command,
     "export": export_command,
+    "duplicates": duplicates_command,
 }
 
 

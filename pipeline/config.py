@@ -14,12 +14,14 @@ Precision = Literal["fp32", "fp16", "bf16"]
 DecodeDevice = Literal["cpu", "cuda"]
 Compile = Literal["auto", "on", "off"]
 Gate = Literal["on", "off"]
+Reuse = Literal["etag", "sha256", "off"]
 
 RESIZE_MODES: tuple[str, ...] = ("center-crop", "squash", "letterbox")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 DECODE_DEVICES: tuple[str, ...] = ("cpu", "cuda")
 COMPILE_MODES: tuple[str, ...] = ("auto", "on", "off")
 GATES: tuple[str, ...] = ("on", "off")
+REUSE_MODES: tuple[str, ...] = ("etag", "sha256", "off")
 # The command's name, in every line it prints.
 PROG = "embed-images"
 # Exit statuses of every entry point (embed-images, jobs/*).
@@ -148,6 +150,17 @@ class EmbedConfig:
         group=IO,
         metavar="N",
     )
+    reuse: Reuse = option(
+        "etag",
+        help="an image whose bytes the table holds already copies their stored vector: etag: "
+        "found by a single-part ETag without a read, else by the sha256 of its bytes; "
+        "sha256: by the sha256 only; off: embed every new image (default %(default)s)",
+        group=IO,
+        details="Moved, renamed and copied images then cost a read (or nothing), not a forward "
+        "pass. Only the table's current files are looked in, and never by a --full run. A "
+        "single-part upload's ETag is the MD5 of its bytes: 'sha256' does not trust MD5 where "
+        "others may write the input.",
+    )
     input_list: str | None = option(
         None,
         help="take the images from a list instead of listing --input: an S3 Inventory "
@@ -232,6 +245,23 @@ class EmbedConfig:
         group=MODEL,
         details="Each run records its vectors' statistics either way (non-finite and all-zero "
         "counts, L2 norm percentiles) in its manifest record, summary and report.",
+    )
+    probe: int = option(
+        32,
+        help="re-embed N images the table holds, picked across its runs, and compare them with "
+        "their stored vectors before committing anything; 0: no probe (default %(default)s)",
+        group=MODEL,
+        metavar="N",
+        details="A probe beyond --probe-tolerance stops the run (exit 4) unless --gate off; it "
+        "catches what the weights' sha256 cannot: a changed resize, another GPU's numerics, a "
+        "corrupted model.",
+    )
+    probe_tolerance: float | None = option(
+        None,
+        help="the relative L2 error |new - stored| / |stored| a probe may show (default: 0.001 "
+        "for fp32 vectors, 0.01 for bf16 and fp16)",
+        group=MODEL,
+        metavar="E",
     )
     batch_size: int | None = option(
         None,
@@ -353,6 +383,7 @@ class EmbedConfig:
             ("decode_device", DECODE_DEVICES),
             ("compile", COMPILE_MODES),
             ("gate", GATES),
+            ("reuse", REUSE_MODES),
         ):
             value = getattr(self, name)
             if value not in choices:
@@ -373,6 +404,10 @@ class EmbedConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} {value!r}: must be an integer >= 1")
+        if not isinstance(self.probe, int) or self.probe < 0:
+            raise ConfigError(f"--probe {self.probe!r}: must be an integer >= 0")
+        if self.probe_tolerance is not None and not self.probe_tolerance > 0:
+            raise ConfigError(f"--probe-tolerance {self.probe_tolerance}: must be > 0")
         for name in ("cleanup_retention", "drain_seconds", "lost_node_wait"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,8 @@ from pipeline.preprocessing import (
     resize_to_model_input,
     resized_size,
 )
+from pipeline.probe import Probe, probe_rows
+from pipeline.reuse import CONTENT_COLUMN, content_digest, take_index
 from pipeline.storage import is_local, one_line, open_fs
 
 # Decoders Pillow may use. Anything else (EPS, PSD, ...) is refused before a plugin sees it.
@@ -224,6 +226,8 @@ def decode_batch(
     spec: PreprocessSpec,
     storage_options: Mapping[str, Any],
     max_image_pixels: int,
+    reuse: Any = None,
+    probes: Sequence[Probe] = (),
 ) -> dict[str, np.ndarray]:
     """Fetch and decode a batch of listed images (a Ray Data ``map_batches`` function).
 
@@ -232,11 +236,17 @@ def decode_batch(
         spec: The resize spec.
         storage_options: fsspec options for the input store.
         max_image_pixels: Header pixel limit.
+        reuse: The table's :class:`~pipeline.reuse.ContentIndex` (or its object ref):
+            images it holds are found (by ETag before the read, else by sha256) and not
+            decoded. ``None``: decode every image.
+        probes: Stored rows the run re-embeds (:mod:`pipeline.probe`): never reused.
 
     Returns:
-        The listing columns plus ``image`` (uint8, N x crop x crop x 3; zeros for failed rows),
-        ``original_width``, ``original_height``, ``format``, ``error_type`` and
-        ``error_message`` (empty strings where the image decoded).
+        The listing columns plus ``image`` (uint8, N x crop x crop x 3; zeros for failed and
+        reused rows), ``original_width``, ``original_height``, ``format``, ``error_type`` and
+        ``error_message`` (empty strings where the image decoded), ``content_sha256`` (the
+        bytes' sha256; empty where unread) and ``reuse`` (the index row of a reused image,
+        else -1).
 
     Example:
         >>> out = decode_batch(listing, spec=preprocess_spec("center-crop"),
@@ -252,11 +262,11 @@ def decode_batch(
     formats = [""] * n
     error_types = [""] * n
     messages = [""] * n
-    # The files are read a group at a time, each group at most FETCH_BYTES (by the listing's
-    # sizes), so a task's memory follows FETCH_BYTES, not its row count times the file size.
-    for group in byte_groups([int(s) for s in batch["file_size"]], FETCH_BYTES):
-        contents = _fetch(uris[group], paths[group], storage_options)
-        for i, content in zip(range(group.start, group.stop), contents, strict=True):
+    found = Found(batch, reuse, probes)
+    for rows, contents in found.read(uris, paths, storage_options):
+        for i, content in zip(rows, contents, strict=True):
+            if found.at[i] >= 0:
+                continue  # its bytes are embedded in the table already
             try:
                 decoded = decode_content(content, spec, max_image_pixels=max_image_pixels)
             except ImageRejectedError as rejected:
@@ -278,7 +288,55 @@ def decode_batch(
         "format": np.asarray(formats, dtype=object),
         "error_type": np.asarray(error_types, dtype=object),
         "error_message": np.asarray(messages, dtype=object),
+        **found.columns(),
     }
+
+
+class Found:
+    """A batch's reads, and which of its images the table holds already (by content).
+
+    Images whose single-part ETag the table holds are found before any read and not read;
+    the rest are read ``FETCH_BYTES`` at a time (by the listing's sizes, so a task's memory
+    follows that bound, not its row count), hashed, and looked up by their sha256. The
+    probe's rows are read and decoded whatever the table holds.
+    """
+
+    def __init__(
+        self, batch: dict[str, np.ndarray], reuse: Any, probes: Sequence[Probe] = ()
+    ) -> None:
+        self.index = take_index(reuse)
+        self.sizes = [int(s) for s in batch["file_size"]]
+        n = len(self.sizes)
+        self.digests = [b""] * n
+        self.probe = probe_rows(batch, probes) if probes else np.zeros(n, dtype=bool)
+        self.at = (
+            self.index.find_etags(batch["source_version"], self.sizes)
+            if self.index is not None
+            else np.full(n, -1, np.int64)
+        )
+        self.at[self.probe] = -1
+
+    def read(
+        self, uris: list[str], paths: list[str], storage_options: Mapping[str, Any]
+    ) -> Iterator[tuple[list[int], list[bytes | BaseException]]]:
+        """The rows not found by ETag, a group at a time, with their bytes or read failures."""
+        unread = [i for i in range(len(uris)) if self.at[i] < 0]
+        for group in byte_groups([self.sizes[i] for i in unread], FETCH_BYTES):
+            rows = unread[group]
+            contents = _fetch([uris[i] for i in rows], [paths[i] for i in rows], storage_options)
+            for i, content in zip(rows, contents, strict=True):
+                if isinstance(content, bytes):
+                    self.digests[i] = content_digest(content)
+            if self.index is not None:
+                self.at[rows] = self.index.find([self.digests[i] for i in rows])
+                self.at[self.probe] = -1
+            yield rows, contents
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {
+            CONTENT_COLUMN: np.asarray(self.digests, dtype=object),
+            "reuse": self.at,
+        }
 
 
 def byte_groups(sizes: list[int], limit: int) -> list[slice]:
@@ -300,29 +358,44 @@ def byte_groups(sizes: list[int], limit: int) -> list[slice]:
 
 
 def fetch_batch(
-    batch: dict[str, np.ndarray], *, storage_options: Mapping[str, Any]
+    batch: dict[str, np.ndarray],
+    *,
+    storage_options: Mapping[str, Any],
+    reuse: Any = None,
+    probes: Sequence[Probe] = (),
 ) -> dict[str, np.ndarray]:
     """Fetch a batch of listed images' bytes, undecoded (``--decode-device cuda``).
 
     The model actor decodes them (:mod:`pipeline.decode_device`); compressed bytes are about a
     tenth of the pixels that CPU decode would send it. A file that cannot be read is an
     ``unreadable`` row here, as in :func:`decode_batch`, and a passing store failure raises
-    for Ray Data to retry the task.
+    for Ray Data to retry the task. Images the table holds already are found as there
+    (``reuse``), and their bytes are not sent.
 
     Returns:
-        ``uri``, ``file_size``, ``source_version``, ``data`` (bytes; empty where unreadable),
-        ``error_type`` and ``error_message``.
+        ``uri``, ``file_size``, ``source_version``, ``data`` (bytes; empty where unreadable or
+        reused), ``error_type``, ``error_message``, ``content_sha256`` and ``reuse``.
     """
     uris = [str(u) for u in batch["uri"]]
-    contents = _fetch(uris, [str(p) for p in batch["path"]], storage_options)
-    rejected = [_read_failure(c) for c in contents]
+    n = len(uris)
+    data = [b""] * n
+    error_types, messages = [""] * n, [""] * n
+    found = Found(batch, reuse, probes)
+    for rows, contents in found.read(uris, [str(p) for p in batch["path"]], storage_options):
+        for i, content in zip(rows, contents, strict=True):
+            rejected = _read_failure(content)
+            if rejected is not None:
+                error_types[i], messages[i] = rejected.error_type, str(rejected)
+            elif found.at[i] < 0:
+                data[i] = content  # type: ignore[assignment]
     return {
         "uri": np.asarray(uris, dtype=object),
         "file_size": np.asarray(batch["file_size"], dtype=np.int64),
         "source_version": np.asarray([str(v) for v in batch["source_version"]], dtype=object),
-        "data": np.asarray([c if isinstance(c, bytes) else b"" for c in contents], dtype=object),
-        "error_type": np.asarray([r.error_type if r else "" for r in rejected], dtype=object),
-        "error_message": np.asarray([str(r) if r else "" for r in rejected], dtype=object),
+        "data": np.asarray(data, dtype=object),
+        "error_type": np.asarray(error_types, dtype=object),
+        "error_message": np.asarray(messages, dtype=object),
+        **found.columns(),
     }
 
 

@@ -363,7 +363,7 @@ class ResNet50Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.decode_spec is not None:
             return self._decode_and_embed(batch)
-        ok = np.asarray(batch["error_type"] == "", dtype=bool)
+        ok = to_embed(batch)
         embeddings = np.zeros((len(ok), EMBEDDING_DIM), dtype=np.float32)
         if ok.any():
             embeddings[ok] = self.embed(batch["image"][ok])
@@ -383,7 +383,7 @@ class ResNet50Embedder:
         heights = np.zeros(n, dtype=np.int32)
         formats = np.asarray([""] * n, dtype=object)
         embeddings = np.zeros((n, EMBEDDING_DIM), dtype=np.float32)
-        read = np.flatnonzero(error_type == "")
+        read = np.flatnonzero(to_embed(batch))
         if len(read):
             with self._own_stream():
                 decoded = decode_on_device(
@@ -409,4 +409,14 @@ class ResNet50Embedder:
             "error_type": error_type,
             "error_message": error_message,
             "embedding": embeddings,
+            **{key: batch[key] for key in ("content_sha256", "reuse") if key in batch},
         }
+
+
+def to_embed(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """The rows the model runs on: read without error, and not found in the table by their
+    content (``reuse``, :mod:`pipeline.reuse`: the writer copies their stored vectors)."""
+    ok = np.asarray(batch["error_type"] == "", dtype=bool)
+    if "reuse" in batch:
+        ok &= np.asarray(batch["reuse"], dtype=np.int64) < 0
+    return ok

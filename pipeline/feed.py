@@ -30,6 +30,7 @@ from pipeline.config import PipelineError
 from pipeline.incremental import NewImages, list_work
 from pipeline.inventory import LIST_SCHEMA, InputList, ListFile
 from pipeline.listing import LISTING_SCHEMA, InputError
+from pipeline.probe import probe_chunk
 from pipeline.progress import driver_actor
 
 if TYPE_CHECKING:
@@ -128,6 +129,7 @@ class StreamedListing:
         self,
         listing: Callable[[Callable[[pa.Table], None]], NewImages],
         ahead: int | None = None,
+        first: pa.Table | None = None,
     ) -> None:
         self.feed: Any = driver_actor(Feed, FEED_CHUNKS)
         self.readers = FEED_READERS
@@ -137,6 +139,7 @@ class StreamedListing:
         self._cancelled = threading.Event()
         self._stopped = threading.Event()  # the feed was ended early (a drain)
         self._listing = listing
+        self._first_rows = first  # fed before the first chunk of new images (the probe)
         self._first = threading.Event()  # a chunk was fed, or the listing ended
         self._result: NewImages | None = None
         self._error: BaseException | None = None
@@ -198,6 +201,9 @@ class StreamedListing:
                 raise PipelineError("listing cancelled")
         if self._stopped.is_set():
             raise PipelineError("listing stopped: the run is draining")
+        if self._first_rows is not None:
+            ray.get(self.feed.put.remote(self._first_rows))
+            self._first_rows = None
         ray.get(self.feed.put.remote(chunk))
         self.queued += chunk.num_rows
         self._first.set()
@@ -279,11 +285,15 @@ def start_listing(
     books are empty until it ends (the sink takes them then)."""
     import ray
 
+    # The probe's stored images go first, once there is anything new to embed.
+    first = probe_chunk(run.probes) if run.probes else None
     if probed is not None:
-        listing = dataclasses.replace(probed, refs=[ray.put(chunk) for chunk in probed.refs])
+        chunks = [first, *probed.refs] if first is not None and probed.refs else probed.refs
+        listing = dataclasses.replace(probed, refs=[ray.put(chunk) for chunk in chunks])
         return listing, None
     streamed = StreamedListing(
-        lambda keep: list_work(run, base, keep=keep, pending=resume, read_list=read_list)
+        lambda keep: list_work(run, base, keep=keep, pending=resume, read_list=read_list),
+        first=first,
     )
     if streamed.start():
         return NewImages.empty(), streamed

@@ -74,6 +74,7 @@ class RunCounts:
     known_failed: int = 0  # failed in an earlier run for a lasting reason: not retried
     duplicates: int = 0  # listed more than once (an input list): taken once
     embedded: int = 0
+    reused: int = 0  # of the embedded, those whose bytes the table held: vectors copied
     failed: int = 0
     deleted: int = 0
 

@@ -127,7 +127,7 @@ def plan_dataset(
 
     config = run.config
     first_stage, first_kwargs, model_kwargs = stage_arguments(run)
-    model_kwargs |= {"progress": counter}
+    model_kwargs |= {"progress": counter, "probes": run.probes}
     listing = (
         # Ray's annotations reject keyword-only UDFs and plain ObjectRef lists: hence the ignores.
         ray.data.from_arrow_refs(source)  # type: ignore[arg-type]
@@ -193,11 +193,18 @@ def stage_arguments(run: Run) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     if config.decode_device == "cuda":
         # The first stage only reads the files; the model actors decode on their GPU.
         model_kwargs |= {"decode_spec": spec, "max_image_pixels": config.max_image_pixels}
-        return fetch_batch, {"storage_options": config.fs_options()}, model_kwargs
+        fetch_kwargs = {
+            "storage_options": config.fs_options(),
+            "reuse": run.content,
+            "probes": run.probes,
+        }
+        return fetch_batch, fetch_kwargs, model_kwargs
     decode_kwargs = {
         "spec": spec,
         "storage_options": config.fs_options(),
         "max_image_pixels": config.max_image_pixels,
+        "reuse": run.content,
+        "probes": run.probes,
     }
     return decode_batch, decode_kwargs, model_kwargs
 

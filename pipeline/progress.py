@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TextIO
 
 ProgressMode = Literal["auto", "bar", "log", "none"]
@@ -62,21 +62,27 @@ def read_counter(counter: Any) -> tuple[int, int] | None:
 
 
 def reporting(embedder: type) -> type:
-    """The model stage's class, telling ``progress`` (a counter actor) of each batch.
+    """The model stage's class, telling ``progress`` (a counter actor) of each batch (but
+    not of the rows of ``probes``, :mod:`pipeline.probe`).
 
     A subclass made here, in the driver, so that the stage itself stays free of Ray.
     """
 
     class Reporting(embedder):  # type: ignore[valid-type,misc]
-        def __init__(self, *, progress: Any, **kwargs: Any) -> None:
+        def __init__(self, *, progress: Any, probes: Sequence[Any] = (), **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self._progress = progress
+            self._probes = probes  # the probe's stored images are not the run's to count
 
         def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+            from pipeline.probe import probe_rows
+
             out = super().__call__(batch)
+            counted = ~probe_rows(out, self._probes) if self._probes else slice(None)
             # The output's errors: a stage that decodes (--decode-device cuda) adds its own.
-            failed = int((out["error_type"] != "").sum())
-            self._progress.add.remote(len(out["error_type"]) - failed, failed)
+            errors = out["error_type"][counted]
+            failed = int((errors != "").sum())
+            self._progress.add.remote(len(errors) - failed, failed)
             return out
 
     Reporting.__name__ = Reporting.__qualname__ = embedder.__name__  # Ray's operator names

@@ -23,7 +23,7 @@ from pipeline.current import (
 )
 from pipeline.manifest import Manifest
 from pipeline.output import Output, Snapshot
-from pipeline.storage import is_local, join
+from pipeline.storage import arrow_filesystem, is_local, join
 from pipeline.write import DELETIONS_SCHEMA, EMBEDDINGS_SCHEMA, ERRORS_SCHEMA
 
 
@@ -131,10 +131,7 @@ def load_table(
 ) -> pa.Table:
     files = [join(output.root, p) for p in manifest.current.get(table, [])]
     if not files:
-        schema = {"embeddings": EMBEDDINGS_SCHEMA, "errors": ERRORS_SCHEMA}.get(
-            table, DELETIONS_SCHEMA
-        )
-        empty = schema.append(pa.field("run_id", pa.string())).empty_table()
+        empty = table_schema(table).empty_table()
         return empty.select(columns) if columns else empty
     return table_dataset(output, table, files, large=large).to_table(columns=columns)
 
@@ -143,23 +140,31 @@ def table_dataset(
     output: Output, table: str, files: list[str], *, large: bool = False
 ) -> pads.Dataset:
     """The listed files of one table, with ``run_id`` (always a string) from their folders;
-    ``large``: string columns read as ``large_string``."""
-    options: dict[str, Any] = {
-        "filesystem": output.fs,
-        "format": "parquet",
-        "partitioning": pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive"),
-        "partition_base_dir": join(output.root, table),
-    }
-    dataset = pads.dataset(files, **options)
-    if not large:
-        return dataset
-    schema = pa.schema(
-        [
-            field.with_type(pa.large_string()) if field.type == pa.string() else field
-            for field in dataset.schema
-        ]
+    ``large``: string columns read as ``large_string``.
+
+    The schema is the table's own, not the first file's: a column added since older files
+    were written (``content_sha256``) reads as null in them."""
+    schema = table_schema(table)
+    if large:
+        schema = pa.schema(
+            [f.with_type(pa.large_string()) if f.type == pa.string() else f for f in schema]
+        )
+    return pads.dataset(
+        files,
+        schema=schema,
+        filesystem=arrow_filesystem(output.fs),
+        format="parquet",
+        partitioning=pads.partitioning(pa.schema([("run_id", pa.string())]), flavor="hive"),
+        partition_base_dir=join(output.root, table),
     )
-    return pads.dataset(files, schema=schema, **options)
+
+
+def table_schema(table: str) -> pa.Schema:
+    """A table's columns as readers see them: the written ones and ``run_id``."""
+    written = {"embeddings": EMBEDDINGS_SCHEMA, "errors": ERRORS_SCHEMA}.get(
+        table, DELETIONS_SCHEMA
+    )
+    return written.append(pa.field("run_id", pa.string()))
 
 
 def _with(columns: Sequence[str] | None, required: list[str]) -> list[str] | None:
@@ -252,7 +257,6 @@ def read_embeddings_dataset(
         >>> ds.iter_batches(batch_size=4096)  # doctest: +SKIP
     """
     import ray
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
     from ray.data.datasource import Partitioning
 
     out = Output(output, storage_options)
@@ -265,13 +269,15 @@ def read_embeddings_dataset(
     superseded = superseded_rows(out, snapshot)
     dataset = ray.data.read_parquet(
         files,
-        filesystem=None if is_local(out.fs) else PyFileSystem(FSSpecHandler(out.fs)),
+        filesystem=None if is_local(out.fs) else arrow_filesystem(out.fs),
         partitioning=Partitioning(
             "hive",  # type: ignore[arg-type]
             base_dir=join(out.root, "embeddings"),
             field_types={"run_id": str},
         ),
         columns=_with(wanted, ["uri", "run_id"]) if superseded.num_rows and wanted else wanted,
+        # The table's schema, not the first file's: older files lack content_sha256.
+        schema=table_schema("embeddings"),
     )
     if superseded.num_rows:
         dataset = dataset.map_batches(

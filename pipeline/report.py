@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from pipeline.config import PROG
 from pipeline.failures import Failures
 from pipeline.manifest import Manifest, RunRecord
+from pipeline.probe import describe_probe
 from pipeline.quality import describe
 from pipeline.storage import mask_options, one_line
 
@@ -50,6 +51,7 @@ def print_summary(
     rows += [
         ("unchanged", f"{counts.unchanged} (already embedded)"),
         ("embedded", counts.embedded),
+        *([("reused", reused_line(counts.reused, counts.embedded))] if counts.reused else []),
         ("failed", f"{counts.failed}" + (f" (see {output}/errors)" if counts.failed else "")),
         *_by_type(run.failures),
     ]
@@ -60,6 +62,7 @@ def print_summary(
     rows += [
         ("deleted", f"{counts.deleted} (gone from the input)"),
         *([("vectors", vectors)] if vectors else []),
+        *([("probe", probe)] if (probe := describe_probe(run.quality.get("probe") or {})) else []),
         ("wall time", f"{run.wall_seconds:.1f} s"),
         (
             "images/s",
@@ -73,6 +76,12 @@ def print_summary(
     print(f"{PROG}: committed", file=out)
     for key, value in rows:
         print(f"  {key:<10} {value}", file=out)
+
+
+def reused_line(reused: int, embedded: int) -> str:
+    """``12 of the embedded (40%): their bytes were in the table, vectors copied``."""
+    share = f" ({reused / embedded:.0%})" if embedded else ""
+    return f"{reused} of the embedded{share}: their bytes were in the table, vectors copied"
 
 
 def print_dry_run(dry: DryRun, out: TextIO | None = None) -> None:
@@ -266,12 +275,30 @@ svg text{{font:11px sans-serif}}</style></head>
 <h2>Images written</h2>{_chart(report["throughput"])}
 <h2>Stages</h2>{_timeline(report["stage_seconds"])}
 <h2>Counts</h2><table>{rows}</table>
+<h2>Reuse by content</h2><p>{escape(_reuse(report))}</p>
 <h2>Vectors</h2><p>{escape(describe(run.get("quality") or {}) or "none written")}</p>
+<p>Probe: {escape(_probe(run.get("quality") or {}))}</p>
 <h2>This run's failures</h2>{_failure_table(run.get("failures", {}))}
 <h2>Known failures</h2><p>Images earlier runs failed on for a lasting reason, unchanged since:
 not read again.</p>{_failure_table(run.get("known_failures", {}))}
 </body></html>
 """
+
+
+def _probe(quality: Mapping[str, Any]) -> str:
+    return describe_probe(quality.get("probe") or {}) or (
+        "none (a new table, --probe 0, or nothing new to embed)"
+    )
+
+
+def _reuse(report: Mapping[str, Any]) -> str:
+    """How many images' vectors were copied from the table, found by their bytes."""
+    counts, mode = report["run"]["counts"], report.get("config", {}).get("reuse", "off")
+    if mode == "off":
+        return "off (--reuse off): every new image was embedded"
+    how = "by single-part ETag or sha256" if mode == "etag" else "by sha256"
+    reused, embedded = counts.get("reused", 0), counts.get("embedded", 0)
+    return f"{reused_line(reused, embedded)} (found {how})."
 
 
 def _made_with(report: Mapping[str, Any]) -> str:

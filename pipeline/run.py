@@ -17,15 +17,18 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pipeline.checks import Run, check_run, diff_base, model_difference, placed
 from pipeline.config import EmbedConfig
 from pipeline.embed import ResNet50Embedder
 from pipeline.incremental import NewImages, list_work
-from pipeline.manifest import RunRecord
+from pipeline.manifest import Manifest, RunRecord
 from pipeline.output import Snapshot
+from pipeline.probe import pick_probes
 from pipeline.progress import ProgressMode
 from pipeline.report import DryRun, write_run_report
+from pipeline.reuse import content_index
 from pipeline.stop import Drain
 from pipeline.weights import load_weights
 
@@ -105,6 +108,16 @@ def execute_run(
     started_listing = time.time()
     run = placed(run)
     base, resume = diff_base(run)  # the model check: same model as the table?
+    table = None if resume or run.config.full else base  # what the run adds to
+    run = dataclasses.replace(
+        run,
+        content=index_content(run, table),
+        probes=tuple(
+            pick_probes(run.output.uri, table, run.config.probe, run.output.storage_options)
+            if table is not None
+            else ()
+        ),
+    )
     listing, streamed = start_listing(run, base, resume, probed=listing)
     timings["listing"] = time.time() - started_listing  # streamed: until the first chunk
     books = RunBooks(run, run.model, run.preprocessing, listing)
@@ -115,6 +128,7 @@ def execute_run(
         if streamed is None and not books.listing.refs:
             sink.run_without_tasks()
         else:
+            sink.probes_expected = len(run.probes)  # fed first, once there is work
             with feeding(books.listing, streamed, sink) as (source, total), sink.watching_drain():
                 run_plan(run, source, sink, total=total, embedder=embedder, progress=progress)
     finally:
@@ -122,6 +136,28 @@ def execute_run(
             write_run_report(run, sink, timings)
     assert sink.record is not None  # set by on_write_complete, or it raised
     return sink.record
+
+
+def index_content(run: Run, base: Manifest | None) -> Any:
+    """The table's content index in the object store, for reuse by content
+    (:mod:`pipeline.reuse`); ``None`` where there is no table to add to, or ``--reuse off``."""
+    import ray
+
+    config = run.config
+    files = base.current.get("embeddings", []) if base is not None else []
+    if config.reuse == "off" or not files:
+        return None
+    started = time.time()
+    output = run.output
+    index = content_index(output.uri, files, output.storage_options, by_etag=config.reuse == "etag")
+    logger.info(
+        "indexed %d stored images by content (%d by ETag) from %d files in %.1f s",
+        len(index),
+        len(index.etags),
+        len(files),
+        time.time() - started,
+    )
+    return ray.put(index) if len(index) else None
 
 
 def dry_run(config: EmbedConfig) -> DryRun:

@@ -42,6 +42,7 @@ from pipeline.manifest import (
     utc_iso,
 )
 from pipeline.output import Output
+from pipeline.probe import TOLERANCES, ProbeResult, describe_probe, probe_verdict
 from pipeline.quality import merge_quality, summary
 from pipeline.stop import Drain, Stopped
 from pipeline.write import Staged, file_metadata
@@ -173,6 +174,7 @@ class RunBooks:
         checkpoints: int,
         final: bool,
         quality: Mapping[str, Any] | None = None,
+        reused: int = 0,
     ) -> RunRecord:
         """The run's record as of a commit (``final``: its last)."""
         from pipeline import __version__
@@ -200,6 +202,7 @@ class RunBooks:
                 known_failed=self.known_failed if final else 0,
                 duplicates=listing.counts.duplicates if final else 0,
                 embedded=embedded,
+                reused=reused,
                 failed=failed,
                 deleted=len(listing.deleted) if final and status == COMMITTED else 0,
             ),
@@ -245,6 +248,12 @@ class RunSink:
         self.committed_rows = {"embeddings": 0, "errors": 0}
         self.failures: dict[str, Failures] = {}
         self.quality = merge_quality([])  # of the vectors committed so far
+        self.reused = 0  # of the images committed so far, those copied by content
+        # The probe (pipeline.probe): its rows fed, their results back, and its verdict once
+        # all are back; nothing is committed before.
+        self.probes_expected = 0
+        self.probe_results: list[ProbeResult] = []
+        self.probe_verdict: dict[str, Any] = {}
         self.pending: list[Staged] = []
         self.last_commit = time.time()
 
@@ -257,6 +266,8 @@ class RunSink:
             "metadata": file_metadata(
                 model=books.model, preprocessing=books.preprocessing, run_id=books.run.run_id
             ),
+            "reuse": books.run.content,
+            "probes": books.run.probes,
         }
 
     def start(self) -> None:
@@ -288,6 +299,11 @@ class RunSink:
         finally:
             self.timings["commit"] = time.time() - settling
 
+    @property
+    def probe_settled(self) -> bool:
+        """Whether commits may go on: no probe, or every probe back and judged."""
+        return self.probes_expected == 0 or bool(self.probe_verdict)
+
     def _take(self, returned: Staged, started: float) -> None:
         """One writer task's files: staged, and committed when a checkpoint is due."""
         config = self.books.config
@@ -296,6 +312,7 @@ class RunSink:
             raise QualityGateError(
                 f"quality gate: {returned['refusal']}: {kept}; --gate off commits them"
             )
+        self._judge_probe(returned["probe"])
         self.pending.append(returned)
         rows = sum(n for _, _, n in returned["files"])
         self.written.append((returned["finished_at"] - started, rows))
@@ -303,8 +320,32 @@ class RunSink:
         pending_rows = sum(n for part in self.pending for _, _, n in part["files"])
         due = time.time() - self.last_commit >= config.commit_interval
         # Draining: each task's files are kept as they come.
-        if pending_rows >= config.commit_every or (pending_rows and (due or self.drain.draining)):
+        if self.probe_settled and (
+            pending_rows >= config.commit_every or (pending_rows and (due or self.drain.draining))
+        ):
             self.commit(final=False)
+
+    def _judge_probe(self, results: list[ProbeResult]) -> None:
+        """Add a writer's probe results; once all are back, the verdict (a failed one stops
+        the run before anything is committed, unless --gate off)."""
+        if not self.probes_expected or self.probe_verdict:
+            return
+        self.probe_results += results
+        if len(self.probe_results) < self.probes_expected:
+            return
+        config = self.books.config
+        tolerance = config.probe_tolerance or TOLERANCES[self.books.model.precision]
+        self.probe_verdict = probe_verdict(self.probe_results, tolerance)
+        logger.info("probe: %s", describe_probe(self.probe_verdict))
+        if not self.probe_verdict["passed"] and config.gate == "on":
+            beyond = [r for r in self.probe_results if (r["error"] or 0.0) > tolerance]
+            verdict = self.probe_verdict
+            raise QualityGateError(
+                f"quality gate: probe: {len(beyond)} of {verdict['compared']} stored images "
+                f"re-embed beyond tolerance {tolerance:g} (worst: {verdict['worst']}: "
+                f"relative error {verdict['max_error']:.3g}): nothing committed; a changed "
+                "model, preprocessing or device? --gate off commits them"
+            )
 
     @contextlib.contextmanager
     def watching_drain(self) -> Iterator[None]:
@@ -349,9 +390,12 @@ class RunSink:
         return self.rows_written == listing.to_embed
 
     def checkpoint_rest(self) -> None:
-        """What is written but not committed, as a checkpoint (a drain)."""
+        """What is written but not committed, as a checkpoint (a drain); nothing while the
+        probe is out (its vectors are not judged yet)."""
         with self.lock:
-            if self.pending:
+            if self.pending and not self.probe_settled:
+                logger.warning("stopped before the probe came back: nothing more committed")
+            elif self.pending:
                 self.commit(final=False)
 
     def commit(self, *, final: bool) -> RunRecord:
@@ -379,7 +423,13 @@ class RunSink:
                 rows[table] += count
         failures = merge_failures(self.failures, *(part["failures"] for part in self.pending))
         quality = merge_quality([self.quality, *(part["quality"] for part in self.pending)])
+        reused = self.reused + sum(part["reused"] for part in self.pending)
         embedded, failed = rows["embeddings"], rows["errors"]
+        if not self.probe_settled:
+            raise PipelineError(
+                f"run {books.run.run_id}: {len(self.probe_results)} of the probe's "
+                f"{self.probes_expected} images came back; {self.kept()}"
+            )
         if final and embedded + failed != books.to_embed:
             # Every new image must come out exactly once, embedded or failed; anything else
             # is a bug or a fault we must not commit.
@@ -400,7 +450,9 @@ class RunSink:
             executing_since=self.executing_since,
             checkpoints=self.checkpoints,
             final=final,
-            quality=summary(self.quality if too_many else quality),
+            quality=summary(self.quality if too_many else quality)
+            | ({"probe": self.probe_verdict} if self.probe_verdict else {}),
+            reused=self.reused if too_many else reused,
         )
         if too_many is not None:
             # The errors are worth keeping (they say what to fix); the embeddings are not.
@@ -429,7 +481,7 @@ class RunSink:
             verdict=(True, books.complete) if final else None,
         )
         self.committed_rows, self.failures, self.pending = rows, failures, []
-        self.quality = quality
+        self.quality, self.reused = quality, reused
         self.last_commit = time.time()
         if not final:
             self.checkpoints += 1

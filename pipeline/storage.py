@@ -12,6 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from pyarrow import PythonFile
+from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.config import PipelineError
 
@@ -212,3 +214,19 @@ def is_passing(exc: BaseException) -> bool:
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's text on one line, at most ``limit`` characters (its type if empty)."""
     return " ".join(str(exc).split())[:limit] or type(exc).__name__
+
+
+class RangedReads(FSSpecHandler):  # type: ignore[misc]
+    """pyarrow's handler of an fsspec filesystem, opening files for reading without fsspec's
+    read-ahead cache: each read is a GET of the bytes pyarrow asks for."""
+
+    def open_input_file(self, path: str) -> Any:
+        return PythonFile(self.fs.open(path, mode="rb", cache_type="none"), mode="r")
+
+
+def arrow_filesystem(fs: Any) -> Any:
+    """``fs`` for pyarrow's readers (``pyarrow.dataset``, ``ray.data.read_parquet``): local
+    disk as it is; an object store through :class:`RangedReads`, so that reading a few columns
+    of a Parquet file GETs those columns' byte ranges, not the whole file (s3fs otherwise
+    fetches 50 MiB blocks from the first read on: ``bench/RESULTS.md``)."""
+    return fs if is_local(fs) else PyFileSystem(RangedReads(fs))

@@ -10,7 +10,7 @@ import io
 import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
 import numpy as np
@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 
 from pipeline.embed import EMBEDDING_DIM, ModelIdentity
 from pipeline.failures import Failures, failures_by_type
+from pipeline.probe import Probe, ProbeResult, compare_probes, probe_rows
 from pipeline.quality import Quality, batch_quality, gate_refusal
+from pipeline.reuse import CONTENT_COLUMN, CONTENT_TYPE, fill_reused, take_index
 from pipeline.storage import join, make_parent, open_fs
 
 EMBEDDINGS_SCHEMA = pa.schema(
@@ -32,6 +34,8 @@ EMBEDDINGS_SCHEMA = pa.schema(
         # Added to the contract's columns: what incremental runs compare (ETag or mtime).
         pa.field("source_version", pa.string(), nullable=False),
         pa.field("embedding", pa.list_(pa.float32(), EMBEDDING_DIM), nullable=False),
+        # The sha256 of the file's bytes (pipeline.reuse); null in rows written before 0.9.
+        pa.field(CONTENT_COLUMN, CONTENT_TYPE),
     ]
 )
 
@@ -44,6 +48,12 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("source_version", pa.string(), nullable=False),
     ]
 )
+
+# Rows per Parquet row group: a row reused by content (pipeline.reuse) is read with its row
+# group, 2 MiB of vectors, not its whole file. As many as a decode task's batch: a writer's
+# rows come in such runs of listing order (bench.reuse measured 1,024-row groups read ~4 times
+# over on S3).
+ROW_GROUP_ROWS = 256
 
 DELETIONS_SCHEMA = pa.schema([pa.field("uri", pa.string(), nullable=False)])
 
@@ -80,6 +90,11 @@ def write_batch(
         One row per file written: ``table`` (``embeddings`` or ``errors``), ``path`` (relative
         to the staging folder) and ``rows``.
     """
+    # Rows in URI order: a file's row groups then cover narrow ranges of URIs (their min/max
+    # statistics let readers skip them), and the stored rows of a moved folder, which a later
+    # run copies (pipeline.reuse), lie together.
+    order = np.argsort(np.asarray(batch["uri"], dtype=str), kind="stable")
+    batch = {key: values[order] for key, values in batch.items()}
     failed = np.asarray(batch["error_type"] != "", dtype=bool)
     ok = ~failed
     written: dict[str, list[Any]] = {"table": [], "path": [], "rows": []}
@@ -116,9 +131,17 @@ def embeddings_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table
             pa.array(batch["file_size"][mask], pa.int64()),
             pa.array([str(v) for v in batch["source_version"][mask]], pa.string()),
             pa.FixedSizeListArray.from_arrays(flat, EMBEDDING_DIM),
+            _digests(batch, mask),
         ],
         schema=EMBEDDINGS_SCHEMA,
     )
+
+
+def _digests(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Array:
+    if CONTENT_COLUMN not in batch:
+        return pa.nulls(int(mask.sum()), CONTENT_TYPE)
+    digests = [bytes(d) if d is not None and len(d) else None for d in batch[CONTENT_COLUMN][mask]]
+    return pa.array(digests, CONTENT_TYPE)
 
 
 def errors_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
@@ -137,7 +160,7 @@ def errors_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
 def write_parquet_file(fs: Any, path: str, table: pa.Table) -> None:
     """Write ``table`` to ``path`` in one PUT, and check that the store holds every byte."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    pq.write_table(table, buffer, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     data = buffer.getvalue()
     make_parent(fs, path)
     fs.pipe_file(path, data)
@@ -155,6 +178,8 @@ class Staged(TypedDict):
     files: list[tuple[str, str, int]]
     failures: dict[str, Failures]
     quality: Quality  # the statistics of the vectors written
+    reused: int  # rows whose vectors were copied from the table (found by their content)
+    probe: list[ProbeResult]  # the probe's rows in the batch, compared (not written)
     refusal: str  # why the quality gate refuses them; "" if it does not
     finished_at: float  # when the task's files were written: the run report's throughput
 
@@ -165,11 +190,24 @@ def write_files(
     staging_uri: str,
     storage_options: Mapping[str, Any],
     metadata: Mapping[str, str],
+    reuse: Any = None,
+    probes: Sequence[Probe] = (),
 ) -> dict[str, np.ndarray]:
-    """The writer stage (a ``map_batches`` function): write one batch, and return one row
-    that tells the driver what was written (:class:`Staged`, as JSON)."""
+    """The writer stage (a ``map_batches`` function): compare the probe's rows with their
+    stored vectors (``probes``, which carry them; they are not written),
+    copy the stored vectors of images found by their content (``reuse``: the table's
+    :class:`~pipeline.reuse.ContentIndex`), write the batch, and return one row that tells the
+    driver what was written (:class:`Staged`, as JSON)."""
     if not len(batch["uri"]):
         return {"staged": np.zeros(0, dtype=object)}
+    probed: list[ProbeResult] = []
+    if probes:
+        rows = probe_rows(batch, probes)
+        if rows.any():
+            probed = compare_probes(batch, rows, probes)
+            batch = {key: values[~rows] for key, values in batch.items()}
+    index = take_index(reuse)
+    reused = fill_reused(batch, index, storage_options) if index is not None else 0
     failed = np.asarray(batch["error_type"] != "", dtype=bool)
     out = write_batch(
         batch, staging_uri=staging_uri, storage_options=storage_options, metadata=metadata
@@ -184,6 +222,8 @@ def write_files(
             batch["error_type"][failed], batch["uri"][failed], batch["error_message"][failed]
         ),
         "quality": quality,
+        "reused": reused,
+        "probe": probed,
         "refusal": gate_refusal(quality) or "",
         "finished_at": time.time(),
     }

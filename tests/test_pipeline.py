@@ -79,6 +79,7 @@ def check_output(
         "known_failed": 0,
         "duplicates": 0,
         "embedded": len(good),
+        "reused": 0,
         "failed": len(bad),
         "deleted": 0,
     }
