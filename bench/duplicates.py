@@ -38,7 +38,8 @@ def planted(n: int) -> tuple[dict[int, list[int]], dict[int, int]]:
     """Near groups (row -> its two copies' rows) and exact pairs (row -> its twin)."""
     near = {r: [(r + n // 3) % n, (r + 2 * n // 3) % n] for r in range(0, n, 1000)}
     taken = {c for copies in near.values() for c in copies} | set(near)
-    exact = {r: (r + n // 2) % n for r in range(500, n, 5000) if r not in taken}
+    # Each pair once: r in the first half, its twin in the second (a twin is no row's original).
+    exact = {r: r + n // 2 for r in range(500, n // 2, 5000) if r not in taken}
     return near, {r: t for r, t in exact.items() if t not in taken}
 
 
