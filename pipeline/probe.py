@@ -4,7 +4,7 @@ with the stored ones, before it commits anything (part of the quality gate).
 A library upgrade that changed resizing, another GPU's numerics or a corrupted model give
 vectors the weights' sha256 cannot catch; re-embedding stored images can. The probe picks
 ``--probe`` rows deterministically across the runs of the table's current files
-(:func:`pick_probes`: one file per run, newest runs first, rows by a hash of their URI), and
+(:func:`pick_probes`: across runs and files, newest runs first, rows by a hash of their URI), and
 puts them first in the run's own stream, so no model actor starts twice. The decode stage
 reads and decodes them as any image (never reused by content); the writer does not write
 them, but compares (:func:`compare_probes`): a probe whose bytes changed since (its sha256 is
@@ -58,9 +58,12 @@ class ProbeResult(TypedDict):
 def pick_probes(
     uri: str, manifest: Manifest, n: int, storage_options: Mapping[str, Any] | None = None
 ) -> list[Probe]:
-    """Up to ``n`` rows of the table's current files: one file per run (the newest ``n``
-    runs), and in each file the rows with the smallest hash of their URI, taken a run at a
-    time in turn. Rows without a digest (written before ``content_sha256``) are not picked."""
+    """Up to ``n`` rows of the table's current files: up to ``n`` files, taken from the runs
+    in turn (newest first; a run's files by a hash of their path), and in each file the rows
+    with the smallest hash of their URI, taken a file at a time in turn. So the probe spans
+    runs and files (one folder moved away leaves most probes readable) and reads narrow
+    columns of ``n`` files at most. Rows without a digest (written before ``content_sha256``)
+    are not picked."""
     files = manifest.current.get("embeddings", [])
     if n <= 0 or not files:
         return []
@@ -68,8 +71,11 @@ def pick_probes(
     for path in files:
         run = path.split("/run_id=", 1)[1].split("/", 1)[0] if "/run_id=" in path else ""
         by_run.setdefault(run, []).append(path)
-    runs = [r for r in reversed(manifest.commit_order()) if r in by_run][:n]
-    runs += [r for r in by_run if r not in runs][: n - len(runs)]
+    runs = [r for r in reversed(manifest.commit_order()) if r in by_run]
+    runs += [r for r in by_run if r not in runs]
+    per_run = [sorted(by_run[r], key=lambda p: zlib.crc32(p.encode())) for r in runs]
+    depth = max(map(len, per_run))
+    picked_files = [f[k] for k in range(depth) for f in per_run if k < len(f)][:n]
     fs, root = open_fs(uri, storage_options or {})
     schema = pa.schema(
         [
@@ -80,8 +86,7 @@ def pick_probes(
         ]
     )
     queues = []
-    for run in runs:
-        path = min(by_run[run], key=lambda p: zlib.crc32(p.encode()))
+    for path in picked_files:
         table = pads.dataset(
             join(root, path), filesystem=arrow_filesystem(fs), format="parquet", schema=schema
         )
@@ -193,11 +198,13 @@ def probe_verdict(results: Sequence[ProbeResult], tolerance: float) -> dict[str,
 
 
 def describe_probe(verdict: Mapping[str, Any]) -> str:
-    """``32 stored images re-embedded, 30 compared: max relative error 2.1e-07 (tolerance
-    0.001), passed``."""
+    """``32 stored images picked, 30 compared, 2 skipped (unreadable or changed since): max
+    relative error 2.1e-07 (URI); tolerance 0.001, passed``."""
     if not verdict:
         return ""
-    text = f"{verdict['images']} stored images re-embedded, {verdict['compared']} compared"
+    text = f"{verdict['images']} stored images picked, {verdict['compared']} compared"
+    if verdict["skipped"]:
+        text += f", {verdict['skipped']} skipped (unreadable or changed since)"
     if verdict["max_error"] is not None:
         text += f": max relative error {verdict['max_error']:.2g} ({verdict['worst']})"
     passed = "passed" if verdict["passed"] else "FAILED"

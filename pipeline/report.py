@@ -277,12 +277,19 @@ svg text{{font:11px sans-serif}}</style></head>
 <h2>Counts</h2><table>{rows}</table>
 <h2>Reuse by content</h2><p>{escape(_reuse(report))}</p>
 <h2>Vectors</h2><p>{escape(describe(run.get("quality") or {}) or "none written")}</p>
+<p>Quality gate: {escape(_gate(report))}</p>
 <p>Probe: {escape(_probe(run.get("quality") or {}))}</p>
 <h2>This run's failures</h2>{_failure_table(run.get("failures", {}))}
 <h2>Known failures</h2><p>Images earlier runs failed on for a lasting reason, unchanged since:
 not read again.</p>{_failure_table(run.get("known_failures", {}))}
 </body></html>
 """
+
+
+def _gate(report: Mapping[str, Any]) -> str:
+    if report.get("config", {}).get("gate", "on") == "off":
+        return "off (--gate off): non-finite vectors and a failed probe are committed"
+    return "on: a non-finite vector or a probe beyond tolerance commits nothing new (exit 4)"
 
 
 def _probe(quality: Mapping[str, Any]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -197,11 +198,14 @@ def stage_rows(
     storage_options: dict[str, str] | None = None,
     *,
     version: str = "v1",
+    digests: bool = False,
 ) -> dict[str, list[str]]:
     """Stage one embeddings file of ``uris`` for ``run_id`` (zero vectors, random:seed=0
-    weights), as a writer task does; returns what ``Output.commit`` takes as ``staged``."""
+    weights; with ``digests``, the sha256 of each URI as its ``content_sha256``), as a writer
+    task does; returns what ``Output.commit`` takes as ``staged``."""
     from pipeline.embed import ModelIdentity
     from pipeline.output import Output
+    from pipeline.reuse import CONTENT_COLUMN
     from pipeline.write import file_metadata, write_batch
 
     model = ModelIdentity(
@@ -222,6 +226,10 @@ def stage_rows(
         "embedding": np.zeros((n, 2048), dtype=np.float32),
         "source_version": np.array([version] * n, dtype=object),
     }
+    if digests:
+        batch[CONTENT_COLUMN] = np.array(
+            [hashlib.sha256(u.encode()).digest() for u in uris], dtype=object
+        )
     out = write_batch(
         batch,
         staging_uri=Output(output, storage_options).staging_uri(run_id),

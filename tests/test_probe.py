@@ -10,11 +10,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import stage_rows
 from PIL import Image
 from ray import cloudpickle
 
+from pipeline.commit import commit_run
 from pipeline.config import EmbedConfig
-from pipeline.embed import ResNet50Embedder
+from pipeline.embed import ModelIdentity, ResNet50Embedder
+from pipeline.manifest import RunCounts, RunRecord
+from pipeline.output import Output
 from pipeline.probe import describe_probe, pick_probes, probe_verdict
 from pipeline.read import read_embeddings, read_manifest
 from pipeline.run import execute_run, prepare_run
@@ -128,3 +132,34 @@ def test_the_verdict_counts_compared_and_skipped_probes() -> None:
     assert verdict["passed"] is False
     assert probe_verdict(results[:2], 1e-3)["passed"] is True
     assert probe_verdict([], 1e-3)["passed"] is True
+
+
+def test_the_probe_spans_runs_and_files(output_uri) -> None:  # type: ignore[no-untyped-def]
+    """One folder moved away must not leave the probe with nothing to compare: it takes its
+    images from the runs in turn, newest first, and within a run from several files."""
+    output, options = output_uri
+    model = ModelIdentity(
+        weights="random:seed=0", weights_sha256="00" * 32, normalized=False, precision="fp32"
+    )
+    for run_id, files in (("r1", 3), ("r2", 1)):
+        staged: dict[str, list[str]] = {"embeddings": []}
+        for f in range(files):
+            uris = [f"/photos/{run_id}/{f}/{i}.png" for i in range(4)]
+            staged["embeddings"] += stage_rows(output, run_id, uris, options, digests=True)[
+                "embeddings"
+            ]
+        out = Output(output, options)
+        record = RunRecord(
+            run_id=run_id, input="/photos", counts=RunCounts(listed=4 * files), model=model,
+            preprocessing={},
+        )  # fmt: skip
+        commit_run(out, out.snapshot(), record, staged=staged)
+    manifest = read_manifest(output, storage_options=options)
+    assert manifest is not None
+    picked = pick_probes(output, manifest, 4, options)
+    assert [p.file.split("run_id=")[1][:2] for p in picked] == ["r2", "r1", "r1", "r1"]
+    assert len({p.file for p in picked}) == 4  # four files, not one file per run
+    assert all(p.stored == (0.0,) * 2048 for p in picked)  # read with the pick
+    assert picked == pick_probes(output, manifest, 4, options)
+    eight = pick_probes(output, manifest, 8, options)
+    assert eight[:4] == picked and len({p.uri for p in eight}) == 8

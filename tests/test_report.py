@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.embed import ModelIdentity
 from pipeline.manifest import RunCounts, RunRecord
+from pipeline.probe import ProbeResult, probe_verdict
 from pipeline.report import report_html, run_report, throughput_samples
 
 
@@ -53,10 +54,24 @@ def test_the_report_says_what_made_the_vectors_and_flags_random_weights() -> Non
     assert "IMAGENET1K_V2" in imagenet and "seeded random weights" not in imagenet
 
 
-def test_the_report_gives_the_vectors_statistics() -> None:
-    page = report_html(_report())
+def test_the_report_gives_the_vectors_statistics_the_gate_and_the_probe() -> None:
+    report = _report()
+    page = report_html(report)
     vectors = page[page.index("<h2>Vectors</h2>") : page.index("<h2>This run's failures")]
     assert "0 non-finite, 1 all-zero of 25; L2 norm p1 / p50 / p99 1 / 1 / 1" in vectors
+    assert "Quality gate: on: " in vectors and "Probe: none (a new table" in vectors
+    report["config"]["gate"] = "off"
+    results: list[ProbeResult] = [
+        {"uri": "/in/a.jpg", "error": 2e-3, "why": ""},
+        {"uri": "/in/b.jpg", "error": None, "why": "changed since"},
+    ]
+    report["run"]["quality"]["probe"] = probe_verdict(results, 1e-3)
+    page = report_html(report)
+    assert "Quality gate: off (--gate off)" in page
+    assert (
+        "Probe: 2 stored images picked, 1 compared, 1 skipped (unreadable or changed since): "
+        "max relative error 0.002 (/in/a.jpg); tolerance 0.001, FAILED"
+    ) in page
 
 
 def test_this_runs_failures_are_apart_from_the_known_ones() -> None:
