@@ -237,7 +237,7 @@ class Manifest:
         """Runs whose folders hold committed files: those in the run log, and those any
         current file lives in (older runs leave the log, not the table)."""
         return {run.run_id for run in self.runs} | {
-            _run_of(path) for path in self.listed_paths() if "/run_id=" in path
+            run_of(path) for path in self.listed_paths() if "/run_id=" in path
         }
 
     def record(self, run_id: str) -> RunRecord | None:
@@ -246,7 +246,7 @@ class Manifest:
 
     def commit_order(self) -> list[str]:
         """The run ids of the current files, first committed first."""
-        runs = {_run_of(path) for path in self.listed_paths() if "/run_id=" in path}
+        runs = {run_of(path) for path in self.listed_paths() if "/run_id=" in path}
         runs |= set(self.sequence)
         return sorted(runs, key=lambda run_id: (self.sequence.get(run_id, -1), run_id))
 
@@ -315,7 +315,7 @@ class Manifest:
                     if earlier.files.get(table) or run.files.get(table)
                 },
             )
-        live = {_run_of(p) for paths in current.values() for p in paths if "/run_id=" in p}
+        live = {run_of(p) for paths in current.values() for p in paths if "/run_id=" in p}
         manifest = Manifest(
             current=current,
             runs=[*(r for r in self.runs if r.run_id != run.run_id), run][-RUN_LOG:],
@@ -397,9 +397,7 @@ class Manifest:
         pending = data.get("pending")
         sequence = data.get("sequence")
         if sequence is None:  # written before commit order was recorded: run ids sort in time
-            runs = sorted(
-                {_run_of(p) for ps in listed.values() for p in ps if "/run_id=" in str(p)}
-            )
+            runs = sorted({run_of(p) for ps in listed.values() for p in ps if "/run_id=" in str(p)})
             sequence = {run_id: n for n, run_id in enumerate(runs)}
         return cls(
             current=listed,
@@ -412,7 +410,8 @@ class Manifest:
         )
 
 
-def _run_of(path: str) -> str:
+def run_of(path: str) -> str:
+    """The run a table file belongs to: ``TABLE/run_id=RUN/part-….parquet`` -> ``RUN``."""
     return path.split("/run_id=", 1)[1].split("/", 1)[0]
 
 

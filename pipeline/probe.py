@@ -23,12 +23,11 @@ from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from pipeline.listing import LISTING_SCHEMA
-from pipeline.manifest import Manifest
-from pipeline.reuse import CONTENT_COLUMN, CONTENT_TYPE, read_rows
-from pipeline.storage import arrow_filesystem, join, open_fs
+from pipeline.manifest import Manifest, run_of
+from pipeline.reuse import CONTENT_COLUMN, CONTENT_TYPE, read_columns, read_rows
+from pipeline.storage import join, open_fs
 
 # Default tolerances of the relative L2 error, by the precision the vectors were computed in
 # (bench/probe.py measures what the same configuration and what changes give).
@@ -69,8 +68,7 @@ def pick_probes(
         return []
     by_run: dict[str, list[str]] = {}
     for path in files:
-        run = path.split("/run_id=", 1)[1].split("/", 1)[0] if "/run_id=" in path else ""
-        by_run.setdefault(run, []).append(path)
+        by_run.setdefault(run_of(path) if "/run_id=" in path else "", []).append(path)
     runs = [r for r in reversed(manifest.commit_order()) if r in by_run]
     runs += [r for r in by_run if r not in runs]
     per_run = [sorted(by_run[r], key=lambda p: zlib.crc32(p.encode())) for r in runs]
@@ -87,10 +85,7 @@ def pick_probes(
     )
     queues = []
     for path in picked_files:
-        table = pads.dataset(
-            join(root, path), filesystem=arrow_filesystem(fs), format="parquet", schema=schema
-        )
-        rows = table.to_table().to_pylist()
+        rows = read_columns(fs, join(root, path), schema).to_pylist()
         order = sorted(
             (zlib.crc32(str(r["uri"]).encode()), i)
             for i, r in enumerate(rows)

@@ -134,14 +134,8 @@ def content_index(
         ]
     )
 
-    def read(path: str) -> pa.Table:
-        dataset = pads.dataset(
-            join(root, path), filesystem=arrow_filesystem(fs), format="parquet", schema=schema
-        )
-        return dataset.to_table()
-
     with concurrent.futures.ThreadPoolExecutor(INDEX_READERS) as pool:
-        tables = list(pool.map(read, files))
+        tables = list(pool.map(lambda path: read_columns(fs, join(root, path), schema), files))
     parts = [_file_keys(k, t) for k, t in enumerate(tables)]
     del tables
     keys = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, _KEY)
@@ -168,6 +162,14 @@ def content_index(
         etags=etags[etag_order],
         etag_at=position[etag_rows[etag_order]],
     )
+
+
+def read_columns(fs: Any, path: str, schema: pa.Schema) -> pa.Table:
+    """A few columns of one Parquet file, by ranged reads; a column the file lacks (written
+    before it existed, as ``content_sha256``) reads as null."""
+    return pads.dataset(
+        path, filesystem=arrow_filesystem(fs), format="parquet", schema=schema
+    ).to_table()
 
 
 def _file_keys(
