@@ -24,7 +24,7 @@ demo: setup
 	$(PY) -c "from pipeline import read_embeddings; \
 	t = read_embeddings('demo/out'); \
 	print(t.num_rows, 'rows in demo/out/embeddings; the first five:'); \
-	print(t.drop_columns(['embedding']).slice(0, 5).to_pandas().to_string(index=False))"
+	print(t.drop_columns(['embedding', 'content_sha256']).slice(0, 5).to_pandas().to_string(index=False))"
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline jobs bench tests infra
